@@ -1,0 +1,122 @@
+"""The whole exception tree of sqlalchemy-scale.
+
+Every exception derives from :class:`ScaleError`, itself a
+:class:`sqlalchemy.exc.SQLAlchemyError`, so an application's existing
+``except SQLAlchemyError`` keeps catching them. Messages name the model,
+column, value, node or shard involved, and never contain a password: URLs are
+rendered with :func:`render_url`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, Engine, make_url
+
+__all__ = [
+    "CommitOutcomeUnknown",
+    "ConfigurationError",
+    "CrossShardQueryError",
+    "CrossShardWriteError",
+    "NodeUnavailableError",
+    "ReplicaWriteError",
+    "ScaleError",
+    "ShardKeyError",
+    "render_url",
+]
+
+
+def render_url(target: str | URL | Engine) -> str:
+    """Return ``target``'s URL as text with the password masked (``***``)."""
+    if isinstance(target, Engine):
+        target = target.url
+    try:
+        url = make_url(target)
+    except Exception:  # an unparsable string: say so without echoing it
+        return "<unparsable URL>"
+    return url.render_as_string(hide_password=True)
+
+
+class ScaleError(sa_exc.SQLAlchemyError):
+    """Base class of every sqlalchemy-scale error."""
+
+
+class ConfigurationError(ScaleError, sa_exc.ArgumentError):
+    """A topology, strategy or preset was configured wrongly.
+
+    Raised when the object is constructed, not at the first query.
+    """
+
+
+class ReplicaWriteError(ScaleError):
+    """A statement that writes was sent to, or attempted on, a replica.
+
+    Nothing was written: either the statement was refused before it left the
+    process, or the replica (read-only by recovery, and by ``BEGIN READ ONLY``)
+    rejected it. :attr:`node` names the node.
+    """
+
+    def __init__(self, message: str, *, node: str, statement: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+        self.statement = statement
+
+
+class NodeUnavailableError(ScaleError, sa_exc.OperationalError):
+    """A node could not be reached and no other node could answer correctly instead."""
+
+    def __init__(self, message: str, *, node: str, orig: BaseException | None = None) -> None:
+        sa_exc.OperationalError.__init__(self, message, None, orig or Exception(message))
+        self.node = node
+        self._message = message
+
+    def __str__(self) -> str:
+        return self._message
+
+
+class ShardKeyError(ScaleError):
+    """A row or query could not be placed on a shard.
+
+    The shard key is missing, or its value falls outside what the sharding
+    strategy can place. Nothing was written anywhere.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        column: str | None = None,
+        value: Any = None,
+    ) -> None:
+        super().__init__(message)
+        self.model = model
+        self.column = column
+        self.value = value
+
+
+class CrossShardQueryError(ScaleError):
+    """A query that spans shards has a shape whose results cannot be merged correctly."""
+
+
+class CrossShardWriteError(ScaleError):
+    """A transaction wrote to more than one shard and two-phase commit is not allowed.
+
+    Raised before anything is committed.
+    """
+
+
+class CommitOutcomeUnknown(ScaleError, sa_exc.OperationalError):
+    """The connection was lost during COMMIT: the transaction may or may not have committed.
+
+    Reconcile (read back what was written) instead of blindly retrying.
+    """
+
+    def __init__(self, message: str, *, node: str, orig: BaseException | None = None) -> None:
+        sa_exc.OperationalError.__init__(self, message, None, orig or Exception(message))
+        self.node = node
+        self._message = message
+
+    def __str__(self) -> str:
+        return self._message

@@ -1,0 +1,311 @@
+"""Replica routing: a Session whose ``get_bind`` sends writes to the primary and reads to replicas.
+
+"Why did this statement go there?" is answered in this file:
+:meth:`RoutingSession.get_bind` applies the precedence list in its docstring,
+:func:`decide_role` classifies a statement by its kind, and the
+:class:`~sqlalchemy_scale.topology.ReplicaSet`'s policy picks the replica.
+
+Nothing here adds a round trip: the decision is made in-process from the
+statement object, execution options and the session's own state.
+
+When *not* to use it: code that must read what another process has just
+committed (replication is asynchronous) should pin the primary with
+:meth:`RoutingSession.use_primary` or carry a causal token, and
+read-modify-write code should use ``SELECT ... FOR UPDATE`` (which is routed to
+the primary) or :meth:`RoutingSession.use_primary`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
+from typing import Any, Final, ParamSpec, TypeVar, overload
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy.sql.elements import ClauseElement, TextClause
+from sqlalchemy.sql.selectable import TextualSelect
+
+from .errors import ConfigurationError, ReplicaWriteError
+from .topology import Node, ReplicaSet, Role
+
+__all__ = [
+    "ROUTING_OPTIONS",
+    "RoutingSession",
+    "decide_role",
+    "routing_sessionmaker",
+    "use_primary",
+]
+
+log = logging.getLogger("sqlalchemy_scale.routing")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Execution options read by the router (statement-level or per call).
+ROUTING_OPTIONS: Final = frozenset({"use_primary", "use_replica"})
+
+# Key under which per-call routing options travel from execute() to get_bind().
+_CALL_OPTIONS: Final = "_sqlalchemy_scale_options"
+
+# Global pin = 0; a session's pin = id(session). None means no pin at all (the fast path).
+_PINS: ContextVar[frozenset[int] | None] = ContextVar("sqlalchemy_scale_pins", default=None)
+_GLOBAL_PIN: Final = 0
+
+# Reasons a statement must run on the primary because it writes or locks. Once one of these
+# runs, the rest of the transaction stays on the primary.
+# "no statement" is session.connection() or get_bind() without a statement: the caller
+# may write through it, so it pins the transaction too.
+_WRITING_REASONS: Final = frozenset(
+    {"flush", "write", "ddl", "locking read", "text", "no statement", "unknown statement kind"}
+)
+
+
+def decide_role(clause: ClauseElement | None, *, flushing: bool = False) -> tuple[Role, str]:
+    """Return the role a statement needs by its kind alone, and the reason.
+
+    Flushes, INSERT/UPDATE/DELETE, DDL, ``SELECT ... FOR UPDATE/SHARE`` and
+    ``text()`` go to the primary; other SELECTs go to a replica. A ``text()``
+    statement marked ``execution_options(use_replica=True)`` is handled by the
+    caller's option check before this function is consulted.
+    """
+    if flushing:
+        return "primary", "flush"
+    if clause is None:
+        # session.connection() or a bind lookup with no statement: the caller may write.
+        return "primary", "no statement"
+    if clause.is_select:
+        if isinstance(clause, TextualSelect):
+            return "primary", "text"
+        if getattr(clause, "_for_update_arg", None) is not None:
+            return "primary", "locking read"
+        return "replica", "read"
+    if clause.is_dml:
+        return "primary", "write"
+    if clause.is_ddl:
+        return "primary", "ddl"
+    if isinstance(clause, TextClause):
+        return "primary", "text"
+    return "primary", "unknown statement kind"
+
+
+class use_primary:
+    """Pin reads to the primary, as a ``with`` block or a decorator.
+
+    ``ss.use_primary()`` pins every :class:`RoutingSession` in the current
+    context (thread or asyncio task); ``session.use_primary()`` pins one
+    session. Pins nest and are restored on exit (a :class:`~contextvars.ContextVar`
+    with token/reset), so they are correct across threads and tasks.
+    """
+
+    def __init__(self, session: RoutingSession | None = None) -> None:
+        self._key = _GLOBAL_PIN if session is None else id(session)
+        self._session = session
+        self._tokens: list[Token[frozenset[int] | None]] = []
+
+    def __enter__(self) -> None:
+        pins = _PINS.get()
+        self._tokens.append(
+            _PINS.set(frozenset({self._key}) if pins is None else pins | {self._key})
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        _PINS.reset(self._tokens.pop())
+
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]: ...
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        session = self._session
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with use_primary(session):
+                    return await fn(*args, **kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            with use_primary(session):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+class RoutingSession(Session):
+    """A :class:`~sqlalchemy.orm.Session` that routes each statement to the primary or a replica.
+
+    :param replica_set: the :class:`~sqlalchemy_scale.ReplicaSet` to route over.
+    :param default_role: ``"replica"`` (default) routes plain reads to replicas;
+        ``"primary"`` routes everything to the primary unless a statement opts in
+        with ``execution_options(use_replica=True)``, the safe default for write paths.
+
+    Other keyword arguments are :class:`~sqlalchemy.orm.Session`'s. Build it with
+    :func:`routing_sessionmaker` or ``sessionmaker(class_=RoutingSession, replica_set=...)``.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        bind: Engine | Connection | None = None,
+        *,
+        replica_set: ReplicaSet,
+        default_role: Role = "replica",
+        **kw: Any,
+    ) -> None:
+        if not isinstance(replica_set, ReplicaSet):
+            raise ConfigurationError(
+                f"RoutingSession needs replica_set=ReplicaSet(...), got {type(replica_set).__name__}"
+            )
+        if default_role not in ("primary", "replica"):
+            raise ConfigurationError(
+                f"default_role must be 'primary' or 'replica', got {default_role!r}"
+            )
+        super().__init__(bind, **kw)
+        self.replica_set = replica_set
+        self.default_role: Role = default_role
+        self._has_written = False
+        self._txn_replica: Node | None = None
+
+    # -- public state and overrides ----------------------------------------------------
+
+    @property
+    def has_written(self) -> bool:
+        """True once the current transaction has sent a write (or lock) to the primary."""
+        return self._has_written
+
+    def use_primary(self) -> use_primary:
+        """Pin this session's statements to the primary: ``with session.use_primary(): ...``
+        (also usable as a decorator)."""
+        return use_primary(self)
+
+    def get_bind(  # type: ignore[override]
+        self,
+        mapper: Any = None,
+        *,
+        clause: ClauseElement | None = None,
+        bind: Engine | Connection | None = None,
+        **kw: Any,
+    ) -> Engine | Connection:
+        """Return the engine that runs a statement.
+
+        The first rule that applies decides:
+
+        1. statement: ``execution_options(use_primary=True)`` or ``use_replica=True``
+           (on the statement or passed to ``execute()``); ``use_replica`` on a
+           statement that writes raises :class:`~sqlalchemy_scale.ReplicaWriteError`;
+        2. block: inside ``with session.use_primary():`` or ``with ss.use_primary():``;
+        3. transaction: once the current transaction has written (flush, DML, DDL,
+           locking read, unmarked ``text()``), the primary until it ends;
+        4. session: ``RoutingSession(default_role="primary")``;
+        5. statement kind (:func:`decide_role`): writes, DDL, ``FOR UPDATE/SHARE``
+           and unmarked ``text()`` go to the primary, other SELECTs to a replica.
+
+        A read routed to a replica stays on the replica that served the transaction's
+        first read. With no usable replica, reads go to the primary (logged once).
+        An explicit ``bind`` argument is returned unchanged.
+        """
+        if bind is not None:
+            return bind
+        role, reason = decide_role(clause, flushing=self._flushing)
+        writes = reason in _WRITING_REASONS
+        if writes:
+            self._has_written = True
+        options = kw.get(_CALL_OPTIONS)
+        if clause is not None and clause._execution_options:
+            stmt_options: Mapping[str, Any] = clause._execution_options
+            options = {**stmt_options, **options} if options else stmt_options
+        if options and options.get("use_primary"):
+            role, reason = "primary", "use_primary option"
+        elif options and options.get("use_replica"):
+            if writes:
+                raise ReplicaWriteError(
+                    f"use_replica=True was set on a statement that writes ({reason}); replica "
+                    f"nodes of {self.replica_set.name!r} cannot run it, nothing was sent",
+                    node="replica",
+                    statement=str(clause) if clause is not None else None,
+                )
+            role, reason = "replica", "use_replica option"
+        elif role == "replica":
+            pins = _PINS.get()
+            if pins is not None and (_GLOBAL_PIN in pins or id(self) in pins):
+                role, reason = "primary", "use_primary block"
+            elif self._has_written:
+                role, reason = "primary", "transaction has written"
+            elif self.default_role == "primary":
+                role, reason = "primary", "session default_role"
+        node = self._node_for(role)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("[%s] %s: %s", node.name, self.replica_set.name, reason)
+        return node.engine
+
+    def _node_for(self, role: Role) -> Node:
+        replica_set = self.replica_set
+        if role == "primary":
+            node = replica_set.primary
+            node.count()
+            return node
+        node = self._txn_replica
+        if node is None:
+            node = replica_set.choose_replica()
+            if node is None:
+                primary = replica_set.primary
+                primary.count(fallback=True)
+                return primary
+            self._txn_replica = node
+        node.count()
+        return node
+
+    def _end_transaction(self) -> None:
+        self._has_written = False
+        self._txn_replica = None
+
+    # Per-call execution options are not passed to get_bind() by Session; carry the routing
+    # ones in bind_arguments (which are). Doing it here rather than in a do_orm_execute hook
+    # keeps SQLAlchemy's fast path: any do_orm_execute listener makes every ORM statement run
+    # orm_pre_session_exec twice.
+    def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        return super().execute(statement, params, **_with_call_options(kw))
+
+    def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        return super().scalars(statement, params, **_with_call_options(kw))
+
+    def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        return super().scalar(statement, params, **_with_call_options(kw))
+
+
+def _with_call_options(kw: dict[str, Any]) -> dict[str, Any]:
+    options = kw.get("execution_options")
+    if options and not ROUTING_OPTIONS.isdisjoint(options):
+        routing = {k: options[k] for k in ROUTING_OPTIONS if k in options}
+        kw["bind_arguments"] = {**(kw.get("bind_arguments") or {}), _CALL_OPTIONS: routing}
+    return kw
+
+
+@event.listens_for(RoutingSession, "after_transaction_end")
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None and isinstance(session, RoutingSession):
+        session._end_transaction()
+
+
+def routing_sessionmaker(
+    replica_set: ReplicaSet, *, default_role: Role = "replica", **kw: Any
+) -> sessionmaker[RoutingSession]:
+    """A :class:`~sqlalchemy.orm.sessionmaker` of :class:`RoutingSession` over ``replica_set``.
+
+    Keyword arguments are ``sessionmaker``'s (``expire_on_commit=False`` is a good
+    choice with replicas: it avoids re-reading just-committed rows from a replica).
+
+    .. versionadded:: 0.1
+    """
+    return sessionmaker(
+        class_=RoutingSession, replica_set=replica_set, default_role=default_role, **kw
+    )
