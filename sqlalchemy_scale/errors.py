@@ -23,6 +23,7 @@ __all__ = [
     "ReplicaWriteError",
     "ScaleError",
     "ShardKeyError",
+    "TransactionPoolingError",
     "render_url",
 ]
 
@@ -120,3 +121,19 @@ class CommitOutcomeUnknown(ScaleError, sa_exc.OperationalError):
 
     def __str__(self) -> str:
         return self._message
+
+
+class TransactionPoolingError(ScaleError):
+    """A statement that transaction pooling silently breaks was refused before it was sent.
+
+    Raised by the guard that :func:`sqlalchemy_scale.pooling.guard_transaction_pooling`
+    installs on engines behind a transaction pooler. Nothing reached the server.
+    :attr:`statement` is the statement, :attr:`construct` what it does (e.g.
+    ``"session-level SET"``) and :attr:`alternative` what to write instead.
+    """
+
+    def __init__(self, message: str, *, statement: str, construct: str, alternative: str) -> None:
+        super().__init__(message)
+        self.statement = statement
+        self.construct = construct
+        self.alternative = alternative

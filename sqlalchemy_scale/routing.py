@@ -26,12 +26,14 @@ from typing import Any, Final, ParamSpec, TypeVar, overload
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement, TextClause
-from sqlalchemy.sql.selectable import TextualSelect
 
-from .errors import ConfigurationError, ReplicaWriteError
-from .topology import Node, ReplicaSet, Role
+from .consistency import CausalContext, current_causal_context, format_lsn, take_commit_position
+from .errors import ConfigurationError, NodeUnavailableError, ReplicaWriteError
+from .topology import Node, ReplicaSet, Role, _sqlstate
 
 __all__ = [
     "ROUTING_OPTIONS",
@@ -56,6 +58,9 @@ _CALL_OPTIONS: Final = "_sqlalchemy_scale_options"
 _PINS: ContextVar[frozenset[int] | None] = ContextVar("sqlalchemy_scale_pins", default=None)
 _GLOBAL_PIN: Final = 0
 
+# Statements that certainly write or lock: use_replica=True on them is refused.
+_DEFINITE_WRITES: Final = frozenset({"flush", "write", "ddl", "locking read"})
+
 # Reasons a statement must run on the primary because it writes or locks. Once one of these
 # runs, the rest of the transaction stays on the primary.
 # "no statement" is session.connection() or get_bind() without a statement: the caller
@@ -78,15 +83,15 @@ def decide_role(clause: ClauseElement | None, *, flushing: bool = False) -> tupl
     if clause is None:
         # session.connection() or a bind lookup with no statement: the caller may write.
         return "primary", "no statement"
-    if clause.is_select:
-        if isinstance(clause, TextualSelect):
+    if getattr(clause, "is_select", False):
+        if getattr(clause, "is_text", False):  # text().columns(): rows, but any SQL at all
             return "primary", "text"
         if getattr(clause, "_for_update_arg", None) is not None:
             return "primary", "locking read"
         return "replica", "read"
     if clause.is_dml:
         return "primary", "write"
-    if clause.is_ddl:
+    if isinstance(clause, ExecutableDDLElement):
         return "primary", "ddl"
     if isinstance(clause, TextClause):
         return "primary", "text"
@@ -146,6 +151,8 @@ class RoutingSession(Session):
     :param default_role: ``"replica"`` (default) routes plain reads to replicas;
         ``"primary"`` routes everything to the primary unless a statement opts in
         with ``execution_options(use_replica=True)``, the safe default for write paths.
+    :param causal_token: a causal token (see :mod:`sqlalchemy_scale.consistency`): reads
+        go only to replicas that have replayed it, else to the primary.
 
     Other keyword arguments are :class:`~sqlalchemy.orm.Session`'s. Build it with
     :func:`routing_sessionmaker` or ``sessionmaker(class_=RoutingSession, replica_set=...)``.
@@ -159,6 +166,7 @@ class RoutingSession(Session):
         *,
         replica_set: ReplicaSet,
         default_role: Role = "replica",
+        causal_token: str | None = None,
         **kw: Any,
     ) -> None:
         if not isinstance(replica_set, ReplicaSet):
@@ -172,20 +180,31 @@ class RoutingSession(Session):
         super().__init__(bind, **kw)
         self.replica_set = replica_set
         self.default_role: Role = default_role
+        self._causal = CausalContext(causal_token)
         self._has_written = False
         self._txn_replica: Node | None = None
+        self._txn_statements = 0
+        self._last_node: Node | None = None
 
-    # -- public state and overrides ----------------------------------------------------
+    # -- public state ------------------------------------------------------------------
 
     @property
     def has_written(self) -> bool:
         """True once the current transaction has sent a write (or lock) to the primary."""
         return self._has_written
 
+    @property
+    def causal_token(self) -> str | None:
+        """The newest causal token this session honours: the one it was given, or the
+        primary's WAL position after its latest committed write."""
+        return self._causal.token
+
     def use_primary(self) -> use_primary:
         """Pin this session's statements to the primary: ``with session.use_primary(): ...``
         (also usable as a decorator)."""
         return use_primary(self)
+
+    # -- routing -------------------------------------------------------------------------
 
     def get_bind(  # type: ignore[override]
         self,
@@ -206,7 +225,9 @@ class RoutingSession(Session):
         3. transaction: once the current transaction has written (flush, DML, DDL,
            locking read, unmarked ``text()``), the primary until it ends;
         4. session: ``RoutingSession(default_role="primary")``;
-        5. statement kind (:func:`decide_role`): writes, DDL, ``FOR UPDATE/SHARE``
+        5. causal token: a read needs a replica that has replayed the session's or the
+           :func:`~sqlalchemy_scale.causal_context`'s token, else the primary;
+        6. statement kind (:func:`decide_role`): writes, DDL, ``FOR UPDATE/SHARE``
            and unmarked ``text()`` go to the primary, other SELECTs to a replica.
 
         A read routed to a replica stays on the replica that served the transaction's
@@ -216,17 +237,19 @@ class RoutingSession(Session):
         if bind is not None:
             return bind
         role, reason = decide_role(clause, flushing=self._flushing)
-        writes = reason in _WRITING_REASONS
-        if writes:
-            self._has_written = True
         options = kw.get(_CALL_OPTIONS)
         if clause is not None and clause._execution_options:
             stmt_options: Mapping[str, Any] = clause._execution_options
             options = {**stmt_options, **options} if options else stmt_options
+        if reason in _WRITING_REASONS and not (
+            reason == "text" and options and options.get("use_replica")
+        ):
+            # text() marked use_replica=True is the user's word that it only reads.
+            self._has_written = True
         if options and options.get("use_primary"):
             role, reason = "primary", "use_primary option"
         elif options and options.get("use_replica"):
-            if writes:
+            if reason in _DEFINITE_WRITES:
                 raise ReplicaWriteError(
                     f"use_replica=True was set on a statement that writes ({reason}); replica "
                     f"nodes of {self.replica_set.name!r} cannot run it, nothing was sent",
@@ -243,9 +266,18 @@ class RoutingSession(Session):
             elif self.default_role == "primary":
                 role, reason = "primary", "session default_role"
         node = self._node_for(role)
+        self._txn_statements += 1
+        self._last_node = node
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s: %s", node.name, self.replica_set.name, reason)
         return node.engine
+
+    def _causal_position(self) -> int | None:
+        own = self._causal.position
+        ctx = current_causal_context()
+        if ctx is None or ctx.position is None:
+            return own
+        return ctx.position if own is None else max(own, ctx.position)
 
     def _node_for(self, role: Role) -> Node:
         replica_set = self.replica_set
@@ -255,7 +287,7 @@ class RoutingSession(Session):
             return node
         node = self._txn_replica
         if node is None:
-            node = replica_set.choose_replica()
+            node = replica_set.choose_replica(self._causal_position())
             if node is None:
                 primary = replica_set.primary
                 primary.count(fallback=True)
@@ -267,19 +299,89 @@ class RoutingSession(Session):
     def _end_transaction(self) -> None:
         self._has_written = False
         self._txn_replica = None
+        self._txn_statements = 0
+        self._last_node = None
+
+    # -- causal tokens -------------------------------------------------------------------
+
+    def _record_commit(self, position: int) -> None:
+        token = format_lsn(position)
+        self._causal.observe(token)
+        ctx = current_causal_context()
+        if ctx is not None:
+            ctx.observe(token)
+
+    # -- execution: options in, replica failures handled -----------------------------------
 
     # Per-call execution options are not passed to get_bind() by Session; carry the routing
     # ones in bind_arguments (which are). Doing it here rather than in a do_orm_execute hook
     # keeps SQLAlchemy's fast path: any do_orm_execute listener makes every ORM statement run
     # orm_pre_session_exec twice.
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return super().execute(statement, params, **_with_call_options(kw))
+        kw = _with_call_options(kw)
+        try:
+            return super().execute(statement, params, **kw)
+        except DBAPIError as exc:
+            self._after_failure(exc)
+        return super().execute(statement, params, **kw)
 
     def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return super().scalars(statement, params, **_with_call_options(kw))
+        kw = _with_call_options(kw)
+        try:
+            return super().scalars(statement, params, **kw)
+        except DBAPIError as exc:
+            self._after_failure(exc)
+        return super().scalars(statement, params, **kw)
 
     def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return super().scalar(statement, params, **_with_call_options(kw))
+        kw = _with_call_options(kw)
+        try:
+            return super().scalar(statement, params, **kw)
+        except DBAPIError as exc:
+            self._after_failure(exc)
+        return super().scalar(statement, params, **kw)
+
+    def _after_failure(self, exc: DBAPIError) -> None:
+        """Return to retry the statement once; raise otherwise.
+
+        Only a *replica that failed as a node* (lost or refused connection) is handled: it
+        is taken out of rotation, and the read is retried on another node if it was the
+        transaction's first statement, nothing was written and nothing is pending in the
+        session (a rollback must lose nothing). Any other error is re-raised untouched.
+        """
+        node = self._last_node
+        if node is None or not node.is_replica or not _is_node_failure(exc):
+            raise exc
+        self.replica_set.mark_down(node, exc)
+        retryable = (
+            self._txn_statements == 1
+            and not self._has_written
+            and not (self.new or self.dirty or self.deleted)
+        )
+        if not retryable:
+            raise NodeUnavailableError(
+                f"replica {node.name!r} of {self.replica_set.name!r} failed in the middle of a "
+                f"transaction ({self._txn_statements} statements in); it is out of rotation. "
+                "Roll back and run the unit of work again.",
+                node=node.name,
+                orig=exc.orig,
+            ) from exc
+        log.warning(
+            "%s: replica %s failed a read (%s); retrying it once on another node",
+            self.replica_set.name,
+            node.name,
+            type(exc.orig).__name__,
+        )
+        self.rollback()
+
+
+def _is_node_failure(exc: DBAPIError) -> bool:
+    # A disconnect SQLAlchemy detected, or an OperationalError without a SQLSTATE: libpq's
+    # own "could not connect" / "server closed the connection" errors. Errors the server
+    # reports (syntax, conflicts with recovery, ...) carry a SQLSTATE and are not node failures.
+    if exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError) and _sqlstate(exc.orig) is None
 
 
 def _with_call_options(kw: dict[str, Any]) -> dict[str, Any]:
@@ -288,6 +390,15 @@ def _with_call_options(kw: dict[str, Any]) -> dict[str, Any]:
         routing = {k: options[k] for k in ROUTING_OPTIONS if k in options}
         kw["bind_arguments"] = {**(kw.get("bind_arguments") or {}), _CALL_OPTIONS: routing}
     return kw
+
+
+@event.listens_for(RoutingSession, "after_commit")
+def _after_commit(session: Session) -> None:
+    if not isinstance(session, RoutingSession) or not session._has_written:
+        return
+    position = take_commit_position(session.replica_set.primary.engine)
+    if position is not None:
+        session._record_commit(position)
 
 
 @event.listens_for(RoutingSession, "after_transaction_end")

@@ -7,9 +7,9 @@ statement is decided elsewhere (:func:`sqlalchemy_scale.routing.decide_role`
 picks the role, a :mod:`~sqlalchemy_scale.policies` policy picks the replica);
 this module only holds the nodes and answers "which replicas are usable now".
 
-Replica engines run every transaction as ``BEGIN READ ONLY`` (SQLAlchemy's
-``postgresql_readonly`` execution option, sent inside BEGIN so it costs no
-round trip and survives transaction pooling). A URL that wrongly names a
+Replica engines run every transaction as ``BEGIN READ ONLY`` (the driver's
+read-only flag, sent inside BEGIN so it costs no round trip and survives
+transaction pooling). A URL that wrongly names a
 writable server as a replica therefore still cannot be written through, and a
 write that reaches a replica raises :class:`~sqlalchemy_scale.errors.ReplicaWriteError`
 naming the node.
@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from typing import Any, Literal, Self
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.engine.interfaces import ExceptionContext
 
+from .consistency import install_primary_hooks
 from .errors import ConfigurationError, ReplicaWriteError, render_url
+from .health import HealthMonitor, NodeHealth
 from .policies import PolicyName, ReplicaPolicy, make_policy
 
 __all__ = ["EngineTarget", "Node", "ReplicaSet", "Role"]
@@ -56,6 +59,8 @@ class Node:
         self.owns_engine = owns_engine
         #: False while health checks keep this node out of rotation.
         self.is_usable = True
+        #: The newest replay LSN the health monitor has seen (replicas), or None.
+        self.replay_lsn: int | None = None
         self._lock = threading.Lock()
         self._statements = 0
         self._fallbacks = 0
@@ -107,6 +112,13 @@ class ReplicaSet:
         mapping of ``create_engine`` keyword arguments applied to every engine
         built from a URL. Explicit ``engine_kwargs`` win over the preset.
     :param name: a label for logs and errors (a shard's id when used in a ShardSet).
+    :param pooling_guard: for engines built from a transaction-pooled preset
+        (``"pgbouncer-transaction"``, ``"external-pooler-null"``): ``"raise"``
+        (default) refuses statements that transaction pooling silently breaks
+        (session ``SET``, ``LISTEN``, session advisory locks, ...) with
+        :class:`~sqlalchemy_scale.TransactionPoolingError`, ``"warn"`` lets them run
+        with a warning, ``"off"`` installs no guard. See
+        :func:`sqlalchemy_scale.pooling.guard_transaction_pooling`.
     :param engine_kwargs: passed to :func:`~sqlalchemy.create_engine` for every
         URL given (ignored for ready-made engines).
 
@@ -125,8 +137,25 @@ class ReplicaSet:
         policy: ReplicaPolicy | PolicyName | str = "round_robin",
         pool: str | Mapping[str, Any] | None = None,
         name: str = "default",
+        monitor: bool = True,
+        monitor_interval: float = 0.2,
+        max_lag_bytes: int | None = None,
+        max_lag_seconds: float | None = 10.0,
+        max_wait: float = 0.005,
+        pooling_guard: Literal["raise", "warn", "off"] = "raise",
         **engine_kwargs: Any,
     ) -> None:
+        if pooling_guard not in ("raise", "warn", "off"):
+            raise ConfigurationError(
+                f"ReplicaSet {name!r}: pooling_guard must be 'raise', 'warn' or 'off', "
+                f"got {pooling_guard!r}"
+            )
+        self._pooling_guard = pooling_guard
+        for label, value in (("monitor_interval", monitor_interval), ("max_wait", max_wait)):
+            if value < 0 or (label == "monitor_interval" and value == 0):
+                raise ConfigurationError(
+                    f"ReplicaSet {name!r}: {label} must be positive, got {value}"
+                )
         self.name = name
         self.policy = make_policy(policy)
         self._pool = pool
@@ -148,18 +177,28 @@ class ReplicaSet:
         self._usable: tuple[Node, ...] = tuple(self.replicas)
         self._fallback_logged = False
         self._state_lock = threading.Lock()
+        self.max_wait = max_wait
+        self.monitor: HealthMonitor | None = None
+        if self.replicas:
+            self.monitor = HealthMonitor(
+                self,
+                interval=monitor_interval,
+                max_lag_bytes=max_lag_bytes,
+                max_lag_seconds=max_lag_seconds,
+            )
+        # Started lazily, by the first read routed to a replica: no thread and no connection
+        # for a ReplicaSet that is only constructed (or configured with monitor=False).
+        self._monitor_wanted = monitor and self.monitor is not None
 
     # -- construction -------------------------------------------------------------------
 
-    def _engine_options(self) -> dict[str, Any]:
-        if self._pool is None:
-            options: dict[str, Any] = {}
-        elif isinstance(self._pool, str):
+    def _engine_options(self, url: URL) -> dict[str, Any]:
+        if isinstance(self._pool, str):
             from .pooling import pool_preset
 
-            options = pool_preset(self._pool)
-        else:
-            options = dict(self._pool)
+            # engine_kwargs go in as overrides, so their connect_args merge with the preset's.
+            return pool_preset(self._pool, driver=url.get_driver_name(), **self._engine_kwargs)
+        options: dict[str, Any] = {} if self._pool is None else dict(self._pool)
         options.update(self._engine_kwargs)
         return options
 
@@ -181,7 +220,7 @@ class ReplicaSet:
                     "sqlalchemy-scale routes PostgreSQL primaries and streaming replicas"
                 )
             try:
-                engine = create_engine(url, **self._engine_options())
+                engine = create_engine(url, **self._engine_options(url))
             except ConfigurationError:
                 raise
             except Exception as exc:
@@ -189,15 +228,23 @@ class ReplicaSet:
                     f"{where}: cannot build an engine for {render_url(url)}: {exc}"
                 ) from exc
             owns = True
+            if isinstance(self._pool, str) and self._pooling_guard != "off":
+                from .pooling import guard_transaction_pooling, preset_needs_guard
+
+                if preset_needs_guard(self._pool):
+                    guard_transaction_pooling(engine, self._pooling_guard)
         else:
             raise ConfigurationError(
                 f"{where}: expected a URL string, sqlalchemy URL or Engine, got {type(target).__name__}"
             )
         if engine.dialect.name != "postgresql":
             raise ConfigurationError(f"{where}: {render_url(engine)} is not a PostgreSQL engine")
-        if role == "replica":
-            # An OptionEngine shares the pool but not the user's engine settings or events.
-            engine = engine.execution_options(postgresql_readonly=True)
+        if role == "primary":
+            # An OptionEngine shares the pool but not the user's engine events.
+            engine = engine.execution_options()
+            install_primary_hooks(engine, set_name=self.name, node_name=node_name)
+        else:
+            engine = _read_only(engine)
             # handle_error is a dialect event: the handler checks it is our engine that failed.
             event.listen(engine, "handle_error", _replica_write_error(engine, self.name, node_name))
         return Node(node_name, engine, role=role, owns_engine=owns)
@@ -224,7 +271,19 @@ class ReplicaSet:
                 config = config[section]
             except KeyError:
                 raise ConfigurationError(f"configuration has no [{section}] table") from None
-        known = {"primary", "replicas", "policy", "pool", "name", "engine"}
+        known = {
+            "primary",
+            "replicas",
+            "policy",
+            "pool",
+            "name",
+            "engine",
+            "monitor",
+            "monitor_interval",
+            "max_lag_bytes",
+            "max_lag_seconds",
+            "max_wait",
+        }
         unknown = set(config) - known
         if unknown:
             raise ConfigurationError(
@@ -238,6 +297,11 @@ class ReplicaSet:
             policy=config.get("policy", "round_robin"),
             pool=config.get("pool"),
             name=config.get("name", "default"),
+            **{
+                k: config[k]
+                for k in known - {"primary", "replicas", "policy", "pool", "name", "engine"}
+                if k in config
+            },
             **dict(config.get("engine", {})),
         )
 
@@ -278,9 +342,19 @@ class ReplicaSet:
             f": {reason}" if reason else "",
         )
 
-    def choose_replica(self) -> Node | None:
-        """A usable replica picked by the policy, or None when none is usable."""
+    def choose_replica(self, position: int | None = None) -> Node | None:
+        """A usable replica picked by the policy, or None when none is usable.
+
+        With ``position`` (a causal token's WAL position), only a replica known to have
+        replayed it qualifies. If none is known to, one replica is asked for its replay
+        LSN (one round trip) and polled for up to ``max_wait`` seconds; then None, and
+        the caller reads from the primary.
+        """
+        if self._monitor_wanted:
+            self._start_monitor()
         usable = self._usable
+        if position is not None and usable:
+            return self._choose_caught_up(usable, position)
         if not usable:
             if not self._fallback_logged:
                 self._fallback_logged = True
@@ -291,6 +365,54 @@ class ReplicaSet:
             self._fallback_logged = False
             log.info("%s: reads go to replicas again", self.name)
         return self.policy(usable) if len(usable) > 1 else usable[0]
+
+    def _choose_caught_up(self, usable: tuple[Node, ...], position: int) -> Node | None:
+        caught_up = [n for n in usable if n.replay_lsn is not None and n.replay_lsn >= position]
+        if caught_up:
+            return self.policy(caught_up) if len(caught_up) > 1 else caught_up[0]
+        monitor = self.monitor
+        if monitor is None:
+            return None
+        candidate = self.policy(usable) if len(usable) > 1 else usable[0]
+        deadline = time.monotonic() + self.max_wait
+        while True:
+            lsn = monitor.refresh(candidate)
+            if lsn is not None and lsn >= position:
+                return candidate
+            if lsn is None or time.monotonic() >= deadline:
+                return None
+            time.sleep(min(0.001, max(0.0, deadline - time.monotonic())))
+
+    def _start_monitor(self) -> None:
+        with self._state_lock:
+            if not self._monitor_wanted or self.monitor is None:
+                return
+            self._monitor_wanted = False
+            self.monitor.start()
+
+    def mark_down(self, node: Node, exc: BaseException) -> None:
+        """Take a replica out of rotation after it failed a statement; the monitor's
+        circuit breaker brings it back once it answers again."""
+        if self.monitor is not None:
+            self.monitor.mark_down(node, exc)
+        self.set_usable(node, False, reason=f"failed a statement: {type(exc).__name__}")
+
+    def health(self, *, refresh: bool = True) -> list[NodeHealth]:
+        """Each node's server-reported role, lag, state and last error.
+
+        With ``refresh`` (the default) one monitor sweep runs first (one short query per
+        node), so the answer is current even when the monitor thread is off.
+        """
+        if self.monitor is None:
+            monitor = HealthMonitor(self, interval=1.0)
+            try:
+                monitor.check()
+                return [monitor.health(self.primary)]
+            finally:
+                monitor.stop()
+        if refresh:
+            self.monitor.check()
+        return [self.monitor.health(node) for node in self.nodes]
 
     # -- observability and lifecycle -----------------------------------------------------
 
@@ -304,7 +426,11 @@ class ReplicaSet:
             node.reset_stats()
 
     def dispose(self) -> None:
-        """Close the pools of the engines this ReplicaSet created (not engines it was given)."""
+        """Stop the health monitor and close the pools of the engines this ReplicaSet
+        created (not engines it was given)."""
+        self._monitor_wanted = False
+        if self.monitor is not None:
+            self.monitor.stop()
         for node in self.nodes:
             if node.owns_engine:
                 node.engine.dispose()
@@ -321,6 +447,36 @@ class ReplicaSet:
     def __repr__(self) -> str:
         replicas = ", ".join(r.url for r in self.replicas)
         return f"<ReplicaSet {self.name} primary={self.primary.url} replicas=[{replicas}]>"
+
+
+_READ_ONLY_MARK = "sqlalchemy_scale_read_only"
+
+
+def _read_only(engine: Engine) -> Engine:
+    """An engine over the same pool whose transactions begin ``READ ONLY``.
+
+    The flag is the driver's own (psycopg2 ``readonly``, psycopg ``read_only``), which is sent
+    inside BEGIN: no extra round trip, and safe under transaction pooling. It is put back
+    to the driver's default (None: the server's default) when the connection returns to
+    the pool. SQLAlchemy's ``postgresql_readonly`` option resets it to False instead, which
+    makes the next user of a shared pool send ``BEGIN READ WRITE``, an error on a standby.
+    """
+    # An OptionEngine shares the pool but not the user's engine settings or events.
+    read_only = engine.execution_options()
+    dialect = read_only.dialect
+
+    def on_connect(conn: Connection) -> None:
+        pooled = conn.connection
+        dialect.set_readonly(pooled.dbapi_connection, True)
+        pooled.info[_READ_ONLY_MARK] = True
+
+    def on_checkin(dbapi_connection: Any, record: Any) -> None:
+        if dbapi_connection is not None and record.info.pop(_READ_ONLY_MARK, False):
+            dialect.set_readonly(dbapi_connection, None)
+
+    event.listen(read_only, "engine_connect", on_connect)
+    event.listen(read_only.pool, "checkin", on_checkin)
+    return read_only
 
 
 def _sqlstate(exc: BaseException | None) -> str | None:

@@ -1,2 +1,34 @@
-"""Shared fixtures. The real topology comes from the sqlalchemy_scale.testing plugin
-(registered through the package's pytest11 entry point)."""
+"""Shared fixtures for the test suite.
+
+The real topology (``scale_cluster``, ``scale_cluster_factory``) comes from the
+``sqlalchemy_scale.testing`` plugin, registered through the package's pytest11
+entry point. ``nox -s tests`` runs the suite once per driver; the driver under
+test is read from ``SQLALCHEMY_SCALE_TEST_DRIVER``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sqlalchemy_scale import routing
+
+DRIVERS = ("psycopg2", "psycopg")
+
+
+@pytest.fixture(scope="session")
+def driver() -> str:
+    """The SQLAlchemy driver name the suite runs with (psycopg2 unless nox says otherwise)."""
+    name = os.environ.get("SQLALCHEMY_SCALE_TEST_DRIVER", "psycopg2")
+    if name not in DRIVERS:
+        raise pytest.UsageError(f"SQLALCHEMY_SCALE_TEST_DRIVER must be one of {DRIVERS}, got {name!r}")
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_pins() -> None:
+    """Every test starts and ends with no use_primary() pin in its context."""
+    assert routing._PINS.get() is None
+    yield
+    assert routing._PINS.get() is None

@@ -1,0 +1,225 @@
+"""Causal (read-your-writes) consistency by WAL position.
+
+A *causal token* is the primary's WAL position right after a transaction that
+wrote has committed (``pg_current_wal_lsn()``), as PostgreSQL prints it: a
+string like ``"0/16B3748"``. A replica whose ``pg_last_wal_replay_lsn()`` has
+reached the token has replayed that commit, so a read served by it sees the
+write. That is exact, unlike "stick to the primary for N seconds".
+
+Tokens are opaque to users, safe to hand to a client (they reveal only a WAL
+position) and comparable with :func:`newer_token`. They travel:
+
+- within a session: a :class:`~sqlalchemy_scale.RoutingSession` records its own
+  commits (``session.causal_token``) and its later reads honour them;
+- between sessions of one request: ``with ss.causal_context(token):`` shares a
+  :class:`CausalContext` (a :class:`~contextvars.ContextVar`) that every routing
+  session in the block reads and advances;
+- between requests: the web integrations put ``context.token`` in a cookie or header.
+
+When *not* to rely on it: writes made by other applications, or through
+connections the session does not own, are not tracked; pin the primary for those.
+Logical replicas and other databases have unrelated WAL positions: a token is only
+meaningful within one primary's replication tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.interfaces import ExceptionContext
+
+from .errors import CommitOutcomeUnknown, ConfigurationError
+
+log = logging.getLogger("sqlalchemy_scale.consistency")
+
+__all__ = [
+    "CausalContext",
+    "causal_context",
+    "current_causal_context",
+    "format_lsn",
+    "newer_token",
+    "parse_lsn",
+]
+
+_LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
+
+_CONTEXT: ContextVar[CausalContext | None] = ContextVar("sqlalchemy_scale_causal", default=None)
+
+
+def parse_lsn(token: str) -> int:
+    """The WAL position of a token as an integer (``"0/16B3748"`` -> ``23803720``).
+
+    Raises :class:`~sqlalchemy_scale.ConfigurationError` for anything that is not an LSN,
+    so a tampered cookie cannot be mistaken for a position.
+    """
+    match = _LSN.match(token.strip()) if isinstance(token, str) else None
+    if match is None:
+        raise ConfigurationError(
+            f"not a causal token (a PostgreSQL LSN like '0/16B3748'): {str(token)[:40]!r}"
+        )
+    return (int(match.group(1), 16) << 32) | int(match.group(2), 16)
+
+
+def format_lsn(position: int) -> str:
+    """The token for a WAL position, in PostgreSQL's own notation."""
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+def newer_token(a: str | None, b: str | None) -> str | None:
+    """The later of two tokens (None counts as older than any token)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if parse_lsn(a) >= parse_lsn(b) else b
+
+
+class CausalContext:
+    """The causal token shared by every routing session in a ``causal_context`` block.
+
+    Sessions read :attr:`token` before routing a read and advance it after committing a
+    write; a web integration reads it at the end of the request to hand it back to the client.
+    """
+
+    __slots__ = ("_position", "token")
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token: str | None = None
+        self._position: int | None = None
+        self.observe(token)
+
+    @property
+    def position(self) -> int | None:
+        """The token as an integer WAL position, or None."""
+        return self._position
+
+    def observe(self, token: str | None) -> None:
+        """Advance the context to ``token`` if it is newer (invalid tokens raise)."""
+        if token is None:
+            return
+        position = parse_lsn(token)
+        if self._position is None or position > self._position:
+            self._position = position
+            self.token = format_lsn(position)
+
+    def __repr__(self) -> str:
+        return f"CausalContext(token={self.token!r})"
+
+
+@contextmanager
+def causal_context(token: str | None = None) -> Iterator[CausalContext]:
+    """Make every routing session in the block read at least ``token``'s writes.
+
+    Yields the :class:`CausalContext`; after the block its ``token`` is the newest
+    write committed inside it (or the token given). Blocks nest: an inner block starts
+    from the outer block's token and the outer block learns the inner block's commits.
+    """
+    outer = _CONTEXT.get()
+    ctx = CausalContext(outer.token if outer is not None else None)
+    ctx.observe(token)
+    reset = _CONTEXT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CONTEXT.reset(reset)
+        if outer is not None:
+            outer.observe(ctx.token)
+
+
+def current_causal_context() -> CausalContext | None:
+    """The innermost active :func:`causal_context`, or None."""
+    return _CONTEXT.get()
+
+
+def read_commit_lsn(dbapi_connection: Any) -> int:
+    """Ask the primary for its WAL position on a connection whose transaction just committed.
+
+    Runs in driver autocommit mode (a client-side switch for psycopg2 and psycopg 3), so
+    it costs exactly one round trip and leaves no transaction open behind it.
+    """
+    was_autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    finally:
+        dbapi_connection.autocommit = was_autocommit
+    return parse_lsn(row[0])
+
+
+# -- hooks on a primary engine: commit position and commit outcome -------------------------
+
+# The primary Connection whose COMMIT was most recently sent in this context. Set by the
+# engine's "commit" event (which fires just before the DBAPI commit) and consumed by the
+# routing session's after_commit hook, which runs right after it in the same call stack.
+_COMMITTING: ContextVar[Connection | None] = ContextVar("sqlalchemy_scale_committing", default=None)
+
+
+def install_primary_hooks(engine: Engine, *, set_name: str, node_name: str) -> None:
+    """Listen on a primary's engine so that commits can yield a causal token and a
+    connection lost during COMMIT raises :class:`~sqlalchemy_scale.CommitOutcomeUnknown`."""
+
+    def on_commit(conn: Connection) -> None:
+        _COMMITTING.set(conn)
+
+    def on_begin(conn: Connection) -> None:
+        if _COMMITTING.get() is conn:
+            _COMMITTING.set(None)
+
+    def on_error(context: ExceptionContext) -> BaseException | None:
+        # A failed COMMIT reaches handle_error with no statement. A lost connection at that
+        # moment leaves the outcome unknown: the server may have committed before it went.
+        if (
+            context.engine is not engine
+            or context.statement is not None
+            or context.connection is None
+            or _COMMITTING.get() is not context.connection
+        ):
+            return None
+        orig = context.original_exception
+        lost = context.is_disconnect or (
+            getattr(orig, "pgcode", None) is None and getattr(orig, "sqlstate", None) is None
+        )
+        if not lost:
+            return None
+        _COMMITTING.set(None)
+        return CommitOutcomeUnknown(
+            f"the connection to primary {node_name!r} of {set_name!r} was lost during COMMIT; "
+            "the transaction may or may not have committed. Read back what it wrote to "
+            f"reconcile before retrying ({type(orig).__name__}: {' '.join(str(orig).split())[:160]})",
+            node=node_name,
+            orig=orig,
+        )
+
+    event.listen(engine, "commit", on_commit)
+    event.listen(engine, "begin", on_begin)
+    event.listen(engine, "handle_error", on_error)
+
+
+def take_commit_position(engine: Engine) -> int | None:
+    """The primary's WAL position after the commit just made through ``engine`` in this
+    context (one round trip), or None if there was none or it cannot be read."""
+    conn = _COMMITTING.get()
+    if conn is None or conn.engine is not engine:
+        return None
+    _COMMITTING.set(None)
+    if conn.invalidated or conn.closed:
+        return None
+    try:
+        return read_commit_lsn(conn.connection.dbapi_connection)
+    except Exception as exc:  # the commit succeeded; only the token is lost
+        log.warning(
+            "could not read the primary's WAL position after commit: %s", type(exc).__name__
+        )
+        return None

@@ -1,0 +1,338 @@
+"""Replica health: a lag probe, a circuit breaker and the monitor thread that runs them.
+
+Every ``interval`` seconds the monitor asks the primary for ``pg_current_wal_lsn()``
+and each replica for ``pg_last_wal_replay_lsn()`` (and ``pg_is_in_recovery()``, so
+the role it reports is the server's, not our configuration's). From those it keeps,
+per replica:
+
+- the replay LSN, which causal routing compares with tokens without a round trip;
+- lag in bytes (primary LSN minus replay LSN) and in seconds: how long ago the
+  primary was where the replica is now, from the monitor's own samples of the
+  primary's position. (``now() - pg_last_xact_replay_timestamp()`` is not used: it
+  grows on an idle primary although nothing is behind.)
+
+A replica beyond ``max_lag_bytes`` / ``max_lag_seconds`` leaves the rotation and
+returns when it is back within bounds. A replica that cannot be reached, or that
+failed a read, is *down*: the circuit is open and it is probed again after a backoff
+that doubles up to ``max_backoff``; the first successful probe closes the circuit.
+
+The monitor runs on its own small pool per node (one connection), never the
+application's pools, and routing never waits for it. It is a daemon thread and is
+restarted in a child process after :func:`os.fork` (gunicorn ``--preload``).
+Each state change is logged once, with the node's name and never its URL's password.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from .consistency import format_lsn, parse_lsn
+
+if TYPE_CHECKING:
+    from .topology import Node, ReplicaSet
+
+__all__ = ["HealthMonitor", "NodeHealth", "NodeState"]
+
+log = logging.getLogger("sqlalchemy_scale.health")
+
+NodeState = Literal["up", "lagging", "down", "unknown"]
+
+_PRIMARY_PROBE = text("SELECT pg_current_wal_lsn()::text, pg_is_in_recovery()")
+# On a server that is not in recovery (a promoted or misconfigured replica) the replay
+# LSN is NULL; its current LSN stands in so that it is never "behind" itself.
+_REPLICA_PROBE = text(
+    "SELECT coalesce(pg_last_wal_replay_lsn(), pg_current_wal_lsn())::text, pg_is_in_recovery()"
+)
+_HISTORY = 4096  # primary LSN samples kept for lag-in-seconds (~14 min at 0.2 s)
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    """One node as the monitor last saw it (see :meth:`ReplicaSet.health`)."""
+
+    name: str
+    configured_role: Literal["primary", "replica"]
+    server_role: Literal["primary", "replica"] | None
+    state: NodeState
+    in_rotation: bool
+    lsn: str | None
+    lag_bytes: int | None
+    lag_seconds: float | None
+    last_error: str | None
+    checked_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Probe:
+    """Per-node monitor state: its own one-connection engine and circuit breaker."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.engine: Engine = create_engine(
+            node.engine.url,
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=2,
+            connect_args={"connect_timeout": 2},
+        )
+        self.lock = threading.Lock()
+        self.state: NodeState = "unknown"
+        self.server_role: Literal["primary", "replica"] | None = None
+        self.lsn: int | None = None
+        self.lag_bytes: int | None = None
+        self.lag_seconds: float | None = None
+        self.last_error: str | None = None
+        self.checked_at: float | None = None
+        self.backoff = 0.0
+        self.retry_at = 0.0
+
+    def query(self, probe: Any) -> tuple[int, bool]:
+        with self.lock, self.engine.connect() as conn:
+            lsn, in_recovery = conn.execute(probe).one()
+        return parse_lsn(lsn), bool(in_recovery)
+
+
+class HealthMonitor:
+    """Keeps a :class:`~sqlalchemy_scale.ReplicaSet`'s replicas' LSNs, lag and state fresh.
+
+    Created and started by the ReplicaSet (``monitor=True``); :meth:`check` runs one
+    sweep synchronously, which tests and ``health()`` use.
+    """
+
+    _instances: ClassVar[weakref.WeakSet[HealthMonitor]] = weakref.WeakSet()
+
+    def __init__(
+        self,
+        replica_set: ReplicaSet,
+        *,
+        interval: float = 0.2,
+        max_lag_bytes: int | None = None,
+        max_lag_seconds: float | None = 10.0,
+        min_backoff: float = 0.5,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self._replica_set = weakref.ref(replica_set)
+        self.name = replica_set.name
+        self.interval = interval
+        self.max_lag_bytes = max_lag_bytes
+        self.max_lag_seconds = max_lag_seconds
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._probes: dict[str, _Probe] = {n.name: _Probe(n) for n in replica_set.nodes}
+        self._history: collections.deque[tuple[float, int]] = collections.deque(maxlen=_HISTORY)
+        self._sweep_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        HealthMonitor._instances.add(self)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"sqlalchemy-scale-monitor-{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        for probe in self._probes.values():
+            probe.engine.dispose()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # the monitor must outlive any surprise; routing never waits on it
+                log.exception("health monitor of %s: sweep failed", self.name)
+
+    def _after_fork_in_child(self) -> None:
+        was_running = self._thread is not None
+        self._thread = None
+        self._sweep_lock = threading.Lock()
+        for probe in self._probes.values():
+            probe.lock = threading.Lock()
+            probe.engine.dispose(close=False)  # the parent's sockets are not ours
+        if was_running and not self._stop.is_set():
+            self.start()
+
+    # -- probing -----------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Probe the primary, then every replica due for a probe, and apply the results."""
+        replica_set = self._replica_set()
+        if replica_set is None:
+            self._stop.set()
+            return
+        with self._sweep_lock:
+            now = time.monotonic()
+            primary_lsn = self._probe_primary(replica_set, now)
+            for node in replica_set.replicas:
+                probe = self._probes[node.name]
+                if probe.state == "down" and now < probe.retry_at:
+                    continue
+                self._probe_replica(replica_set, node, probe, primary_lsn, now)
+
+    def _probe_primary(self, replica_set: ReplicaSet, now: float) -> int | None:
+        probe = self._probes[replica_set.primary.name]
+        try:
+            lsn, in_recovery = probe.query(_PRIMARY_PROBE)
+        except Exception as exc:
+            self._fail(probe, exc, now)
+            return None
+        self._recover(probe, "up", now)
+        probe.server_role = "replica" if in_recovery else "primary"
+        probe.lsn = lsn
+        if not self._history or self._history[-1][1] != lsn:
+            self._history.append((now, lsn))
+        return lsn
+
+    def _probe_replica(
+        self,
+        replica_set: ReplicaSet,
+        node: Node,
+        probe: _Probe,
+        primary_lsn: int | None,
+        now: float,
+    ) -> None:
+        try:
+            lsn, in_recovery = probe.query(_REPLICA_PROBE)
+        except Exception as exc:
+            self._fail(probe, exc, now)
+            replica_set.set_usable(node, False, reason=f"down: {probe.last_error}")
+            return
+        probe.server_role = "replica" if in_recovery else "primary"
+        self._observe_lsn(node, probe, lsn)
+        if primary_lsn is None:
+            probe.lag_bytes = probe.lag_seconds = None
+        else:
+            probe.lag_bytes = max(0, primary_lsn - lsn)
+            probe.lag_seconds = self._lag_seconds(lsn, now)
+        too_far = self._too_far_behind(probe)
+        self._recover(probe, "lagging" if too_far else "up", now)
+        replica_set.set_usable(node, not too_far, reason=too_far or "")
+
+    def _too_far_behind(self, probe: _Probe) -> str | None:
+        if (
+            self.max_lag_bytes is not None
+            and probe.lag_bytes is not None
+            and probe.lag_bytes > self.max_lag_bytes
+        ):
+            return f"{probe.lag_bytes} bytes behind (max_lag_bytes={self.max_lag_bytes})"
+        if (
+            self.max_lag_seconds is not None
+            and probe.lag_seconds is not None
+            and probe.lag_seconds > self.max_lag_seconds
+        ):
+            return f"{probe.lag_seconds:.1f} s behind (max_lag_seconds={self.max_lag_seconds})"
+        return None
+
+    def _lag_seconds(self, replay_lsn: int, now: float) -> float:
+        # The earliest sample at which the primary was already past the replica's position.
+        for sampled_at, lsn in self._history:
+            if lsn > replay_lsn:
+                return now - sampled_at
+        return 0.0
+
+    def _observe_lsn(self, node: Node, probe: _Probe, lsn: int) -> None:
+        probe.lsn = lsn
+        # Monotonic: a late answer must not move the position backwards.
+        if node.replay_lsn is None or lsn > node.replay_lsn:
+            node.replay_lsn = lsn
+
+    def _fail(self, probe: _Probe, exc: BaseException, now: float) -> None:
+        probe.last_error = _describe(exc)
+        probe.backoff = (
+            self.min_backoff if probe.state != "down" else min(probe.backoff * 2, self.max_backoff)
+        )
+        probe.retry_at = now + probe.backoff
+        probe.checked_at = now
+        if probe.state != "down":
+            log.warning(
+                "%s: node %s is down (%s); next probe in %.1f s",
+                self.name,
+                probe.node.name,
+                probe.last_error,
+                probe.backoff,
+            )
+        probe.state = "down"
+
+    def _recover(self, probe: _Probe, state: NodeState, now: float) -> None:
+        if probe.state == "down":
+            log.info("%s: node %s answers again", self.name, probe.node.name)
+        probe.state = state
+        probe.backoff = 0.0
+        probe.checked_at = now
+
+    # -- used by routing -----------------------------------------------------------------
+
+    def mark_down(self, node: Node, exc: BaseException) -> None:
+        """Open the circuit for a node that failed a statement (called by routing)."""
+        probe = self._probes.get(node.name)
+        if probe is not None:
+            self._fail(probe, exc, time.monotonic())
+
+    def refresh(self, node: Node) -> int | None:
+        """Ask one replica for its replay LSN now (one round trip); None if it cannot answer."""
+        probe = self._probes[node.name]
+        try:
+            lsn, _ = probe.query(_REPLICA_PROBE)
+        except Exception as exc:
+            self._fail(probe, exc, time.monotonic())
+            return None
+        self._observe_lsn(node, probe, lsn)
+        return node.replay_lsn
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def health(self, node: Node) -> NodeHealth:
+        probe = self._probes[node.name]
+        return NodeHealth(
+            name=node.name,
+            configured_role=node.role,
+            server_role=probe.server_role,
+            state=probe.state,
+            in_rotation=node.is_usable if node.is_replica else probe.state != "down",
+            lsn=format_lsn(probe.lsn) if probe.lsn is not None else None,
+            lag_bytes=probe.lag_bytes,
+            lag_seconds=probe.lag_seconds,
+            last_error=probe.last_error,
+            checked_at=probe.checked_at,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason without URLs or passwords (driver messages name host and port only)."""
+    orig = getattr(exc, "orig", None) or exc
+    message = " ".join(str(orig).split())
+    return f"{type(orig).__name__}: {message[:200]}"
+
+
+def _reinit_monitors_after_fork() -> None:
+    for monitor in list(HealthMonitor._instances):
+        monitor._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_monitors_after_fork)

@@ -1,0 +1,463 @@
+"""RoutingSession against a real primary and two streaming replicas.
+
+Every test proves where a statement ran by asking the server: the ORM model
+carries ``inet_server_port()`` / ``pg_is_in_recovery()`` as column properties
+(so every ORM load reports the server that answered it) and a server default
+``inet_server_port()`` (so every INSERT records the server that executed it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    column_property,
+    mapped_column,
+    sessionmaker,
+)
+from sqlalchemy.schema import CreateTable, DropTable
+
+import sqlalchemy_scale as ss
+from sqlalchemy_scale.local import LocalCluster
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "routing_users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    written_on: Mapped[int] = mapped_column(server_default=text("inet_server_port()"))
+    read_on: Mapped[int] = column_property(func.inet_server_port())
+    read_in_recovery: Mapped[bool] = column_property(func.pg_is_in_recovery())
+
+
+# Created and dropped by the DDL test itself, so not part of Base.metadata.
+notes = Table("routing_notes", MetaData(), Column("id", Integer, primary_key=True))
+
+
+WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
+
+
+@pytest.fixture(scope="module")
+def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """The shared topology with this module's tables created on the primary and replicated."""
+    engine = create_engine(scale_cluster.primary.url())
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(User), [{"id": i, "name": f"user{i}"} for i in range(1, 6)])
+    engine.dispose()
+    _caught_up(scale_cluster)
+    yield scale_cluster
+    engine = create_engine(scale_cluster.primary.url())
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def _caught_up(cluster: LocalCluster) -> None:
+    for replica in cluster.replicas:
+        replica.wait_for_replay()
+
+
+@pytest.fixture
+def replicas(cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet]:
+    """A ReplicaSet over the real primary and both replicas, with fresh counters."""
+    replica_set = ss.ReplicaSet(
+        primary=cluster.primary.url(driver), replicas=[r.url(driver) for r in cluster.replicas]
+    )
+    yield replica_set
+    replica_set.dispose()
+
+
+@pytest.fixture
+def Session(replicas: ss.ReplicaSet) -> sessionmaker[ss.RoutingSession]:  # noqa: N802
+    return ss.routing_sessionmaker(replicas, expire_on_commit=False)
+
+
+def ports(cluster: LocalCluster) -> tuple[int, set[int]]:
+    return cluster.primary.port, {r.port for r in cluster.replicas}
+
+
+# -- reads -----------------------------------------------------------------------------
+
+
+def test_orm_select_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """A plain ORM SELECT is answered by a server in recovery, i.e. a replica."""
+    primary, replica_ports = ports(cluster)
+    with Session() as session:
+        users = session.scalars(select(User).order_by(User.id)).all()
+    assert [u.name for u in users][:5] == [f"user{i}" for i in range(1, 6)]
+    assert {u.read_on for u in users} <= replica_ports
+    assert all(u.read_in_recovery for u in users)
+
+
+def test_core_select_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """A Core SELECT executed through the session is answered by a replica."""
+    _, replica_ports = ports(cluster)
+    with Session() as session:
+        port, in_recovery = session.execute(WHERE).one()
+    assert port in replica_ports and in_recovery is True
+
+
+def test_get_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """session.get() is a read and is answered by a replica."""
+    _, replica_ports = ports(cluster)
+    with Session() as session:
+        user = session.get(User, 1)
+    assert user is not None and user.read_on in replica_ports
+
+
+def test_round_robin_uses_both_replicas(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """Successive transactions alternate between the two replicas (the default policy)."""
+    _, replica_ports = ports(cluster)
+    seen = []
+    for _ in range(4):
+        with Session() as session:
+            seen.append(session.execute(WHERE).one()[0])
+    assert set(seen) == replica_ports
+    assert seen[0] != seen[1] and seen[0] == seen[2]
+
+
+def test_a_transaction_reads_from_one_replica(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """All reads of one transaction go to the replica that served its first read."""
+    with Session() as session:
+        seen = {session.execute(WHERE).one()[0] for _ in range(4)}
+    assert len(seen) == 1
+
+
+# -- writes ----------------------------------------------------------------------------
+
+
+def test_flush_runs_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """An ORM flush INSERTs on the primary: the row records the primary's port."""
+    primary, _ = ports(cluster)
+    with Session() as session:
+        session.add(User(id=101, name="flushed"))
+        session.commit()
+    check = create_engine(cluster.primary.url())
+    with check.connect() as conn:
+        written_on = conn.scalar(select(User.written_on).where(User.id == 101))
+        conn.execute(delete(User).where(User.id == 101))
+        conn.commit()
+    check.dispose()
+    assert written_on == primary
+
+
+def test_core_dml_runs_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """INSERT, UPDATE and DELETE statements run on the primary."""
+    primary, _ = ports(cluster)
+    with Session() as session:
+        inserted = session.execute(
+            insert(User).values(id=102, name="core").returning(func.inet_server_port())
+        ).scalar_one()
+        updated = session.execute(
+            update(User).where(User.id == 102).values(name="x").returning(func.inet_server_port())
+        ).scalar_one()
+        deleted = session.execute(
+            delete(User).where(User.id == 102).returning(func.inet_server_port())
+        ).scalar_one()
+        session.commit()
+    assert inserted == updated == deleted == primary
+
+
+def test_reads_after_a_write_stay_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """Once a transaction has written, its later reads run on the primary and see the write."""
+    primary, replica_ports = ports(cluster)
+    with Session() as session:
+        assert session.execute(WHERE).one()[0] in replica_ports
+        session.add(User(id=103, name="uncommitted"))
+        session.flush()
+        assert session.has_written
+        row = session.execute(select(User.name, func.inet_server_port()).where(User.id == 103)).one()
+        assert row == ("uncommitted", primary)
+        session.rollback()
+        assert not session.has_written
+        assert session.execute(WHERE).one()[0] in replica_ports
+
+
+def test_autoflush_sends_the_query_to_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """A query that autoflushes pending objects runs on the primary, where they now exist."""
+    primary, _ = ports(cluster)
+    with Session() as session:
+        session.add(User(id=104, name="pending"))
+        user = session.scalars(select(User).where(User.id == 104)).one()
+        assert user.read_on == primary
+        session.rollback()
+
+
+def test_locking_reads_run_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """SELECT ... FOR UPDATE and FOR SHARE run on the primary and pin the transaction there."""
+    primary, _ = ports(cluster)
+    with Session() as session:
+        user = session.scalars(select(User).where(User.id == 1).with_for_update()).one()
+        assert user.read_on == primary
+        assert session.execute(WHERE).one() == (primary, False)
+    with Session() as session:
+        shared = session.execute(select(func.inet_server_port()).with_for_update(read=True))
+        assert shared.scalar_one() == primary
+
+
+def test_text_goes_to_the_primary_unless_marked(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """Unmarked text() runs on the primary; text() marked use_replica=True runs on a replica."""
+    primary, replica_ports = ports(cluster)
+    with Session() as session:
+        assert session.execute(text("SELECT inet_server_port()")).scalar_one() == primary
+    with Session() as session:
+        marked = text("SELECT inet_server_port()").execution_options(use_replica=True)
+        assert session.execute(marked).scalar_one() in replica_ports
+
+
+def test_ddl_and_connection_go_to_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """DDL constructs and session.connection() are served by the primary."""
+    primary, _ = ports(cluster)
+    with Session() as session:
+        session.execute(CreateTable(notes))
+        assert session.connection().execute(WHERE).one() == (primary, False)
+        session.execute(DropTable(notes))
+        session.commit()
+
+
+# -- overrides ---------------------------------------------------------------------------
+
+
+def test_use_primary_option_per_call_and_per_statement(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """execution_options(use_primary=True) sends a read to the primary, per call or on the statement."""
+    primary, replica_ports = ports(cluster)
+    with Session() as session:
+        assert session.execute(WHERE, execution_options={"use_primary": True}).one()[0] == primary
+        assert session.scalar(WHERE.execution_options(use_primary=True)) == primary
+        user = session.get(User, 2, execution_options={"use_primary": True})
+        assert user is not None and user.read_on == primary
+    with Session() as session:
+        assert session.execute(WHERE).one()[0] in replica_ports
+
+
+def test_use_primary_block_nests_and_restores(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """session.use_primary() pins reads inside the block, nests, and unpins on exit."""
+    primary, replica_ports = ports(cluster)
+    with Session() as session:
+        with session.use_primary():
+            assert session.execute(WHERE).one()[0] == primary
+            with session.use_primary():
+                assert session.execute(WHERE).one()[0] == primary
+            assert session.execute(WHERE).one()[0] == primary
+        session.commit()
+        assert session.execute(WHERE).one()[0] in replica_ports
+
+
+def test_use_primary_pins_only_its_own_session(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """A session's use_primary() block does not pin another session."""
+    primary, replica_ports = ports(cluster)
+    with Session() as pinned, Session() as other, pinned.use_primary():
+        assert pinned.execute(WHERE).one()[0] == primary
+        assert other.execute(WHERE).one()[0] in replica_ports
+
+
+def test_module_use_primary_is_a_decorator(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """@ss.use_primary() pins every routing session inside the decorated function."""
+    primary, replica_ports = ports(cluster)
+
+    @ss.use_primary()
+    def read_port() -> int:
+        with Session() as session:
+            return int(session.execute(WHERE).one()[0])
+
+    assert read_port() == primary
+    assert read_port() == primary
+    with Session() as session:
+        assert session.execute(WHERE).one()[0] in replica_ports
+
+
+def test_pins_are_per_thread(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """A use_primary() block in one thread does not pin reads made in another thread."""
+    primary, replica_ports = ports(cluster)
+    results: dict[str, int] = {}
+    inside = threading.Event()
+    done = threading.Event()
+
+    def pinned() -> None:
+        with ss.use_primary(), Session() as session:
+            results["pinned"] = session.execute(WHERE).one()[0]
+            inside.set()
+            done.wait(10)
+
+    thread = threading.Thread(target=pinned)
+    thread.start()
+    assert inside.wait(10)
+    with Session() as session:
+        results["other"] = session.execute(WHERE).one()[0]
+    done.set()
+    thread.join(10)
+    assert results["pinned"] == primary
+    assert results["other"] in replica_ports
+
+
+def test_default_role_primary(cluster: LocalCluster, replicas: ss.ReplicaSet) -> None:
+    """default_role="primary" reads from the primary unless a statement opts into a replica."""
+    primary, replica_ports = ports(cluster)
+    Session = ss.routing_sessionmaker(replicas, default_role="primary")  # noqa: N806
+    with Session() as session:
+        assert session.execute(WHERE).one()[0] == primary
+        assert session.execute(WHERE, execution_options={"use_replica": True}).one()[0] in replica_ports
+
+
+def test_plain_sessionmaker_spelling(cluster: LocalCluster, replicas: ss.ReplicaSet) -> None:
+    """sessionmaker(class_=ss.RoutingSession, replica_set=...) routes like routing_sessionmaker."""
+    primary, replica_ports = ports(cluster)
+    Session = sessionmaker(class_=ss.RoutingSession, replica_set=replicas)  # noqa: N806
+    with Session() as session:
+        assert session.execute(WHERE).one()[0] in replica_ports
+        session.add(User(id=105, name="spelling"))
+        session.flush()
+        assert session.execute(WHERE).one()[0] == primary
+        session.rollback()
+
+
+# -- fallbacks and errors -------------------------------------------------------------
+
+
+def test_no_replicas_reads_from_primary_and_logs_once(
+    cluster: LocalCluster, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no replicas configured, reads go to the primary, counted as fallbacks, warned once."""
+    primary, _ = ports(cluster)
+    with ss.ReplicaSet(primary=cluster.primary.url(driver)) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)  # noqa: N806
+        with caplog.at_level(logging.WARNING, logger="sqlalchemy_scale"):
+            for _ in range(3):
+                with Session() as session:
+                    assert session.execute(WHERE).one() == (primary, False)
+        assert replica_set.stats()["primary"] == {"statements": 3, "fallbacks": 3}
+    warnings = [r for r in caplog.records if "reads go to the primary" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_unusable_replicas_fall_back_to_the_primary(cluster: LocalCluster, Session: sessionmaker, replicas: ss.ReplicaSet) -> None:  # noqa: N803
+    """When every replica is out of rotation reads go to the primary, and return when one is back."""
+    primary, replica_ports = ports(cluster)
+    for node in replicas.replicas:
+        replicas.set_usable(node, False, reason="test")
+    with Session() as session:
+        assert session.execute(WHERE).one()[0] == primary
+    replicas.set_usable(replicas.replicas[1], True)
+    with Session() as session:
+        assert session.execute(WHERE).one()[0] == cluster.replicas[1].port
+
+
+def test_write_marked_for_a_replica_fails_and_writes_nothing(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """A write that reaches a replica raises ReplicaWriteError naming the node; nothing is written."""
+    statement = text("INSERT INTO routing_users (id, name) VALUES (106, 'lost')").execution_options(
+        use_replica=True
+    )
+    with Session() as session, pytest.raises(ss.ReplicaWriteError) as caught:
+        session.execute(statement)
+    assert caught.value.node in {"replica1", "replica2"}
+    assert caught.value.node in str(caught.value)
+    assert cluster.primary.execute("SELECT count(*) FROM routing_users WHERE id = 106") == [(0,)]
+
+
+def test_use_replica_on_a_write_is_refused_before_sending(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+    """use_replica=True on an INSERT raises ReplicaWriteError without contacting any server."""
+    with Session() as session, pytest.raises(ss.ReplicaWriteError, match="nothing was sent"):
+        session.execute(insert(User).values(id=107, name="lost"), execution_options={"use_replica": True})
+    assert cluster.primary.execute("SELECT count(*) FROM routing_users WHERE id = 107") == [(0,)]
+
+
+def test_a_writable_server_named_as_replica_is_still_read_only(cluster: LocalCluster, driver: str) -> None:
+    """A replica URL that wrongly points at the primary cannot be written through (BEGIN READ ONLY)."""
+    url = cluster.primary.url(driver)
+    with ss.ReplicaSet(primary=url, replicas={"misconfigured": url}) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)  # noqa: N806
+        statement = text("INSERT INTO routing_users (id, name) VALUES (108, 'lost')")
+        with Session() as session, pytest.raises(ss.ReplicaWriteError) as caught:
+            session.execute(statement.execution_options(use_replica=True))
+    assert caught.value.node == "misconfigured"
+    assert cluster.primary.execute("SELECT count(*) FROM routing_users WHERE id = 108") == [(0,)]
+
+
+# -- policies and stats -------------------------------------------------------------
+
+
+def test_least_busy_avoids_a_busy_replica(cluster: LocalCluster, driver: str) -> None:
+    """LeastBusy sends reads to the replica whose pool has fewer connections checked out."""
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        policy="least_busy",
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)  # noqa: N806
+        busy = replica_set.replicas[0].engine.connect()
+        try:
+            for _ in range(3):
+                with Session() as session:
+                    assert session.execute(WHERE).one()[0] == cluster.replicas[1].port
+        finally:
+            busy.close()
+
+
+def test_random_policy_and_plain_function_policies(cluster: LocalCluster, driver: str) -> None:
+    """The random policy only picks replicas, and a plain function is a valid policy."""
+    _, replica_ports = ports(cluster)
+    urls = [r.url(driver) for r in cluster.replicas]
+    with ss.ReplicaSet(primary=cluster.primary.url(driver), replicas=urls, policy="random") as rs:
+        Session = ss.routing_sessionmaker(rs)  # noqa: N806
+        for _ in range(4):
+            with Session() as session:
+                assert session.execute(WHERE).one()[0] in replica_ports
+
+    def always_last(nodes: object) -> ss.Node:
+        return nodes[-1]  # type: ignore[index, no-any-return]
+
+    with ss.ReplicaSet(primary=cluster.primary.url(driver), replicas=urls, policy=always_last) as rs:
+        Session = ss.routing_sessionmaker(rs)  # noqa: N806
+        with Session() as session:
+            assert session.execute(WHERE).one()[0] == cluster.replicas[-1].port
+
+
+def test_stats_count_statements_per_node(Session: sessionmaker, replicas: ss.ReplicaSet) -> None:  # noqa: N803
+    """stats() counts the statements routed to each node."""
+    with Session() as session:
+        session.execute(WHERE)
+        session.execute(WHERE)
+        session.execute(text("SELECT 1"))
+    stats = replicas.stats()
+    assert stats["primary"] == {"statements": 1, "fallbacks": 0}
+    assert sorted(s["statements"] for name, s in stats.items() if name != "primary") == [0, 2]
+
+
+def test_engines_are_accepted_in_place_of_urls(cluster: LocalCluster, driver: str) -> None:
+    """Ready-made Engines work as nodes and are not disposed by the ReplicaSet."""
+    primary_engine: Engine = create_engine(cluster.primary.url(driver))
+    replica_engine: Engine = create_engine(cluster.replicas[0].url(driver))
+    with ss.ReplicaSet(primary=primary_engine, replicas=[replica_engine]) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)  # noqa: N806
+        with Session() as session:
+            assert session.execute(WHERE).one() == (cluster.replicas[0].port, True)
+    with replica_engine.connect() as conn:  # still usable after the ReplicaSet closed
+        assert conn.execute(WHERE).one()[0] == cluster.replicas[0].port
+    primary_engine.dispose()
+    replica_engine.dispose()
