@@ -2,6 +2,12 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .consistency import (
+    CausalContext,
+    causal_context,
+    current_causal_context,
+    newer_token,
+)
 from .errors import (
     CommitOutcomeUnknown,
     ConfigurationError,
@@ -12,6 +18,7 @@ from .errors import (
     ScaleError,
     ShardKeyError,
 )
+from .health import HealthMonitor, NodeHealth
 from .policies import LeastBusy, Random, ReplicaPolicy, RoundRobin
 from .routing import RoutingSession, decide_role, routing_sessionmaker, use_primary
 from .topology import Node, ReplicaSet, Role
@@ -22,12 +29,15 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
+    "CausalContext",
     "CommitOutcomeUnknown",
     "ConfigurationError",
     "CrossShardQueryError",
     "CrossShardWriteError",
+    "HealthMonitor",
     "LeastBusy",
     "Node",
+    "NodeHealth",
     "NodeUnavailableError",
     "Random",
     "ReplicaPolicy",
@@ -39,7 +49,10 @@ __all__ = [
     "ScaleError",
     "ShardKeyError",
     "__version__",
+    "causal_context",
+    "current_causal_context",
     "decide_role",
+    "newer_token",
     "routing_sessionmaker",
     "use_primary",
 ]

@@ -1,7 +1,9 @@
 """Causal (read-your-writes) consistency by WAL position.
 
 A *causal token* is the primary's WAL position right after a transaction that
-wrote has committed (``pg_current_wal_lsn()``), as PostgreSQL prints it: a
+wrote has committed (``pg_current_wal_insert_lsn()``: the insert position, which is
+past the commit record even with ``synchronous_commit = off``, when
+``pg_current_wal_lsn()`` may still lag behind it), as PostgreSQL prints it: a
 string like ``"0/16B3748"``. A replica whose ``pg_last_wal_replay_lsn()`` has
 reached the token has replayed that commit, so a read served by it sees the
 write. That is exact, unlike "stick to the primary for N seconds".
@@ -149,7 +151,7 @@ def read_commit_lsn(dbapi_connection: Any) -> int:
     try:
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            cursor.execute("SELECT pg_current_wal_insert_lsn()::text")
             row = cursor.fetchone()
         finally:
             cursor.close()

@@ -47,7 +47,7 @@ log = logging.getLogger("sqlalchemy_scale.health")
 
 NodeState = Literal["up", "lagging", "down", "unknown"]
 
-_PRIMARY_PROBE = text("SELECT pg_current_wal_lsn()::text, pg_is_in_recovery()")
+_PRIMARY_PROBE = text("SELECT pg_current_wal_insert_lsn()::text, pg_is_in_recovery()")
 # On a server that is not in recovery (a promoted or misconfigured replica) the replay
 # LSN is NULL; its current LSN stands in so that it is never "behind" itself.
 _REPLICA_PROBE = text(

@@ -184,7 +184,9 @@ def test_core_dml_runs_on_the_primary(cluster: LocalCluster, Session: sessionmak
     assert inserted == updated == deleted == primary
 
 
-def test_reads_after_a_write_stay_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_reads_after_a_write_stay_on_the_primary(
+    cluster: LocalCluster, Session: sessionmaker
+) -> None:  # noqa: N803
     """Once a transaction has written, its later reads run on the primary and see the write."""
     primary, replica_ports = ports(cluster)
     with Session() as session:
@@ -192,14 +194,18 @@ def test_reads_after_a_write_stay_on_the_primary(cluster: LocalCluster, Session:
         session.add(User(id=103, name="uncommitted"))
         session.flush()
         assert session.has_written
-        row = session.execute(select(User.name, func.inet_server_port()).where(User.id == 103)).one()
+        row = session.execute(
+            select(User.name, func.inet_server_port()).where(User.id == 103)
+        ).one()
         assert row == ("uncommitted", primary)
         session.rollback()
         assert not session.has_written
         assert session.execute(WHERE).one()[0] in replica_ports
 
 
-def test_autoflush_sends_the_query_to_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_autoflush_sends_the_query_to_the_primary(
+    cluster: LocalCluster, Session: sessionmaker
+) -> None:  # noqa: N803
     """A query that autoflushes pending objects runs on the primary, where they now exist."""
     primary, _ = ports(cluster)
     with Session() as session:
@@ -221,7 +227,9 @@ def test_locking_reads_run_on_the_primary(cluster: LocalCluster, Session: sessio
         assert shared.scalar_one() == primary
 
 
-def test_text_goes_to_the_primary_unless_marked(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_text_goes_to_the_primary_unless_marked(
+    cluster: LocalCluster, Session: sessionmaker
+) -> None:  # noqa: N803
     """Unmarked text() runs on the primary; text() marked use_replica=True runs on a replica."""
     primary, replica_ports = ports(cluster)
     with Session() as session:
@@ -244,7 +252,9 @@ def test_ddl_and_connection_go_to_the_primary(cluster: LocalCluster, Session: se
 # -- overrides ---------------------------------------------------------------------------
 
 
-def test_use_primary_option_per_call_and_per_statement(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_use_primary_option_per_call_and_per_statement(
+    cluster: LocalCluster, Session: sessionmaker
+) -> None:  # noqa: N803
     """execution_options(use_primary=True) sends a read to the primary, per call or on the statement."""
     primary, replica_ports = ports(cluster)
     with Session() as session:
@@ -269,7 +279,9 @@ def test_use_primary_block_nests_and_restores(cluster: LocalCluster, Session: se
         assert session.execute(WHERE).one()[0] in replica_ports
 
 
-def test_use_primary_pins_only_its_own_session(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_use_primary_pins_only_its_own_session(
+    cluster: LocalCluster, Session: sessionmaker
+) -> None:  # noqa: N803
     """A session's use_primary() block does not pin another session."""
     primary, replica_ports = ports(cluster)
     with Session() as pinned, Session() as other, pinned.use_primary():
@@ -322,7 +334,10 @@ def test_default_role_primary(cluster: LocalCluster, replicas: ss.ReplicaSet) ->
     Session = ss.routing_sessionmaker(replicas, default_role="primary")  # noqa: N806
     with Session() as session:
         assert session.execute(WHERE).one()[0] == primary
-        assert session.execute(WHERE, execution_options={"use_replica": True}).one()[0] in replica_ports
+        assert (
+            session.execute(WHERE, execution_options={"use_replica": True}).one()[0]
+            in replica_ports
+        )
 
 
 def test_plain_sessionmaker_spelling(cluster: LocalCluster, replicas: ss.ReplicaSet) -> None:
@@ -356,7 +371,9 @@ def test_no_replicas_reads_from_primary_and_logs_once(
     assert len(warnings) == 1
 
 
-def test_unusable_replicas_fall_back_to_the_primary(cluster: LocalCluster, Session: sessionmaker, replicas: ss.ReplicaSet) -> None:  # noqa: N803
+def test_unusable_replicas_fall_back_to_the_primary(
+    cluster: LocalCluster, Session: sessionmaker, replicas: ss.ReplicaSet
+) -> None:  # noqa: N803
     """When every replica is out of rotation reads go to the primary, and return when one is back."""
     primary, replica_ports = ports(cluster)
     for node in replicas.replicas:
@@ -368,7 +385,9 @@ def test_unusable_replicas_fall_back_to_the_primary(cluster: LocalCluster, Sessi
         assert session.execute(WHERE).one()[0] == cluster.replicas[1].port
 
 
-def test_write_marked_for_a_replica_fails_and_writes_nothing(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_write_marked_for_a_replica_fails_and_writes_nothing(
+    cluster: LocalCluster, Session: sessionmaker
+) -> None:  # noqa: N803
     """A write that reaches a replica raises ReplicaWriteError naming the node; nothing is written."""
     statement = text("INSERT INTO routing_users (id, name) VALUES (106, 'lost')").execution_options(
         use_replica=True
@@ -380,14 +399,20 @@ def test_write_marked_for_a_replica_fails_and_writes_nothing(cluster: LocalClust
     assert cluster.primary.execute("SELECT count(*) FROM routing_users WHERE id = 106") == [(0,)]
 
 
-def test_use_replica_on_a_write_is_refused_before_sending(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_use_replica_on_a_write_is_refused_before_sending(
+    cluster: LocalCluster, Session: sessionmaker
+) -> None:  # noqa: N803
     """use_replica=True on an INSERT raises ReplicaWriteError without contacting any server."""
     with Session() as session, pytest.raises(ss.ReplicaWriteError, match="nothing was sent"):
-        session.execute(insert(User).values(id=107, name="lost"), execution_options={"use_replica": True})
+        session.execute(
+            insert(User).values(id=107, name="lost"), execution_options={"use_replica": True}
+        )
     assert cluster.primary.execute("SELECT count(*) FROM routing_users WHERE id = 107") == [(0,)]
 
 
-def test_a_writable_server_named_as_replica_is_still_read_only(cluster: LocalCluster, driver: str) -> None:
+def test_a_writable_server_named_as_replica_is_still_read_only(
+    cluster: LocalCluster, driver: str
+) -> None:
     """A replica URL that wrongly points at the primary cannot be written through (BEGIN READ ONLY)."""
     url = cluster.primary.url(driver)
     with ss.ReplicaSet(primary=url, replicas={"misconfigured": url}) as replica_set:
@@ -432,7 +457,9 @@ def test_random_policy_and_plain_function_policies(cluster: LocalCluster, driver
     def always_last(nodes: object) -> ss.Node:
         return nodes[-1]  # type: ignore[index, no-any-return]
 
-    with ss.ReplicaSet(primary=cluster.primary.url(driver), replicas=urls, policy=always_last) as rs:
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver), replicas=urls, policy=always_last
+    ) as rs:
         Session = ss.routing_sessionmaker(rs)  # noqa: N806
         with Session() as session:
             assert session.execute(WHERE).one()[0] == cluster.replicas[-1].port

@@ -1,0 +1,238 @@
+"""Causal (read-your-writes) routing by LSN, against real replicas with replay paused.
+
+Lag is made deterministic with ``pg_wal_replay_pause()``: a paused replica stays
+behind for as long as the test wants, and the test proves which server answered by
+``inet_server_port()`` and whether the row it just wrote was visible.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import sessionmaker
+
+import sqlalchemy_scale as ss
+from sqlalchemy_scale.consistency import format_lsn, parse_lsn
+from sqlalchemy_scale.local import LocalCluster, PgNode
+
+_ids = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """The shared topology with a causal_items table on the primary, replicated."""
+    scale_cluster.primary.execute(
+        "DROP TABLE IF EXISTS causal_items, causal_bulk; "
+        "CREATE TABLE causal_items (id int PRIMARY KEY); CREATE TABLE causal_bulk (n int)"
+    )
+    for replica in scale_cluster.replicas:
+        replica.wait_for_replay()
+    yield scale_cluster
+    scale_cluster.primary.execute("DROP TABLE IF EXISTS causal_items, causal_bulk")
+
+
+@pytest.fixture
+def replicas(cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet]:
+    """A ReplicaSet with a fast monitor (50 ms) so tests wait little for it."""
+    replica_set = ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        monitor_interval=0.05,
+        max_wait=0.005,
+    )
+    yield replica_set
+    replica_set.dispose()
+
+
+@pytest.fixture
+def paused(cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
+    """pause(node) pauses WAL replay on a replica; every paused replica resumes and catches up."""
+    nodes: list[PgNode] = []
+
+    def pause(node: PgNode) -> None:
+        node.pause_replay()
+        nodes.append(node)
+
+    yield pause
+    for node in nodes:
+        node.resume_replay()
+        node.wait_for_replay()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll a condition for at most ``timeout`` seconds (a bounded wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def write_row(Session: sessionmaker[ss.RoutingSession]) -> tuple[int, str]:
+    """Insert one row through a routing session; return its id and the session's token."""
+    row_id = next(_ids)
+    with Session() as session:
+        session.execute(text("INSERT INTO causal_items VALUES (:id)"), {"id": row_id})
+        session.commit()
+        assert session.causal_token is not None
+        return row_id, session.causal_token
+
+
+READ = select(func.inet_server_port(), func.count()).select_from(text("causal_items"))
+
+
+def read_row(session: ss.RoutingSession, row_id: int) -> tuple[int, bool]:
+    """(port that answered, whether the row was visible) for one read."""
+    port, count = session.execute(READ.where(text("id = :id")), {"id": row_id}).one()
+    return port, count == 1
+
+
+def test_token_is_the_primary_lsn_after_commit(
+    cluster: LocalCluster, replicas: ss.ReplicaSet
+) -> None:
+    """After a write commits, causal_token is an LSN no older than the primary's position then."""
+    Session = ss.routing_sessionmaker(replicas)
+    before = parse_lsn(cluster.primary.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+    _, token = write_row(Session)
+    after = parse_lsn(cluster.primary.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+    assert before < parse_lsn(token) <= after
+    assert format_lsn(parse_lsn(token)) == token
+
+
+def test_read_only_transactions_leave_the_token_alone(replicas: ss.ReplicaSet) -> None:
+    """A session that only reads records no token (and costs no extra query)."""
+    with ss.routing_sessionmaker(replicas)() as session:
+        session.execute(READ)
+        session.commit()
+        assert session.causal_token is None
+
+
+def test_no_stale_reads_with_a_token(
+    cluster: LocalCluster, replicas: ss.ReplicaSet, paused: Callable[[PgNode], None]
+) -> None:
+    """With replay paused on one replica, token-carrying reads never miss the row just written."""
+    Session = ss.routing_sessionmaker(replicas)
+    lagging = cluster.replicas[0]
+    paused(lagging)
+    stale = served_by_lagging = 0
+    for _ in range(30):
+        row_id, token = write_row(Session)
+        with Session(causal_token=token) as session:
+            port, visible = read_row(session, row_id)
+        stale += not visible
+        served_by_lagging += port == lagging.port
+    print(f"\ncausal reads: 30, stale: {stale}, served by the paused replica: {served_by_lagging}")
+    assert stale == 0
+    assert served_by_lagging == 0
+
+
+def test_a_session_reads_its_own_commits(
+    cluster: LocalCluster, replicas: ss.ReplicaSet, paused: Callable[[PgNode], None]
+) -> None:
+    """A session's reads after its own commit see the commit, even with both replicas paused."""
+    for replica in cluster.replicas:
+        paused(replica)
+    with ss.routing_sessionmaker(replicas)() as session:
+        row_id = next(_ids)
+        session.execute(text("INSERT INTO causal_items VALUES (:id)"), {"id": row_id})
+        session.commit()
+        port, visible = read_row(session, row_id)
+    assert visible
+    assert port == cluster.primary.port
+    assert replicas.stats()["primary"]["fallbacks"] >= 1
+
+
+def test_reads_use_a_replica_once_it_has_caught_up(
+    cluster: LocalCluster, replicas: ss.ReplicaSet
+) -> None:
+    """A token the replicas have replayed is served by a replica, not the primary."""
+    Session = ss.routing_sessionmaker(replicas)
+    row_id, token = write_row(Session)
+    for replica in cluster.replicas:
+        replica.wait_for_replay()
+    with Session(causal_token=token) as session:
+        port, visible = read_row(session, row_id)
+    assert visible
+    assert port in {r.port for r in cluster.replicas}
+
+
+def test_causal_context_carries_the_token_between_sessions(
+    cluster: LocalCluster, replicas: ss.ReplicaSet, paused: Callable[[PgNode], None]
+) -> None:
+    """Within causal_context, a commit in one session is seen by reads of the next session."""
+    Session = ss.routing_sessionmaker(replicas)
+    for replica in cluster.replicas:
+        paused(replica)
+    with ss.causal_context() as ctx:
+        row_id, token = write_row(Session)
+        assert ctx.token == token
+        with Session() as reader:
+            assert read_row(reader, row_id) == (cluster.primary.port, True)
+    with Session() as outside:  # no token outside the block: a (paused) replica answers
+        port, visible = read_row(outside, row_id)
+    assert port in {r.port for r in cluster.replicas} and not visible
+
+
+def test_nested_causal_contexts_propagate_outwards() -> None:
+    """An inner causal_context starts from the outer token and hands its newer token back."""
+    with ss.causal_context("0/10") as outer:
+        with ss.causal_context() as inner:
+            assert inner.token == "0/10"
+            inner.observe("0/20")
+        assert outer.token == "0/20"
+        with ss.causal_context("0/5") as older:
+            assert older.token == "0/20"
+    assert ss.current_causal_context() is None
+
+
+def test_invalid_tokens_are_refused() -> None:
+    """A token that is not an LSN (a tampered cookie) raises ConfigurationError."""
+    for bad in ["", "12345", "0/XYZ", "0/1; DROP TABLE x", "1/2/3"]:
+        with pytest.raises(ss.ConfigurationError, match="not a causal token"):
+            ss.causal_context(bad).__enter__()
+    assert ss.newer_token("0/10", "0/9") == "0/10"
+    assert ss.newer_token(None, "1/0") == "1/0"
+    assert ss.newer_token("A/0", "9/FFFFFFFF") == "A/0"
+
+
+def test_a_lagging_replica_leaves_and_rejoins_the_rotation(
+    cluster: LocalCluster, driver: str, paused: Callable[[PgNode], None]
+) -> None:
+    """A replica beyond max_lag_bytes leaves the rotation within a few monitor sweeps and
+    returns once it has caught up."""
+    lagging = cluster.replicas[0]
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        monitor_interval=0.05,
+        max_lag_bytes=64 * 1024,
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        node = replica_set.replicas[0]
+        with Session() as session:  # the first routed read starts the monitor
+            session.execute(READ)
+        assert wait_until(lambda: node.is_usable)
+        paused(lagging)
+        # About 1 MB of WAL: far beyond the 64 kB bound for the paused replica only.
+        cluster.primary.execute("INSERT INTO causal_bulk SELECT generate_series(1, 20000)")
+        healthy = replica_set.replicas[1]  # may lag briefly too while it replays the burst
+        assert wait_until(lambda: not node.is_usable and healthy.is_usable)
+        ports = set()
+        for _ in range(6):
+            with Session() as session:
+                ports.add(session.execute(READ).one()[0])
+        assert ports == {cluster.replicas[1].port}
+        health = {h.name: h for h in replica_set.health()}
+        assert health["replica1"].state == "lagging" and health["replica1"].lag_bytes
+        lagging.resume_replay()
+        assert wait_until(lambda: node.is_usable)
+        ports = set()
+        for _ in range(6):
+            with Session() as session:
+                ports.add(session.execute(READ).one()[0])
+        assert ports == {r.port for r in cluster.replicas}
