@@ -281,6 +281,9 @@ class HealthMonitor:
     def _recover(self, probe: _Probe, state: NodeState, now: float) -> None:
         if probe.state == "down":
             log.info("%s: node %s answers again", self.name, probe.node.name)
+            # Pooled connections from before the outage are dead: drop them now rather than
+            # let the first reads after the node's return find out (and take it down again).
+            probe.node.engine.dispose()
         probe.state = state
         probe.backoff = 0.0
         probe.checked_at = now

@@ -94,7 +94,7 @@ def replicas(cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet]:
 
 
 @pytest.fixture
-def Session(replicas: ss.ReplicaSet) -> sessionmaker[ss.RoutingSession]:  # noqa: N802
+def Session(replicas: ss.ReplicaSet) -> sessionmaker[ss.RoutingSession]:
     return ss.routing_sessionmaker(replicas, expire_on_commit=False)
 
 
@@ -105,9 +105,9 @@ def ports(cluster: LocalCluster) -> tuple[int, set[int]]:
 # -- reads -----------------------------------------------------------------------------
 
 
-def test_orm_select_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_orm_select_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> None:
     """A plain ORM SELECT is answered by a server in recovery, i.e. a replica."""
-    primary, replica_ports = ports(cluster)
+    _, replica_ports = ports(cluster)
     with Session() as session:
         users = session.scalars(select(User).order_by(User.id)).all()
     assert [u.name for u in users][:5] == [f"user{i}" for i in range(1, 6)]
@@ -115,7 +115,7 @@ def test_orm_select_runs_on_a_replica(cluster: LocalCluster, Session: sessionmak
     assert all(u.read_in_recovery for u in users)
 
 
-def test_core_select_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_core_select_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> None:
     """A Core SELECT executed through the session is answered by a replica."""
     _, replica_ports = ports(cluster)
     with Session() as session:
@@ -123,7 +123,7 @@ def test_core_select_runs_on_a_replica(cluster: LocalCluster, Session: sessionma
     assert port in replica_ports and in_recovery is True
 
 
-def test_get_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_get_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> None:
     """session.get() is a read and is answered by a replica."""
     _, replica_ports = ports(cluster)
     with Session() as session:
@@ -131,7 +131,7 @@ def test_get_runs_on_a_replica(cluster: LocalCluster, Session: sessionmaker) -> 
     assert user is not None and user.read_on in replica_ports
 
 
-def test_round_robin_uses_both_replicas(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_round_robin_uses_both_replicas(cluster: LocalCluster, Session: sessionmaker) -> None:
     """Successive transactions alternate between the two replicas (the default policy)."""
     _, replica_ports = ports(cluster)
     seen = []
@@ -142,7 +142,7 @@ def test_round_robin_uses_both_replicas(cluster: LocalCluster, Session: sessionm
     assert seen[0] != seen[1] and seen[0] == seen[2]
 
 
-def test_a_transaction_reads_from_one_replica(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_a_transaction_reads_from_one_replica(cluster: LocalCluster, Session: sessionmaker) -> None:
     """All reads of one transaction go to the replica that served its first read."""
     with Session() as session:
         seen = {session.execute(WHERE).one()[0] for _ in range(4)}
@@ -152,7 +152,7 @@ def test_a_transaction_reads_from_one_replica(cluster: LocalCluster, Session: se
 # -- writes ----------------------------------------------------------------------------
 
 
-def test_flush_runs_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_flush_runs_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:
     """An ORM flush INSERTs on the primary: the row records the primary's port."""
     primary, _ = ports(cluster)
     with Session() as session:
@@ -167,7 +167,7 @@ def test_flush_runs_on_the_primary(cluster: LocalCluster, Session: sessionmaker)
     assert written_on == primary
 
 
-def test_core_dml_runs_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_core_dml_runs_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:
     """INSERT, UPDATE and DELETE statements run on the primary."""
     primary, _ = ports(cluster)
     with Session() as session:
@@ -186,7 +186,7 @@ def test_core_dml_runs_on_the_primary(cluster: LocalCluster, Session: sessionmak
 
 def test_reads_after_a_write_stay_on_the_primary(
     cluster: LocalCluster, Session: sessionmaker
-) -> None:  # noqa: N803
+) -> None:
     """Once a transaction has written, its later reads run on the primary and see the write."""
     primary, replica_ports = ports(cluster)
     with Session() as session:
@@ -205,7 +205,7 @@ def test_reads_after_a_write_stay_on_the_primary(
 
 def test_autoflush_sends_the_query_to_the_primary(
     cluster: LocalCluster, Session: sessionmaker
-) -> None:  # noqa: N803
+) -> None:
     """A query that autoflushes pending objects runs on the primary, where they now exist."""
     primary, _ = ports(cluster)
     with Session() as session:
@@ -215,7 +215,7 @@ def test_autoflush_sends_the_query_to_the_primary(
         session.rollback()
 
 
-def test_locking_reads_run_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_locking_reads_run_on_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:
     """SELECT ... FOR UPDATE and FOR SHARE run on the primary and pin the transaction there."""
     primary, _ = ports(cluster)
     with Session() as session:
@@ -229,7 +229,7 @@ def test_locking_reads_run_on_the_primary(cluster: LocalCluster, Session: sessio
 
 def test_text_goes_to_the_primary_unless_marked(
     cluster: LocalCluster, Session: sessionmaker
-) -> None:  # noqa: N803
+) -> None:
     """Unmarked text() runs on the primary; text() marked use_replica=True runs on a replica."""
     primary, replica_ports = ports(cluster)
     with Session() as session:
@@ -239,7 +239,7 @@ def test_text_goes_to_the_primary_unless_marked(
         assert session.execute(marked).scalar_one() in replica_ports
 
 
-def test_ddl_and_connection_go_to_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_ddl_and_connection_go_to_the_primary(cluster: LocalCluster, Session: sessionmaker) -> None:
     """DDL constructs and session.connection() are served by the primary."""
     primary, _ = ports(cluster)
     with Session() as session:
@@ -254,7 +254,7 @@ def test_ddl_and_connection_go_to_the_primary(cluster: LocalCluster, Session: se
 
 def test_use_primary_option_per_call_and_per_statement(
     cluster: LocalCluster, Session: sessionmaker
-) -> None:  # noqa: N803
+) -> None:
     """execution_options(use_primary=True) sends a read to the primary, per call or on the statement."""
     primary, replica_ports = ports(cluster)
     with Session() as session:
@@ -266,7 +266,7 @@ def test_use_primary_option_per_call_and_per_statement(
         assert session.execute(WHERE).one()[0] in replica_ports
 
 
-def test_use_primary_block_nests_and_restores(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_use_primary_block_nests_and_restores(cluster: LocalCluster, Session: sessionmaker) -> None:
     """session.use_primary() pins reads inside the block, nests, and unpins on exit."""
     primary, replica_ports = ports(cluster)
     with Session() as session:
@@ -281,7 +281,7 @@ def test_use_primary_block_nests_and_restores(cluster: LocalCluster, Session: se
 
 def test_use_primary_pins_only_its_own_session(
     cluster: LocalCluster, Session: sessionmaker
-) -> None:  # noqa: N803
+) -> None:
     """A session's use_primary() block does not pin another session."""
     primary, replica_ports = ports(cluster)
     with Session() as pinned, Session() as other, pinned.use_primary():
@@ -289,7 +289,7 @@ def test_use_primary_pins_only_its_own_session(
         assert other.execute(WHERE).one()[0] in replica_ports
 
 
-def test_module_use_primary_is_a_decorator(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_module_use_primary_is_a_decorator(cluster: LocalCluster, Session: sessionmaker) -> None:
     """@ss.use_primary() pins every routing session inside the decorated function."""
     primary, replica_ports = ports(cluster)
 
@@ -304,7 +304,7 @@ def test_module_use_primary_is_a_decorator(cluster: LocalCluster, Session: sessi
         assert session.execute(WHERE).one()[0] in replica_ports
 
 
-def test_pins_are_per_thread(cluster: LocalCluster, Session: sessionmaker) -> None:  # noqa: N803
+def test_pins_are_per_thread(cluster: LocalCluster, Session: sessionmaker) -> None:
     """A use_primary() block in one thread does not pin reads made in another thread."""
     primary, replica_ports = ports(cluster)
     results: dict[str, int] = {}
@@ -331,7 +331,7 @@ def test_pins_are_per_thread(cluster: LocalCluster, Session: sessionmaker) -> No
 def test_default_role_primary(cluster: LocalCluster, replicas: ss.ReplicaSet) -> None:
     """default_role="primary" reads from the primary unless a statement opts into a replica."""
     primary, replica_ports = ports(cluster)
-    Session = ss.routing_sessionmaker(replicas, default_role="primary")  # noqa: N806
+    Session = ss.routing_sessionmaker(replicas, default_role="primary")
     with Session() as session:
         assert session.execute(WHERE).one()[0] == primary
         assert (
@@ -343,7 +343,7 @@ def test_default_role_primary(cluster: LocalCluster, replicas: ss.ReplicaSet) ->
 def test_plain_sessionmaker_spelling(cluster: LocalCluster, replicas: ss.ReplicaSet) -> None:
     """sessionmaker(class_=ss.RoutingSession, replica_set=...) routes like routing_sessionmaker."""
     primary, replica_ports = ports(cluster)
-    Session = sessionmaker(class_=ss.RoutingSession, replica_set=replicas)  # noqa: N806
+    Session = sessionmaker(class_=ss.RoutingSession, replica_set=replicas)
     with Session() as session:
         assert session.execute(WHERE).one()[0] in replica_ports
         session.add(User(id=105, name="spelling"))
@@ -361,7 +361,7 @@ def test_no_replicas_reads_from_primary_and_logs_once(
     """With no replicas configured, reads go to the primary, counted as fallbacks, warned once."""
     primary, _ = ports(cluster)
     with ss.ReplicaSet(primary=cluster.primary.url(driver)) as replica_set:
-        Session = ss.routing_sessionmaker(replica_set)  # noqa: N806
+        Session = ss.routing_sessionmaker(replica_set)
         with caplog.at_level(logging.WARNING, logger="sqlalchemy_scale"):
             for _ in range(3):
                 with Session() as session:
@@ -373,9 +373,9 @@ def test_no_replicas_reads_from_primary_and_logs_once(
 
 def test_unusable_replicas_fall_back_to_the_primary(
     cluster: LocalCluster, Session: sessionmaker, replicas: ss.ReplicaSet
-) -> None:  # noqa: N803
+) -> None:
     """When every replica is out of rotation reads go to the primary, and return when one is back."""
-    primary, replica_ports = ports(cluster)
+    primary, _ = ports(cluster)
     for node in replicas.replicas:
         replicas.set_usable(node, False, reason="test")
     with Session() as session:
@@ -387,7 +387,7 @@ def test_unusable_replicas_fall_back_to_the_primary(
 
 def test_write_marked_for_a_replica_fails_and_writes_nothing(
     cluster: LocalCluster, Session: sessionmaker
-) -> None:  # noqa: N803
+) -> None:
     """A write that reaches a replica raises ReplicaWriteError naming the node; nothing is written."""
     statement = text("INSERT INTO routing_users (id, name) VALUES (106, 'lost')").execution_options(
         use_replica=True
@@ -401,7 +401,7 @@ def test_write_marked_for_a_replica_fails_and_writes_nothing(
 
 def test_use_replica_on_a_write_is_refused_before_sending(
     cluster: LocalCluster, Session: sessionmaker
-) -> None:  # noqa: N803
+) -> None:
     """use_replica=True on an INSERT raises ReplicaWriteError without contacting any server."""
     with Session() as session, pytest.raises(ss.ReplicaWriteError, match="nothing was sent"):
         session.execute(
@@ -416,7 +416,7 @@ def test_a_writable_server_named_as_replica_is_still_read_only(
     """A replica URL that wrongly points at the primary cannot be written through (BEGIN READ ONLY)."""
     url = cluster.primary.url(driver)
     with ss.ReplicaSet(primary=url, replicas={"misconfigured": url}) as replica_set:
-        Session = ss.routing_sessionmaker(replica_set)  # noqa: N806
+        Session = ss.routing_sessionmaker(replica_set)
         statement = text("INSERT INTO routing_users (id, name) VALUES (108, 'lost')")
         with Session() as session, pytest.raises(ss.ReplicaWriteError) as caught:
             session.execute(statement.execution_options(use_replica=True))
@@ -434,7 +434,7 @@ def test_least_busy_avoids_a_busy_replica(cluster: LocalCluster, driver: str) ->
         replicas=[r.url(driver) for r in cluster.replicas],
         policy="least_busy",
     ) as replica_set:
-        Session = ss.routing_sessionmaker(replica_set)  # noqa: N806
+        Session = ss.routing_sessionmaker(replica_set)
         busy = replica_set.replicas[0].engine.connect()
         try:
             for _ in range(3):
@@ -449,7 +449,7 @@ def test_random_policy_and_plain_function_policies(cluster: LocalCluster, driver
     _, replica_ports = ports(cluster)
     urls = [r.url(driver) for r in cluster.replicas]
     with ss.ReplicaSet(primary=cluster.primary.url(driver), replicas=urls, policy="random") as rs:
-        Session = ss.routing_sessionmaker(rs)  # noqa: N806
+        Session = ss.routing_sessionmaker(rs)
         for _ in range(4):
             with Session() as session:
                 assert session.execute(WHERE).one()[0] in replica_ports
@@ -460,12 +460,12 @@ def test_random_policy_and_plain_function_policies(cluster: LocalCluster, driver
     with ss.ReplicaSet(
         primary=cluster.primary.url(driver), replicas=urls, policy=always_last
     ) as rs:
-        Session = ss.routing_sessionmaker(rs)  # noqa: N806
+        Session = ss.routing_sessionmaker(rs)
         with Session() as session:
             assert session.execute(WHERE).one()[0] == cluster.replicas[-1].port
 
 
-def test_stats_count_statements_per_node(Session: sessionmaker, replicas: ss.ReplicaSet) -> None:  # noqa: N803
+def test_stats_count_statements_per_node(Session: sessionmaker, replicas: ss.ReplicaSet) -> None:
     """stats() counts the statements routed to each node."""
     with Session() as session:
         session.execute(WHERE)
@@ -481,7 +481,7 @@ def test_engines_are_accepted_in_place_of_urls(cluster: LocalCluster, driver: st
     primary_engine: Engine = create_engine(cluster.primary.url(driver))
     replica_engine: Engine = create_engine(cluster.replicas[0].url(driver))
     with ss.ReplicaSet(primary=primary_engine, replicas=[replica_engine]) as replica_set:
-        Session = ss.routing_sessionmaker(replica_set)  # noqa: N806
+        Session = ss.routing_sessionmaker(replica_set)
         with Session() as session:
             assert session.execute(WHERE).one() == (cluster.replicas[0].port, True)
     with replica_engine.connect() as conn:  # still usable after the ReplicaSet closed

@@ -1,0 +1,216 @@
+"""Real faults, bounded in time: replicas killed under load, a primary promoted away, a
+connection killed during COMMIT. Each test prints the counts it checks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
+
+import sqlalchemy_scale as ss
+from sqlalchemy_scale.local import LocalCluster, PgNode
+
+pytestmark = pytest.mark.fault
+
+WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Poll a condition for at most ``timeout`` seconds (a bounded wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture
+def restart_after(scale_cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
+    """track(node): the node is started again (and streaming) after the test, whatever happened."""
+    nodes: list[PgNode] = []
+    yield nodes.append
+    for node in nodes:
+        if not node.is_running():
+            node.start()
+        node.wait_for_streaming()
+
+
+@pytest.fixture
+def replicas(scale_cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet]:
+    replica_set = ss.ReplicaSet(
+        primary=scale_cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in scale_cluster.replicas],
+        monitor_interval=0.05,
+    )
+    yield replica_set
+    replica_set.dispose()
+
+
+def test_reads_survive_a_replica_killed_and_restarted(
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet, restart_after: Callable[[PgNode], None]
+) -> None:
+    """A read load loses no read while a replica is killed; the replica rejoins by itself."""
+    Session = ss.routing_sessionmaker(replicas)
+    victim = scale_cluster.replicas[0]
+    restart_after(victim)
+    node = replicas.replicas[0]
+    failed = served = 0
+    ports: list[int] = []
+
+    def read() -> None:
+        nonlocal failed, served
+        try:
+            with Session() as session:
+                ports.append(session.execute(WHERE).one()[0])
+            served += 1
+        except Exception:
+            failed += 1
+
+    for _ in range(40):
+        read()
+    victim.kill()
+    for _ in range(80):
+        read()
+    assert not node.is_usable
+    down_ports = set(ports[-40:])
+    victim.start()
+    rejoined = wait_until(lambda: node.is_usable)
+    for _ in range(40):
+        read()
+    print(
+        f"\nreads: {served + failed}, failed: {failed}, rejoined: {rejoined}, "
+        f"ports while down: {sorted(down_ports)}"
+    )
+    assert failed == 0
+    assert down_ports == {scale_cluster.replicas[1].port}
+    assert rejoined
+    assert victim.port in set(ports[-40:])
+
+
+def test_a_replica_lost_mid_transaction_raises_clearly(
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet, restart_after: Callable[[PgNode], None]
+) -> None:
+    """A replica dying after a transaction's first read makes the next read raise
+    NodeUnavailableError naming it, rather than silently switching snapshots."""
+    Session = ss.routing_sessionmaker(replicas)
+    with Session() as session:
+        port = session.execute(WHERE).one()[0]
+        victim = next(r for r in scale_cluster.replicas if r.port == port)
+        restart_after(victim)
+        victim.kill()
+        with pytest.raises(ss.NodeUnavailableError) as caught:
+            session.execute(WHERE)
+        session.rollback()
+        assert session.execute(WHERE).one()[0] != port  # the next transaction is fine
+    assert caught.value.node in str(caught.value)
+    assert isinstance(caught.value, ss.ScaleError)
+    print(f"\nmid-transaction failure raised for {caught.value.node}")
+
+
+def test_writes_reach_a_promoted_replica_through_a_multi_host_url(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """With the primary given as two hosts (target_session_attrs=read-write), writes reach the
+    promoted replica after the primary stops, with no restart of the application."""
+    cluster = scale_cluster_factory(replicas=1, shards=0, pgbouncer=False)
+    old, new = cluster.primary, cluster.replicas[0]
+    base = make_url(old.url(driver))
+    primary_url = base.set(
+        host=None,
+        port=None,
+        query={
+            "host": [f"127.0.0.1:{old.port}", f"127.0.0.1:{new.port}"],
+            "target_session_attrs": "read-write",
+        },
+    )
+    old.execute("CREATE TABLE failover_log (id serial PRIMARY KEY, port int)")
+    with ss.ReplicaSet(
+        primary=primary_url, replicas=[new.url(driver)], pool_pre_ping=True, monitor=False
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+
+        def write() -> int:
+            with Session() as session:
+                port = session.execute(
+                    text(
+                        "INSERT INTO failover_log (port) VALUES (inet_server_port()) RETURNING port"
+                    )
+                ).scalar_one()
+                session.commit()
+                return int(port)
+
+        before = write()
+        new.wait_for_replay()
+        old.stop()
+        new.promote()
+        after = [write() for _ in range(3)]
+    print(f"\nwrites before failover on {before}, after on {after}")
+    assert before == old.port
+    assert after == [new.port] * 3
+    assert new.execute("SELECT count(*), pg_is_in_recovery() FROM failover_log") == [(4, False)]
+
+
+def test_connection_lost_during_commit_raises_outcome_unknown(
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet
+) -> None:
+    """A primary connection terminated while COMMIT runs raises CommitOutcomeUnknown."""
+    primary = scale_cluster.primary
+    primary.execute(
+        """
+        DROP TABLE IF EXISTS commit_probe;
+        CREATE TABLE commit_probe (id int PRIMARY KEY);
+        CREATE OR REPLACE FUNCTION commit_probe_slow() RETURNS trigger LANGUAGE plpgsql AS
+          $$ BEGIN PERFORM pg_sleep(5); RETURN NULL; END $$;
+        CREATE CONSTRAINT TRIGGER commit_probe_slow AFTER INSERT ON commit_probe
+          DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION commit_probe_slow();
+        """
+    )
+    Session = ss.routing_sessionmaker(replicas)
+    try:
+        with Session() as session:
+            session.execute(text("INSERT INTO commit_probe VALUES (1)"))
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+            def terminate() -> None:
+                # The deferred trigger holds COMMIT for 5 s; end the backend once it is in it.
+                wait_until(
+                    lambda: (
+                        primary.execute(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            f"WHERE pid = {int(pid)} AND query = 'COMMIT'"
+                        )
+                        == [(1,)]
+                    ),
+                    timeout=5,
+                )
+                primary.execute(f"SELECT pg_terminate_backend({int(pid)})")
+
+            killer = threading.Thread(target=terminate)
+            killer.start()
+            with pytest.raises(ss.CommitOutcomeUnknown) as caught:
+                session.commit()
+            killer.join(10)
+        assert caught.value.node == "primary"
+        assert "may or may not have committed" in str(caught.value)
+        print(f"\ncommit outcome unknown raised: {type(caught.value.orig).__name__}")
+    finally:
+        primary.execute(
+            "DROP TABLE IF EXISTS commit_probe; DROP FUNCTION IF EXISTS commit_probe_slow()"
+        )
+
+
+def test_health_reports_roles_from_the_servers(
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet
+) -> None:
+    """health() reports each node's role as the server reports it, its lag and state."""
+    report = {h.name: h for h in replicas.health()}
+    assert report["primary"].server_role == "primary"
+    assert {report[n].server_role for n in ("replica1", "replica2")} == {"replica"}
+    assert all(h.state in ("up", "lagging") and h.last_error is None for h in report.values())
+    assert all(report[n].lag_bytes is not None for n in ("replica1", "replica2"))
+    assert scale_cluster.password not in repr(report)
