@@ -162,22 +162,19 @@ def read_commit_lsn(dbapi_connection: Any) -> int:
 
 # -- hooks on a primary engine: commit position and commit outcome -------------------------
 
-# The primary Connection whose COMMIT was most recently sent in this context. Set by the
-# engine's "commit" event (which fires just before the DBAPI commit) and consumed by the
-# routing session's after_commit hook, which runs right after it in the same call stack.
+# The primary Connection of a routing session whose commit is in progress in this context.
+# Set by the session's before_commit hook and cleared when its transaction ends; a COMMIT
+# that fails on exactly this connection is the one whose outcome may be unknown.
 _COMMITTING: ContextVar[Connection | None] = ContextVar("sqlalchemy_scale_committing", default=None)
 
 
 def install_primary_hooks(engine: Engine, *, set_name: str, node_name: str) -> None:
-    """Listen on a primary's engine so that commits can yield a causal token and a
-    connection lost during COMMIT raises :class:`~sqlalchemy_scale.CommitOutcomeUnknown`."""
+    """Listen on a primary's engine so that a connection lost during COMMIT raises
+    :class:`~sqlalchemy_scale.CommitOutcomeUnknown`.
 
-    def on_commit(conn: Connection) -> None:
-        _COMMITTING.set(conn)
-
-    def on_begin(conn: Connection) -> None:
-        if _COMMITTING.get() is conn:
-            _COMMITTING.set(None)
+    ``handle_error`` is a dialect event, consulted only when an error happens, so the
+    statement fast path is untouched (connection-level events would slow every statement).
+    """
 
     def on_error(context: ExceptionContext) -> BaseException | None:
         # A failed COMMIT reaches handle_error with no statement. A lost connection at that
@@ -195,7 +192,6 @@ def install_primary_hooks(engine: Engine, *, set_name: str, node_name: str) -> N
         )
         if not lost:
             return None
-        _COMMITTING.set(None)
         return CommitOutcomeUnknown(
             f"the connection to primary {node_name!r} of {set_name!r} was lost during COMMIT; "
             "the transaction may or may not have committed. Read back what it wrote to "
@@ -204,19 +200,13 @@ def install_primary_hooks(engine: Engine, *, set_name: str, node_name: str) -> N
             orig=orig,
         )
 
-    event.listen(engine, "commit", on_commit)
-    event.listen(engine, "begin", on_begin)
     event.listen(engine, "handle_error", on_error)
 
 
-def take_commit_position(engine: Engine) -> int | None:
-    """The primary's WAL position after the commit just made through ``engine`` in this
-    context (one round trip), or None if there was none or it cannot be read."""
-    conn = _COMMITTING.get()
-    if conn is None or conn.engine is not engine:
-        return None
-    _COMMITTING.set(None)
-    if conn.invalidated or conn.closed:
+def commit_position(conn: Connection | None) -> int | None:
+    """The primary's WAL position after the commit just made on ``conn`` (one round trip),
+    or None if there is no usable connection or the position cannot be read."""
+    if conn is None or conn.invalidated or conn.closed:
         return None
     try:
         return read_commit_lsn(conn.connection.dbapi_connection)

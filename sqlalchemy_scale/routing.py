@@ -31,7 +31,13 @@ from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 
-from .consistency import CausalContext, current_causal_context, format_lsn, take_commit_position
+from .consistency import (
+    _COMMITTING,
+    CausalContext,
+    commit_position,
+    current_causal_context,
+    format_lsn,
+)
 from .errors import ConfigurationError, NodeUnavailableError, ReplicaWriteError
 from .topology import Node, ReplicaSet, Role, _sqlstate
 
@@ -185,6 +191,8 @@ class RoutingSession(Session):
         self._txn_replica: Node | None = None
         self._txn_statements = 0
         self._last_node: Node | None = None
+        self._primary_connection: Connection | None = None
+        self._committing: Token[Connection | None] | None = None
 
     # -- public state ------------------------------------------------------------------
 
@@ -301,6 +309,11 @@ class RoutingSession(Session):
         self._txn_replica = None
         self._txn_statements = 0
         self._last_node = None
+        self._primary_connection = None
+
+    def _transaction_is_root(self) -> bool:
+        transaction = self.get_transaction()
+        return transaction is not None and transaction.parent is None
 
     # -- causal tokens -------------------------------------------------------------------
 
@@ -392,11 +405,30 @@ def _with_call_options(kw: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
+# Session events, not engine events: connection-level listeners would put every statement
+# of the application's primary engine on SQLAlchemy's slower, event-dispatching path.
+
+
+@event.listens_for(RoutingSession, "after_begin")
+def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    if (
+        isinstance(session, RoutingSession)
+        and connection.engine is session.replica_set.primary.engine
+    ):
+        session._primary_connection = connection
+
+
+@event.listens_for(RoutingSession, "before_commit")
+def _before_commit(session: Session) -> None:
+    if isinstance(session, RoutingSession) and session._transaction_is_root():
+        session._committing = _COMMITTING.set(session._primary_connection)
+
+
 @event.listens_for(RoutingSession, "after_commit")
 def _after_commit(session: Session) -> None:
     if not isinstance(session, RoutingSession) or not session._has_written:
         return
-    position = take_commit_position(session.replica_set.primary.engine)
+    position = commit_position(session._primary_connection)
     if position is not None:
         session._record_commit(position)
 
@@ -405,6 +437,9 @@ def _after_commit(session: Session) -> None:
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None and isinstance(session, RoutingSession):
         session._end_transaction()
+        if session._committing is not None:
+            _COMMITTING.reset(session._committing)
+            session._committing = None
 
 
 def routing_sessionmaker(

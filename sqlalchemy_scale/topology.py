@@ -240,11 +240,12 @@ class ReplicaSet:
         if engine.dialect.name != "postgresql":
             raise ConfigurationError(f"{where}: {render_url(engine)} is not a PostgreSQL engine")
         if role == "primary":
-            # An OptionEngine shares the pool but not the user's engine events.
-            engine = engine.execution_options()
             install_primary_hooks(engine, set_name=self.name, node_name=node_name)
+        elif owns:
+            _make_read_only(engine)
         else:
-            engine = _read_only(engine)
+            engine = _read_only_view(engine)
+        if role == "replica":
             # handle_error is a dialect event: the handler checks it is our engine that failed.
             event.listen(engine, "handle_error", _replica_write_error(engine, self.name, node_name))
         return Node(node_name, engine, role=role, owns_engine=owns)
@@ -452,14 +453,29 @@ class ReplicaSet:
 _READ_ONLY_MARK = "sqlalchemy_scale_read_only"
 
 
-def _read_only(engine: Engine) -> Engine:
-    """An engine over the same pool whose transactions begin ``READ ONLY``.
+def _make_read_only(engine: Engine) -> None:
+    """Make every connection of an engine we own begin its transactions ``READ ONLY``.
 
-    The flag is the driver's own (psycopg2 ``readonly``, psycopg ``read_only``), which is sent
-    inside BEGIN: no extra round trip, and safe under transaction pooling. It is put back
-    to the driver's default (None: the server's default) when the connection returns to
-    the pool. SQLAlchemy's ``postgresql_readonly`` option resets it to False instead, which
-    makes the next user of a shared pool send ``BEGIN READ WRITE``, an error on a standby.
+    The flag is the driver's own (psycopg2 ``readonly``, psycopg ``read_only``), sent inside
+    BEGIN: no extra round trip, and safe under transaction pooling. Set once per new
+    connection by a pool ``connect`` event, so it costs nothing per statement.
+    """
+    dialect = engine.dialect
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        dialect.set_readonly(dbapi_connection, True)
+
+    event.listen(engine.pool, "connect", on_connect)
+
+
+def _read_only_view(engine: Engine) -> Engine:
+    """A read-only engine over the pool of an engine the user owns.
+
+    The flag is set per checkout and put back to the driver's default (None: the server's
+    default) when the connection returns to the pool, so the user's own use of the engine
+    is unchanged. (SQLAlchemy's ``postgresql_readonly`` option resets it to False instead,
+    which makes the next user of the shared pool send ``BEGIN READ WRITE``: an error on a
+    standby.) Connection events cost a little per checkout: pass URLs to avoid it.
     """
     # An OptionEngine shares the pool but not the user's engine settings or events.
     read_only = engine.execution_options()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import sessionmaker
 
 import sqlalchemy_scale as ss
@@ -236,3 +236,48 @@ def test_a_lagging_replica_leaves_and_rejoins_the_rotation(
             with Session() as session:
                 ports.add(session.execute(READ).one()[0])
         assert ports == {r.port for r in cluster.replicas}
+
+
+def test_token_capture_costs_one_statement(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """A write transaction with token capture sends exactly one statement more than a plain
+    Session's, counted in the server's own statement log."""
+    cluster = scale_cluster_factory(
+        replicas=1, shards=0, pgbouncer=False, settings={"log_statement": "all"}
+    )
+    cluster.primary.execute("CREATE TABLE counted (id int)")
+    log_file = cluster.primary.log_file
+
+    def statements_logged(work: Callable[[], None]) -> list[str]:
+        start = log_file.stat().st_size
+        work()
+        with log_file.open() as fh:
+            fh.seek(start)
+            return [line.split("statement: ", 1)[1].strip() for line in fh if "statement: " in line]
+
+    plain_engine = create_engine(cluster.primary.url(driver))
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[cluster.replicas[0].url(driver)],
+        monitor=False,
+    ) as replica_set:
+
+        def plain() -> None:
+            with sessionmaker(plain_engine)() as session:
+                session.execute(text("INSERT INTO counted VALUES (1)"))
+                session.commit()
+
+        def routed() -> None:
+            with ss.routing_sessionmaker(replica_set)() as session:
+                session.execute(text("INSERT INTO counted VALUES (1)"))
+                session.commit()
+
+        plain()
+        routed()  # warm both pools: connection set-up queries are not per transaction
+        baseline = statements_logged(plain)
+        captured = statements_logged(routed)
+    plain_engine.dispose()
+    print(f"\nplain: {baseline}\nrouted: {captured}")
+    assert len(captured) == len(baseline) + 1
+    assert captured[-1] == "SELECT pg_current_wal_insert_lsn()::text"

@@ -1,0 +1,195 @@
+"""Routing overhead, measured against its baseline in the same run.
+
+- a primary-key lookup through ``RoutingSession`` (served by a replica) against a plain
+  ``Session`` bound to the same replica server (target ratio <= 1.05);
+- one ``get_bind`` decision for a SELECT (target < 5 us);
+- causal routing on reads (token already replayed) against plain routing (target: same,
+  within noise: no extra round trip);
+- one write transaction with causal-token capture against one without (target: at most
+  one extra round trip; ``tests/test_consistency.py`` counts the statements in the
+  server's own log).
+
+Machines here are noisy: compare the ratios printed at the end of the module, measured
+in one run, rather than absolute times across runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import String, create_engine, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+import sqlalchemy_scale as ss
+from sqlalchemy_scale.local import LocalCluster
+
+RESULTS: dict[str, tuple[float, float, float]] = {}
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "bench_accounts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+@pytest.fixture(scope="module")
+def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    engine = create_engine(scale_cluster.primary.url())
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all([Account(id=i, name=f"a{i}") for i in range(1, 1001)])
+        session.commit()
+    engine.dispose()
+    for replica in scale_cluster.replicas:
+        replica.wait_for_replay()
+    yield scale_cluster
+    engine = create_engine(scale_cluster.primary.url())
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def replica_set(cluster: LocalCluster) -> Iterator[ss.ReplicaSet]:
+    # One replica, so the routed and the plain session talk to the very same server.
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(), replicas=[cluster.replicas[0].url()]
+    ) as replica_set:
+        yield replica_set
+
+
+def interleaved_ratio(
+    candidate: Any, baseline: Any, *, pairs: int = 1000
+) -> tuple[float, float, float]:
+    """Median time of ``candidate`` / median of ``baseline``, timed alternately in one loop.
+
+    Alternating the two (rather than running one benchmark after the other) exposes both
+    to the same background noise, which on a shared 2-core machine dominates otherwise.
+    """
+    candidate()
+    baseline()
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        candidate()
+        t1 = time.perf_counter()
+        baseline()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    ma, mb = statistics.median(a), statistics.median(b)
+    return ma / mb, ma, mb
+
+
+def _lookup(factory: Any) -> Any:
+    keys = iter(range(10**9))
+
+    def run() -> None:
+        with factory() as session:
+            account = session.get(Account, next(keys) % 1000 + 1)
+            assert account is not None
+
+    return run
+
+
+def test_pk_lookup_routed_vs_plain(
+    benchmark: Any, replica_set: ss.ReplicaSet, cluster: LocalCluster
+) -> None:
+    """A PK lookup through RoutingSession (to the replica) vs a plain Session on that server."""
+    engine = create_engine(cluster.replicas[0].url())
+    routed = _lookup(ss.routing_sessionmaker(replica_set))
+    RESULTS["pk routed / plain"] = interleaved_ratio(routed, _lookup(sessionmaker(engine)))
+    benchmark(routed)
+    engine.dispose()
+
+
+def test_pk_lookup_causal_vs_routed(
+    benchmark: Any, replica_set: ss.ReplicaSet, cluster: LocalCluster
+) -> None:
+    """The same lookup with a causal token every replica has replayed, vs no token."""
+    token = cluster.primary.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0]
+    cluster.replicas[0].wait_for_replay()
+    assert replica_set.monitor is not None
+    replica_set.monitor.refresh(replica_set.replicas[0])
+    causal = _lookup(ss.routing_sessionmaker(replica_set, causal_token=token))
+    RESULTS["pk causal / routed"] = interleaved_ratio(
+        causal, _lookup(ss.routing_sessionmaker(replica_set))
+    )
+    benchmark(causal)
+
+
+def test_get_bind_decision(benchmark: Any, replica_set: ss.ReplicaSet) -> None:
+    """One routing decision for a SELECT, without I/O."""
+    session = ss.RoutingSession(replica_set=replica_set)
+    statement = select(Account).where(Account.id == 5)
+
+    def decide() -> None:
+        session.get_bind(clause=statement)
+        session._end_transaction()  # each decision starts afresh, as a new transaction would
+
+    benchmark(decide)
+    session.close()
+    RESULTS["get_bind us"] = (benchmark.stats.stats.median * 1e6, 0.0, 0.0)
+
+
+def _write(factory: Any) -> Any:
+    ids = iter(range(10_000, 10**9))
+
+    def run() -> None:
+        with factory() as session:
+            session.execute(
+                text("UPDATE bench_accounts SET name = :n WHERE id = :id"),
+                {"n": "x", "id": next(ids) % 1000 + 1},
+            )
+            session.commit()
+
+    return run
+
+
+def test_write_with_token_vs_plain(
+    benchmark: Any, replica_set: ss.ReplicaSet, cluster: LocalCluster
+) -> None:
+    """One write transaction through RoutingSession (capturing the causal token) vs a plain
+    Session on the primary."""
+    engine = create_engine(cluster.primary.url())
+    routed = _write(ss.routing_sessionmaker(replica_set))
+    RESULTS["write routed / plain"] = interleaved_ratio(
+        routed, _write(sessionmaker(engine)), pairs=400
+    )
+    benchmark(routed)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the module: print the ratios measured in this run."""
+    yield
+    targets = {
+        "pk routed / plain": "target <= 1.05",
+        "pk causal / routed": "target ~1.0: no extra round trip",
+        "write routed / plain": "one extra round trip: the token's SELECT after COMMIT",
+    }
+    lines = ["", "routing benchmarks: ratios of medians, both sides timed alternately in this run"]
+    for name, (ratio, a, b) in RESULTS.items():
+        if name == "get_bind us":
+            lines.append(f"  one get_bind decision: {ratio:.2f} us (target < 5 us)")
+        else:
+            lines.append(
+                f"  {name}: {ratio:.3f} ({a * 1e6:.0f} us vs {b * 1e6:.0f} us; {targets[name]})"
+            )
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            print("\n".join(lines))
+    else:
+        print("\n".join(lines))

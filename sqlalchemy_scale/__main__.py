@@ -1,0 +1,5 @@
+"""``python -m sqlalchemy_scale demo|status``."""
+
+from .cli import main
+
+raise SystemExit(main())
