@@ -175,7 +175,7 @@ def _workload(replica_set: ReplicaSet, names: dict[int, str]) -> list[list[str]]
     Session = routing_sessionmaker(replica_set, expire_on_commit=False)
     rows: list[list[str]] = []
 
-    def record(step: str, port: int, in_recovery: Any, expected: str) -> None:
+    def record(step: str, port: Any, in_recovery: Any, expected: str) -> None:
         name = names.get(port, str(port))
         recovery = str(name != "primary") if in_recovery == "?" else str(bool(in_recovery))
         rows.append([step, name, recovery, expected])
@@ -207,7 +207,7 @@ def _workload(replica_set: ReplicaSet, names: dict[int, str]) -> list[list[str]]
             session.flush()
             record(
                 "SELECT in the same transaction after UPDATE",
-                *session.execute(_WHERE).one(),
+                *_row(session.execute(_WHERE).one()),
                 "primary",
             )
             session.commit()
@@ -218,17 +218,23 @@ def _workload(replica_set: ReplicaSet, names: dict[int, str]) -> list[list[str]]
             record("SELECT ... FOR UPDATE", locked.read_on, False, "primary")
             session.rollback()
         with Session() as session, session.use_primary():
-            record("SELECT inside session.use_primary()", *session.execute(_WHERE).one(), "primary")
+            record(
+                "SELECT inside session.use_primary()",
+                *_row(session.execute(_WHERE).one()),
+                "primary",
+            )
         with Session() as session:
             record(
                 "SELECT with execution_options(use_primary=True)",
-                *session.execute(_WHERE, execution_options={"use_primary": True}).one(),
+                *_row(session.execute(_WHERE, execution_options={"use_primary": True}).one()),
                 "primary",
             )
         with Session() as session:
             record(
                 "text('SELECT ...') (unmarked text)",
-                *session.execute(text("SELECT inet_server_port(), pg_is_in_recovery()")).one(),
+                *_row(
+                    session.execute(text("SELECT inet_server_port(), pg_is_in_recovery()")).one()
+                ),
                 "primary",
             )
         with Session() as session:
@@ -259,6 +265,11 @@ def _wait_for_replay(replica_set: ReplicaSet, token: str | None, timeout: float 
     waited = (time.monotonic() - started) * 1000
     state = "replayed" if not pending else "NOT replayed"
     print(f"  replicas {state} token {token} after {waited:.1f} ms")
+
+
+def _row(row: Any) -> tuple[Any, Any]:
+    """(port, in recovery) from a ``SELECT inet_server_port(), pg_is_in_recovery()`` row."""
+    return row[0], row[1]
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

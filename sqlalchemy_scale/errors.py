@@ -70,10 +70,10 @@ class NodeUnavailableError(ScaleError, sa_exc.OperationalError):
     def __init__(self, message: str, *, node: str, orig: BaseException | None = None) -> None:
         sa_exc.OperationalError.__init__(self, message, None, orig or Exception(message))
         self.node = node
-        self._message = message
+        self._text = message
 
     def __str__(self) -> str:
-        return self._message
+        return self._text
 
 
 class ShardKeyError(ScaleError):
@@ -117,10 +117,10 @@ class CommitOutcomeUnknown(ScaleError, sa_exc.OperationalError):
     def __init__(self, message: str, *, node: str, orig: BaseException | None = None) -> None:
         sa_exc.OperationalError.__init__(self, message, None, orig or Exception(message))
         self.node = node
-        self._message = message
+        self._text = message
 
     def __str__(self) -> str:
-        return self._message
+        return self._text
 
 
 class TransactionPoolingError(ScaleError):

@@ -214,7 +214,7 @@ class RoutingSession(Session):
 
     # -- routing -------------------------------------------------------------------------
 
-    def get_bind(  # type: ignore[override]
+    def get_bind(
         self,
         mapper: Any = None,
         *,
@@ -246,8 +246,8 @@ class RoutingSession(Session):
             return bind
         role, reason = decide_role(clause, flushing=self._flushing)
         options = kw.get(_CALL_OPTIONS)
-        if clause is not None and clause._execution_options:
-            stmt_options: Mapping[str, Any] = clause._execution_options
+        stmt_options: Mapping[str, Any] | None = getattr(clause, "_execution_options", None)
+        if stmt_options:
             options = {**stmt_options, **options} if options else stmt_options
         if reason in _WRITING_REASONS and not (
             reason == "text" and options and options.get("use_replica")
@@ -290,9 +290,8 @@ class RoutingSession(Session):
     def _node_for(self, role: Role) -> Node:
         replica_set = self.replica_set
         if role == "primary":
-            node = replica_set.primary
-            node.count()
-            return node
+            replica_set.primary.count()
+            return replica_set.primary
         node = self._txn_replica
         if node is None:
             node = replica_set.choose_replica(self._causal_position())

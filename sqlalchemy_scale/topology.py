@@ -460,7 +460,7 @@ def _make_read_only(engine: Engine) -> None:
     BEGIN: no extra round trip, and safe under transaction pooling. Set once per new
     connection by a pool ``connect`` event, so it costs nothing per statement.
     """
-    dialect = engine.dialect
+    dialect: Any = engine.dialect  # PGDialect: set_readonly() is PostgreSQL-specific
 
     def on_connect(dbapi_connection: Any, record: Any) -> None:
         dialect.set_readonly(dbapi_connection, True)
@@ -479,7 +479,7 @@ def _read_only_view(engine: Engine) -> Engine:
     """
     # An OptionEngine shares the pool but not the user's engine settings or events.
     read_only = engine.execution_options()
-    dialect = read_only.dialect
+    dialect: Any = read_only.dialect  # PGDialect: set_readonly() is PostgreSQL-specific
 
     def on_connect(conn: Connection) -> None:
         pooled = conn.connection
