@@ -220,7 +220,9 @@ def test_a_lagging_replica_leaves_and_rejoins_the_rotation(
         paused(lagging)
         # About 1 MB of WAL: far beyond the 64 kB bound for the paused replica only.
         cluster.primary.execute("INSERT INTO causal_bulk SELECT generate_series(1, 20000)")
-        healthy = replica_set.replicas[1]  # may lag briefly too while it replays the burst
+        # The healthy replica lags briefly too while it replays the burst: let it finish.
+        cluster.replicas[1].wait_for_replay()
+        healthy = replica_set.replicas[1]
         assert wait_until(lambda: not node.is_usable and healthy.is_usable)
         ports = set()
         for _ in range(6):
