@@ -8,6 +8,7 @@ carries ``inet_server_port()`` / ``pg_is_in_recovery()`` as column properties
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Iterator
@@ -488,3 +489,31 @@ def test_engines_are_accepted_in_place_of_urls(cluster: LocalCluster, driver: st
         assert conn.execute(WHERE).one()[0] == cluster.replicas[0].port
     primary_engine.dispose()
     replica_engine.dispose()
+
+
+def test_pins_are_per_asyncio_task(cluster: LocalCluster, Session: sessionmaker) -> None:
+    """A use_primary() block in one asyncio task does not pin a task running beside it."""
+    primary, replica_ports = ports(cluster)
+
+    async def pinned(started: asyncio.Event, release: asyncio.Event) -> int:
+        with ss.use_primary():
+            started.set()
+            await release.wait()  # the other task runs while this one is inside the block
+            with Session() as session:
+                return int(session.execute(WHERE).one()[0])
+
+    async def unpinned(started: asyncio.Event, release: asyncio.Event) -> int:
+        await started.wait()
+        with Session() as session:
+            port = int(session.execute(WHERE).one()[0])
+        release.set()
+        return port
+
+    async def main() -> tuple[int, int]:
+        started, release = asyncio.Event(), asyncio.Event()
+        a, b = await asyncio.gather(pinned(started, release), unpinned(started, release))
+        return a, b
+
+    in_block, beside = asyncio.run(main())
+    assert in_block == primary
+    assert beside in replica_ports
