@@ -18,9 +18,11 @@ naming the node.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import tomllib
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from typing import Any, Literal, Self
@@ -189,6 +191,7 @@ class ReplicaSet:
         # Started lazily, by the first read routed to a replica: no thread and no connection
         # for a ReplicaSet that is only constructed (or configured with monitor=False).
         self._monitor_wanted = monitor and self.monitor is not None
+        _REPLICA_SETS.add(self)
 
     # -- construction -------------------------------------------------------------------
 
@@ -493,6 +496,23 @@ def _read_only_view(engine: Engine) -> Engine:
     event.listen(read_only, "engine_connect", on_connect)
     event.listen(read_only.pool, "checkin", on_checkin)
     return read_only
+
+
+_REPLICA_SETS: weakref.WeakSet[ReplicaSet] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child must not share the parent's sockets: drop (without closing) the pooled
+    # connections of every engine we created, as SQLAlchemy advises for os.fork().
+    for replica_set in list(_REPLICA_SETS):
+        replica_set._state_lock = threading.Lock()
+        for node in replica_set.nodes:
+            node._lock = threading.Lock()
+            if node.owns_engine:
+                node.engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _sqlstate(exc: BaseException | None) -> str | None:
