@@ -98,9 +98,16 @@ class _Probe:
         self.backoff = 0.0
         self.retry_at = 0.0
 
-    def query(self, probe: Any) -> tuple[int, bool]:
-        with self.lock, self.engine.connect() as conn:
-            lsn, in_recovery = conn.execute(probe).one()
+    def query(self, probe: Any, *, wait: float = -1) -> tuple[int, bool] | None:
+        """Run ``probe`` on this node's own connection; None if the connection is busy
+        (another probe of this node is running) for longer than ``wait`` seconds."""
+        if not self.lock.acquire(timeout=wait):
+            return None
+        try:
+            with self.engine.connect() as conn:
+                lsn, in_recovery = conn.execute(probe).one()
+        finally:
+            self.lock.release()
         return parse_lsn(lsn), bool(in_recovery)
 
 
@@ -197,10 +204,12 @@ class HealthMonitor:
     def _probe_primary(self, replica_set: ReplicaSet, now: float) -> int | None:
         probe = self._probes[replica_set.primary.name]
         try:
-            lsn, in_recovery = probe.query(_PRIMARY_PROBE)
+            answer = probe.query(_PRIMARY_PROBE)
         except Exception as exc:
             self._fail(probe, exc, now)
             return None
+        assert answer is not None  # no timeout given: waits for the lock
+        lsn, in_recovery = answer
         self._recover(probe, "up", now)
         probe.server_role = "replica" if in_recovery else "primary"
         probe.lsn = lsn
@@ -217,11 +226,13 @@ class HealthMonitor:
         now: float,
     ) -> None:
         try:
-            lsn, in_recovery = probe.query(_REPLICA_PROBE)
+            answer = probe.query(_REPLICA_PROBE)
         except Exception as exc:
             self._fail(probe, exc, now)
             replica_set.set_usable(node, False, reason=f"down: {probe.last_error}")
             return
+        assert answer is not None  # no timeout given: waits for the lock
+        lsn, in_recovery = answer
         probe.server_role = "replica" if in_recovery else "primary"
         self._observe_lsn(node, probe, lsn)
         if primary_lsn is None:
@@ -296,15 +307,19 @@ class HealthMonitor:
         if probe is not None:
             self._fail(probe, exc, time.monotonic())
 
-    def refresh(self, node: Node) -> int | None:
-        """Ask one replica for its replay LSN now (one round trip); None if it cannot answer."""
+    def refresh(self, node: Node, *, wait: float = -1) -> int | None:
+        """Ask one replica for its replay LSN now (one round trip); None if it cannot
+        answer, or if the monitor is probing it for longer than ``wait`` seconds (routing
+        passes its ``max_wait``, so a slow probe never holds up a read)."""
         probe = self._probes[node.name]
         try:
-            lsn, _ = probe.query(_REPLICA_PROBE)
+            answer = probe.query(_REPLICA_PROBE, wait=wait)
         except Exception as exc:
             self._fail(probe, exc, time.monotonic())
             return None
-        self._observe_lsn(node, probe, lsn)
+        if answer is None:
+            return None
+        self._observe_lsn(node, probe, answer[0])
         return node.replay_lsn
 
     # -- reporting -------------------------------------------------------------------------

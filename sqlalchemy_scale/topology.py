@@ -380,7 +380,7 @@ class ReplicaSet:
         candidate = self.policy(usable) if len(usable) > 1 else usable[0]
         deadline = time.monotonic() + self.max_wait
         while True:
-            lsn = monitor.refresh(candidate)
+            lsn = monitor.refresh(candidate, wait=max(0.0, deadline - time.monotonic()))
             if lsn is not None and lsn >= position:
                 return candidate
             if lsn is None or time.monotonic() >= deadline:
