@@ -63,6 +63,7 @@ def typing(session: nox.Session) -> None:
     """mypy --strict over the package."""
     _install(session, "typing", extras="[psycopg]")
     session.run("mypy", "sqlalchemy_scale")
+    session.run("mypy", "--strict", "tests/typing")
 
 
 @nox.session
