@@ -72,8 +72,14 @@ def bench(session: nox.Session) -> None:
     _ensure_servers(session)
     _install(session, "bench")
     session.run(
-        "pytest", "benchmarks", "-p", "no:cacheprovider", "--benchmark-only", "-s",
-        "--benchmark-columns=min,median,mean,rounds", *session.posargs,
+        "pytest",
+        "benchmarks",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-only",
+        "-s",
+        "--benchmark-columns=min,median,mean,rounds",
+        *session.posargs,
     )
 
 
@@ -82,4 +88,6 @@ def demo(session: nox.Session) -> None:
     """The demo: a real primary and two replicas on 127.0.0.1, an ORM workload, a report."""
     _ensure_servers(session)
     session.install(".")
-    session.run("python", "-m", "sqlalchemy_scale", "demo", env={"PYTHONUNBUFFERED": "1", **os.environ})
+    session.run(
+        "python", "-m", "sqlalchemy_scale", "demo", env={"PYTHONUNBUFFERED": "1", **os.environ}
+    )

@@ -22,7 +22,9 @@ def driver() -> str:
     """The SQLAlchemy driver name the suite runs with (psycopg2 unless nox says otherwise)."""
     name = os.environ.get("SQLALCHEMY_SCALE_TEST_DRIVER", "psycopg2")
     if name not in DRIVERS:
-        raise pytest.UsageError(f"SQLALCHEMY_SCALE_TEST_DRIVER must be one of {DRIVERS}, got {name!r}")
+        raise pytest.UsageError(
+            f"SQLALCHEMY_SCALE_TEST_DRIVER must be one of {DRIVERS}, got {name!r}"
+        )
     return name
 
 

@@ -19,7 +19,7 @@ class User(Base):
 
 def routing(primary_url: str, replica_urls: list[str]) -> list[User]:
     replicas = ss.ReplicaSet(primary=primary_url, replicas=replica_urls, policy="least_busy")
-    Session: sessionmaker[ss.RoutingSession] = ss.routing_sessionmaker(replicas)  # noqa: N806
+    Session: sessionmaker[ss.RoutingSession] = ss.routing_sessionmaker(replicas)
     with Session() as session, session.use_primary():
         users = list(session.scalars(select(User)).all())
         session.execute(text("SELECT 1").execution_options(use_replica=True))
