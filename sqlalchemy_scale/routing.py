@@ -330,28 +330,23 @@ class RoutingSession(Session):
     # keeps SQLAlchemy's fast path: any do_orm_execute listener makes every ORM statement run
     # orm_pre_session_exec twice.
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        kw = _with_call_options(kw)
-        try:
-            return super().execute(statement, params, **kw)
-        except DBAPIError as exc:
-            self._after_failure(exc)
-        return super().execute(statement, params, **kw)
+        return self._routed(super().execute, statement, params, kw)
 
     def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        kw = _with_call_options(kw)
-        try:
-            return super().scalars(statement, params, **kw)
-        except DBAPIError as exc:
-            self._after_failure(exc)
-        return super().scalars(statement, params, **kw)
+        return self._routed(super().scalars, statement, params, kw)
 
     def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
+        return self._routed(super().scalar, statement, params, kw)
+
+    def _routed(
+        self, method: Callable[..., Any], statement: Any, params: Any, kw: dict[str, Any]
+    ) -> Any:
         kw = _with_call_options(kw)
         try:
-            return super().scalar(statement, params, **kw)
+            return method(statement, params, **kw)
         except DBAPIError as exc:
-            self._after_failure(exc)
-        return super().scalar(statement, params, **kw)
+            self._after_failure(exc)  # raises unless the statement may run once more
+        return method(statement, params, **kw)
 
     def _after_failure(self, exc: DBAPIError) -> None:
         """Return to retry the statement once; raise otherwise.

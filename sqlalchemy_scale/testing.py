@@ -21,14 +21,15 @@ saying what to install: a database test that silently skips proves nothing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from sqlalchemy_scale.local import LocalCluster, PoolMode
+from sqlalchemy_scale.local import LocalCluster, PgNode, PoolMode
 
-__all__ = ["scale_cluster", "scale_cluster_factory"]
+__all__ = ["scale_cluster", "scale_cluster_factory", "scale_restart", "wait_until"]
 
 _OPTIONS: dict[str, tuple[str, str]] = {
     # name: (default, help)
@@ -132,3 +133,32 @@ def scale_cluster_factory() -> Iterator[Callable[..., LocalCluster]]:
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture
+def scale_restart(scale_cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
+    """``scale_restart(node)``: after the test the node runs and streams again, whatever the
+    test did to it (stop, kill), so the shared topology is whole for the next test."""
+    nodes: list[PgNode] = []
+    yield nodes.append
+    for node in nodes:
+        if not node.is_running():
+            node.start()
+        if node.is_replica:
+            node.wait_for_streaming()
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.02
+) -> bool:
+    """Poll ``condition`` for at most ``timeout`` seconds; return whether it came true.
+
+    A bounded wait for something the servers do in their own time (a replica rejoining,
+    replay catching up), not a timing assertion: the timeout only bounds a failing test.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()

@@ -8,7 +8,6 @@ behind for as long as the test wants, and the test proves which server answered 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -18,6 +17,7 @@ from sqlalchemy.orm import sessionmaker
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.consistency import format_lsn, parse_lsn
 from sqlalchemy_scale.local import LocalCluster, PgNode
+from sqlalchemy_scale.testing import wait_until
 
 _ids = itertools.count(1)
 
@@ -61,16 +61,6 @@ def paused(cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
     for node in nodes:
         node.resume_replay()
         node.wait_for_replay()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll a condition for at most ``timeout`` seconds (a bounded wait, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def write_row(Session: sessionmaker[ss.RoutingSession]) -> tuple[int, str]:

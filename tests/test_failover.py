@@ -4,7 +4,6 @@ connection killed during COMMIT. Each test prints the counts it checks."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -13,31 +12,11 @@ from sqlalchemy.engine import make_url
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.local import LocalCluster, PgNode
+from sqlalchemy_scale.testing import wait_until
 
 pytestmark = pytest.mark.fault
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    """Poll a condition for at most ``timeout`` seconds (a bounded wait, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
-@pytest.fixture
-def restart_after(scale_cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
-    """track(node): the node is started again (and streaming) after the test, whatever happened."""
-    nodes: list[PgNode] = []
-    yield nodes.append
-    for node in nodes:
-        if not node.is_running():
-            node.start()
-        node.wait_for_streaming()
 
 
 @pytest.fixture
@@ -52,12 +31,12 @@ def replicas(scale_cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet
 
 
 def test_reads_survive_a_replica_killed_and_restarted(
-    scale_cluster: LocalCluster, replicas: ss.ReplicaSet, restart_after: Callable[[PgNode], None]
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet, scale_restart: Callable[[PgNode], None]
 ) -> None:
     """A read load loses no read while a replica is killed; the replica rejoins by itself."""
     Session = ss.routing_sessionmaker(replicas)
     victim = scale_cluster.replicas[0]
-    restart_after(victim)
+    scale_restart(victim)
     node = replicas.replicas[0]
     failed = served = 0
     ports: list[int] = []
@@ -93,7 +72,7 @@ def test_reads_survive_a_replica_killed_and_restarted(
 
 
 def test_a_replica_lost_mid_transaction_raises_clearly(
-    scale_cluster: LocalCluster, replicas: ss.ReplicaSet, restart_after: Callable[[PgNode], None]
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet, scale_restart: Callable[[PgNode], None]
 ) -> None:
     """A replica dying after a transaction's first read makes the next read raise
     NodeUnavailableError naming it, rather than silently switching snapshots."""
@@ -101,7 +80,7 @@ def test_a_replica_lost_mid_transaction_raises_clearly(
     with Session() as session:
         port = session.execute(WHERE).one()[0]
         victim = next(r for r in scale_cluster.replicas if r.port == port)
-        restart_after(victim)
+        scale_restart(victim)
         victim.kill()
         with pytest.raises(ss.NodeUnavailableError) as caught:
             session.execute(WHERE)

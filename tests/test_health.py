@@ -70,11 +70,11 @@ def test_monitor_restarts_in_a_forked_child(
 
 
 def test_health_names_the_error_of_a_down_replica(
-    scale_cluster: LocalCluster, replicas: ss.ReplicaSet, restart: Callable[[PgNode], None]
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet, scale_restart: Callable[[PgNode], None]
 ) -> None:
     """health() shows a stopped replica as down, out of rotation, with its error, no password."""
     victim = scale_cluster.replicas[1]
-    restart(victim)
+    scale_restart(victim)
     victim.stop()
     report = {h.name: h for h in replicas.health()}
     down = report["replica2"]
@@ -84,14 +84,3 @@ def test_health_names_the_error_of_a_down_replica(
     assert scale_cluster.password not in repr(report)
     with ss.routing_sessionmaker(replicas)() as session:
         assert session.execute(WHERE).one()[0] == scale_cluster.replicas[0].port
-
-
-@pytest.fixture
-def restart(scale_cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
-    """restart(node): the node is running and streaming again after the test."""
-    nodes: list[PgNode] = []
-    yield nodes.append
-    for node in nodes:
-        if not node.is_running():
-            node.start()
-        node.wait_for_streaming()
