@@ -17,9 +17,23 @@ from .errors import (
     ReplicaWriteError,
     ScaleError,
     ShardKeyError,
+    TransactionPoolingError,
 )
 from .health import HealthMonitor, NodeHealth
 from .policies import LeastBusy, Random, ReplicaPolicy, RoundRobin
+from .pooling import (
+    PRESET_NAMES,
+    PoolingGuardMode,
+    PoolingHazard,
+    PoolSizing,
+    TransactionPoolingWarning,
+    check_transaction_pooling,
+    guard_transaction_pooling,
+    is_guarded,
+    pool_preset,
+    preset_needs_guard,
+    size_pools,
+)
 from .routing import RoutingSession, decide_role, routing_sessionmaker, use_primary
 from .topology import Node, ReplicaSet, Role
 
@@ -29,6 +43,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
 __all__ = [
+    "PRESET_NAMES",
     "CausalContext",
     "CommitOutcomeUnknown",
     "ConfigurationError",
@@ -39,6 +54,9 @@ __all__ = [
     "Node",
     "NodeHealth",
     "NodeUnavailableError",
+    "PoolSizing",
+    "PoolingGuardMode",
+    "PoolingHazard",
     "Random",
     "ReplicaPolicy",
     "ReplicaSet",
@@ -48,11 +66,19 @@ __all__ = [
     "RoutingSession",
     "ScaleError",
     "ShardKeyError",
+    "TransactionPoolingError",
+    "TransactionPoolingWarning",
     "__version__",
     "causal_context",
+    "check_transaction_pooling",
     "current_causal_context",
     "decide_role",
+    "guard_transaction_pooling",
+    "is_guarded",
     "newer_token",
+    "pool_preset",
+    "preset_needs_guard",
     "routing_sessionmaker",
+    "size_pools",
     "use_primary",
 ]

@@ -99,6 +99,24 @@ class Node:
         return f"<Node {self.name} {self.role} {self.url}>"
 
 
+# ReplicaSet keyword arguments a configuration file may set (plus an [engine] table).
+_CONFIG_KEYS = frozenset(
+    {
+        "primary",
+        "replicas",
+        "policy",
+        "pool",
+        "pooling_guard",
+        "name",
+        "monitor",
+        "monitor_interval",
+        "max_lag_bytes",
+        "max_lag_seconds",
+        "max_wait",
+    }
+)
+
+
 class ReplicaSet:
     """A PostgreSQL primary and its streaming replicas.
 
@@ -275,19 +293,7 @@ class ReplicaSet:
                 config = config[section]
             except KeyError:
                 raise ConfigurationError(f"configuration has no [{section}] table") from None
-        known = {
-            "primary",
-            "replicas",
-            "policy",
-            "pool",
-            "name",
-            "engine",
-            "monitor",
-            "monitor_interval",
-            "max_lag_bytes",
-            "max_lag_seconds",
-            "max_wait",
-        }
+        known = _CONFIG_KEYS | {"engine"}
         unknown = set(config) - known
         if unknown:
             raise ConfigurationError(
@@ -295,19 +301,8 @@ class ReplicaSet:
             )
         if "primary" not in config:
             raise ConfigurationError("ReplicaSet configuration needs a 'primary' URL")
-        return cls(
-            primary=config["primary"],
-            replicas=config.get("replicas", ()),
-            policy=config.get("policy", "round_robin"),
-            pool=config.get("pool"),
-            name=config.get("name", "default"),
-            **{
-                k: config[k]
-                for k in known - {"primary", "replicas", "policy", "pool", "name", "engine"}
-                if k in config
-            },
-            **dict(config.get("engine", {})),
-        )
+        options = {key: value for key, value in config.items() if key != "engine"}
+        return cls(**options, **dict(config.get("engine", {})))
 
     # -- routing support ------------------------------------------------------------------
 
