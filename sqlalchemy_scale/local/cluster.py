@@ -85,6 +85,9 @@ _BASE_SETTINGS: dict[str, str] = {
     "synchronous_commit": "on",
     "full_page_writes": "off",
     "shared_buffers": "32MB",
+    # Segments live in the data dir (removed with it), not as /dev/shm/PostgreSQL.* files
+    # that a killed server (the fault tests kill servers) would leave behind.
+    "dynamic_shared_memory_type": "mmap",
     "max_connections": "100",
     "max_prepared_transactions": "20",  # two-phase commit across shards
     "wal_level": "replica",
