@@ -117,7 +117,7 @@ def test_pk_lookup_causal_vs_routed(
     benchmark: Any, replica_set: ss.ReplicaSet, cluster: LocalCluster
 ) -> None:
     """The same lookup with a causal token every replica has replayed, vs no token."""
-    token = cluster.primary.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0]
+    token = cluster.primary.execute("SELECT pg_current_wal_flush_lsn()::text")[0][0]
     cluster.replicas[0].wait_for_replay()
     assert replica_set.monitor is not None
     replica_set.monitor.refresh(replica_set.replicas[0])

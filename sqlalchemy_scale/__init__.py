@@ -35,6 +35,18 @@ from .pooling import (
     size_pools,
 )
 from .routing import RoutingSession, decide_role, routing_sessionmaker, use_primary
+from .sharding import (
+    DirectorySharding,
+    HashSharding,
+    JumpHashSharding,
+    RangeSharding,
+    ShardedSession,
+    ShardId,
+    ShardingStrategy,
+    ShardSet,
+    set_shard_id,
+    sharded_sessionmaker,
+)
 from .topology import Node, ReplicaSet, Role
 
 try:
@@ -49,7 +61,10 @@ __all__ = [
     "ConfigurationError",
     "CrossShardQueryError",
     "CrossShardWriteError",
+    "DirectorySharding",
+    "HashSharding",
     "HealthMonitor",
+    "JumpHashSharding",
     "LeastBusy",
     "Node",
     "NodeHealth",
@@ -58,6 +73,7 @@ __all__ = [
     "PoolingGuardMode",
     "PoolingHazard",
     "Random",
+    "RangeSharding",
     "ReplicaPolicy",
     "ReplicaSet",
     "ReplicaWriteError",
@@ -65,7 +81,11 @@ __all__ = [
     "RoundRobin",
     "RoutingSession",
     "ScaleError",
+    "ShardId",
     "ShardKeyError",
+    "ShardSet",
+    "ShardedSession",
+    "ShardingStrategy",
     "TransactionPoolingError",
     "TransactionPoolingWarning",
     "__version__",
@@ -79,6 +99,8 @@ __all__ = [
     "pool_preset",
     "preset_needs_guard",
     "routing_sessionmaker",
+    "set_shard_id",
+    "sharded_sessionmaker",
     "size_pools",
     "use_primary",
 ]

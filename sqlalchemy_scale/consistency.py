@@ -1,9 +1,9 @@
 """Causal (read-your-writes) consistency by WAL position.
 
 A *causal token* is the primary's WAL position right after a transaction that
-wrote has committed (``pg_current_wal_insert_lsn()``: the insert position, which is
-past the commit record even with ``synchronous_commit = off``, when
-``pg_current_wal_lsn()`` may still lag behind it), as PostgreSQL prints it: a
+wrote has committed (``pg_current_wal_flush_lsn()``, which a synchronous commit has
+moved past its commit record; under ``synchronous_commit = off``,
+``pg_current_wal_insert_lsn()``), as PostgreSQL prints it: a
 string like ``"0/16B3748"``. A replica whose ``pg_last_wal_replay_lsn()`` has
 reached the token has replayed that commit, so a read served by it sees the
 write. That is exact, unlike "stick to the primary for N seconds".
@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -140,24 +140,51 @@ def current_causal_context() -> CausalContext | None:
     return _CONTEXT.get()
 
 
+#: The primary's WAL position a replica can reach: what is flushed (and so can be streamed),
+#: or, under ``synchronous_commit = off`` (a commit returns before its WAL is flushed), what
+#: is inserted. Also the block size, for :func:`reachable_position`.
+WAL_POSITION_SQL: Final = (
+    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
+    " THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END::text,"
+    " current_setting('wal_block_size')::int"
+)
+
+# Page header sizes (SizeOfXLogShortPHD, SizeOfXLogLongPHD).
+_PAGE_HEADERS: Final = (24, 40)
+
+
+def reachable_position(lsn: str, block_size: int) -> int:
+    """A WAL position as a replica will report it once it has replayed everything before it.
+
+    A position just past a page header (a fresh page with no record on it yet) is the page
+    boundary to a replica, whose replay LSN is the end of the last record: without this,
+    a token could stay 24 bytes ahead of every replica until the next write.
+    """
+    value = parse_lsn(lsn)
+    offset = value % block_size
+    return value - offset if offset in _PAGE_HEADERS else value
+
+
 def read_commit_lsn(dbapi_connection: Any) -> int:
     """Ask the primary for its WAL position on a connection whose transaction just committed.
 
     Runs in driver autocommit mode (a client-side switch for psycopg2 and psycopg 3), so
-    it costs exactly one round trip and leaves no transaction open behind it.
+    it costs exactly one round trip and leaves no transaction open behind it. The position
+    is the flush position (past the commit record, which a synchronous commit flushed), or
+    the insert position under ``synchronous_commit = off``.
     """
     was_autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
     try:
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("SELECT pg_current_wal_insert_lsn()::text")
+            cursor.execute(WAL_POSITION_SQL)
             row = cursor.fetchone()
         finally:
             cursor.close()
     finally:
         dbapi_connection.autocommit = was_autocommit
-    return parse_lsn(row[0])
+    return reachable_position(row[0], row[1])
 
 
 # -- hooks on a primary engine: commit position and commit outcome -------------------------

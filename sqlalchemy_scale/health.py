@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from .consistency import format_lsn, parse_lsn
+from .consistency import format_lsn, parse_lsn, reachable_position
 
 if TYPE_CHECKING:
     from .topology import Node, ReplicaSet
@@ -47,7 +47,14 @@ log = logging.getLogger("sqlalchemy_scale.health")
 
 NodeState = Literal["up", "lagging", "down", "unknown"]
 
-_PRIMARY_PROBE = text("SELECT pg_current_wal_insert_lsn()::text, pg_is_in_recovery()")
+# The primary's position as replicas can reach it (see consistency.WAL_POSITION_SQL): an
+# unflushed insert position would count as lag that no replica can make up until the next
+# flush, and a page-header offset as lag that never ends on an idle primary.
+_PRIMARY_PROBE = text(
+    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
+    " THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END::text,"
+    " pg_is_in_recovery(), current_setting('wal_block_size')::int"
+)
 # On a server that is not in recovery (a promoted or misconfigured replica) the replay
 # LSN is NULL; its current LSN stands in so that it is never "behind" itself.
 _REPLICA_PROBE = text(
@@ -105,10 +112,11 @@ class _Probe:
             return None
         try:
             with self.engine.connect() as conn:
-                lsn, in_recovery = conn.execute(probe).one()
+                row = conn.execute(probe).one()
         finally:
             self.lock.release()
-        return parse_lsn(lsn), bool(in_recovery)
+        position = reachable_position(row[0], row[2]) if len(row) > 2 else parse_lsn(row[0])
+        return position, bool(row[1])
 
 
 class HealthMonitor:

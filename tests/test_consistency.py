@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import sessionmaker
 
 import sqlalchemy_scale as ss
-from sqlalchemy_scale.consistency import format_lsn, parse_lsn
+from sqlalchemy_scale.consistency import WAL_POSITION_SQL, format_lsn, parse_lsn
 from sqlalchemy_scale.local import LocalCluster, PgNode
 from sqlalchemy_scale.testing import wait_until
 
@@ -87,9 +87,9 @@ def test_token_is_the_primary_lsn_after_commit(
 ) -> None:
     """After a write commits, causal_token is an LSN no older than the primary's position then."""
     Session = ss.routing_sessionmaker(replicas)
-    before = parse_lsn(cluster.primary.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+    before = parse_lsn(cluster.primary.execute("SELECT pg_current_wal_flush_lsn()::text")[0][0])
     _, token = write_row(Session)
-    after = parse_lsn(cluster.primary.execute("SELECT pg_current_wal_insert_lsn()::text")[0][0])
+    after = parse_lsn(cluster.primary.execute("SELECT pg_current_wal_flush_lsn()::text")[0][0])
     assert before < parse_lsn(token) <= after
     assert format_lsn(parse_lsn(token)) == token
 
@@ -272,4 +272,4 @@ def test_token_capture_costs_one_statement(
     plain_engine.dispose()
     print(f"\nplain: {baseline}\nrouted: {captured}")
     assert len(captured) == len(baseline) + 1
-    assert captured[-1] == "SELECT pg_current_wal_insert_lsn()::text"
+    assert captured[-1] == WAL_POSITION_SQL

@@ -28,6 +28,10 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(50), default="someone")
 
 
+class ShardBase(DeclarativeBase):
+    """The README's sharding example declares its models on ``Base``."""
+
+
 class Response:
     """Stands in for a web framework's response in the causal_context example."""
 
@@ -53,11 +57,19 @@ def namespace(scale_cluster: LocalCluster, driver: str) -> Iterator[dict[str, An
         "text": text,
         "User": User,
         "token_from_cookie": None,
+        "Base": ShardBase,
+        "Mapped": Mapped,
+        "mapped_column": mapped_column,
+        **{f"S{i}_URL": shard.url(driver) for i, shard in enumerate(scale_cluster.shards)},
         "response": Response(),
     }
     yield ns
     if "replicas" in ns:
         ns["replicas"].dispose()
+    if "shards" in ns:
+        for shard_id in ns["shards"]:
+            ShardBase.metadata.drop_all(ns["shards"].replica_set(shard_id).primary.engine)
+        ns["shards"].dispose()
     Base.metadata.drop_all(engine)
     engine.dispose()
 
@@ -73,7 +85,7 @@ def test_readme_block_runs(
     index: int, namespace: dict[str, Any], scale_cluster: LocalCluster
 ) -> None:
     """README python block number ``index`` runs as written."""
-    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), namespace)
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec", dont_inherit=True), namespace)
     if index == 0:
         stats = namespace["replicas"].stats()
         assert stats["primary"]["statements"] == 0

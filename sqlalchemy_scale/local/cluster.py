@@ -420,8 +420,10 @@ class PgNode:
         """Wait until this replica has replayed ``lsn``.
 
         :param lsn: target position; by default everything the upstream had
-          inserted when called (``pg_current_wal_insert_lsn()``, so commits
-          not yet flushed under ``synchronous_commit=off`` count).
+          flushed when called (``pg_current_wal_flush_lsn()``; the insert position
+          under ``synchronous_commit=off``, so unflushed commits count). WAL that
+          is inserted but not flushed (e.g. page pruning by a SELECT) is not waited
+          for: it is not sent to replicas until the next flush.
         :param timeout: seconds before :class:`ClusterError`.
         """
         upstream = self._require_replica("wait_for_replay")
@@ -437,7 +439,8 @@ class PgNode:
     def _insert_lsn(self) -> str:
         lsn, block = self.execute(
             "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-            " ELSE pg_current_wal_insert_lsn() END, current_setting('wal_block_size')::int"
+            " WHEN current_setting('synchronous_commit') = 'off' THEN pg_current_wal_insert_lsn()"
+            " ELSE pg_current_wal_flush_lsn() END, current_setting('wal_block_size')::int"
         )[0]
         # The insert position skips the header of a fresh page, but a replica
         # reports the end of the last record replayed: the page boundary.

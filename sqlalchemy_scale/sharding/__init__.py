@@ -1,0 +1,42 @@
+"""Sharding: a ShardSet of PostgreSQL servers, strategies that place shard keys, and a
+session that routes by key, fans out concurrently and merges like one database.
+
+See ``docs/sharding.md`` for the guide.
+"""
+
+from __future__ import annotations
+
+from ._shard_set import ShardSet
+from .fanout import FanoutPlan, plan_fanout
+from .merge import SortKey, merge_aggregates, merge_ordered
+from .session import ShardedSession, set_shard_id, sharded_sessionmaker
+from .strategies import (
+    DirectorySharding,
+    HashSharding,
+    JumpHashSharding,
+    RangeSharding,
+    ShardId,
+    ShardingStrategy,
+    jump_hash,
+    stable_hash64,
+)
+
+__all__ = [
+    "DirectorySharding",
+    "FanoutPlan",
+    "HashSharding",
+    "JumpHashSharding",
+    "RangeSharding",
+    "ShardId",
+    "ShardSet",
+    "ShardedSession",
+    "ShardingStrategy",
+    "SortKey",
+    "jump_hash",
+    "merge_aggregates",
+    "merge_ordered",
+    "plan_fanout",
+    "set_shard_id",
+    "sharded_sessionmaker",
+    "stable_hash64",
+]

@@ -1,0 +1,237 @@
+"""ShardSet: the shards of an application, each a ReplicaSet, and the strategy that places keys.
+
+(Topology, like :class:`~sqlalchemy_scale.ReplicaSet`; it lives next to the
+sharding session only so that the sharding work could land in one package.)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Self
+
+from sqlalchemy import Table
+from sqlalchemy.orm import Mapper
+
+from ..errors import ConfigurationError, ShardKeyError
+from ..topology import EngineTarget, ReplicaSet
+from .strategies import ShardId, ShardingStrategy
+
+__all__ = ["ShardRule", "ShardSet"]
+
+#: How a table is placed: ("key", column name), ("all", None) or ("pinned", shard id).
+ShardRule = tuple[str, str | None]
+
+
+class ShardSet:
+    """Independent PostgreSQL servers ("shards"), each optionally with streaming replicas.
+
+    :param shards: shard id -> URL, :class:`~sqlalchemy.engine.Engine` or
+        :class:`~sqlalchemy_scale.ReplicaSet`. The mapping's order is the shard
+        order strategies see (add new shards at the end).
+    :param strategy: a :class:`~sqlalchemy_scale.sharding.strategies.ShardingStrategy`:
+        :class:`~sqlalchemy_scale.HashSharding`, :class:`~sqlalchemy_scale.JumpHashSharding`,
+        :class:`~sqlalchemy_scale.RangeSharding`, :class:`~sqlalchemy_scale.DirectorySharding`
+        or a function ``(value, shard_ids) -> shard_id | None``.
+    :param two_phase: allow a transaction to write to more than one shard,
+        committing with PostgreSQL two-phase commit (the servers need
+        ``max_prepared_transactions > 0``). When False (the default) such a
+        transaction raises :class:`~sqlalchemy_scale.CrossShardWriteError`
+        before anything is committed.
+    :param max_workers: threads that run fan-out queries (default: two per
+        shard). The pool is shared by every session of this ShardSet.
+    :param engine_kwargs: passed to :func:`~sqlalchemy.create_engine` for every
+        URL given (see :class:`~sqlalchemy_scale.ReplicaSet`).
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        shards: Mapping[ShardId, EngineTarget | ReplicaSet],
+        *,
+        strategy: ShardingStrategy,
+        two_phase: bool = False,
+        max_workers: int | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        if not shards:
+            raise ConfigurationError("ShardSet needs at least one shard")
+        if not callable(strategy):
+            raise ConfigurationError(f"strategy must be callable, got {strategy!r}")
+        self.shard_ids: list[ShardId] = [str(s) for s in shards]
+        self._sets: dict[ShardId, ReplicaSet] = {}
+        for shard_id, target in shards.items():
+            if isinstance(target, ReplicaSet):
+                self._sets[str(shard_id)] = target
+            else:
+                self._sets[str(shard_id)] = ReplicaSet(
+                    primary=target, name=str(shard_id), **engine_kwargs
+                )
+        validate = getattr(strategy, "validate", None)
+        if callable(validate):
+            validate(self.shard_ids)
+        self.strategy = strategy
+        self.two_phase = two_phase
+        self.max_workers = max_workers or 2 * len(self.shard_ids)
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._rules: dict[Table, ShardRule | None] = {}
+        #: Each shard database's default collation, read at the first fan-out that sorts text.
+        self.collations: dict[ShardId, str] = {}
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def shard_for(
+        self, value: Any, *, model: str | None = None, column: str | None = None
+    ) -> ShardId:
+        """The shard that owns shard key ``value``; :class:`ShardKeyError` if none does."""
+        what = f"{model}.{column}" if model and column else "the shard key"
+        if value is None:
+            raise ShardKeyError(
+                f"{what} is missing (None): cannot choose a shard, nothing was written",
+                model=model,
+                column=column,
+                value=value,
+            )
+        try:
+            shard_id = self.strategy(value, self.shard_ids)
+        except (KeyError, ValueError, TypeError, LookupError) as exc:
+            raise ShardKeyError(
+                f"{what} = {value!r} cannot be placed by {self.strategy!r}: {exc}",
+                model=model,
+                column=column,
+                value=value,
+            ) from exc
+        if shard_id is None or shard_id not in self._sets:
+            reason = (
+                "no shard owns it"
+                if shard_id is None
+                else f"strategy answered unknown shard {shard_id!r}"
+            )
+            raise ShardKeyError(
+                f"{what} = {value!r} cannot be placed by {self.strategy!r}: {reason}",
+                model=model,
+                column=column,
+                value=value,
+            )
+        return shard_id
+
+    def replica_set(self, shard_id: ShardId) -> ReplicaSet:
+        """The ReplicaSet of shard ``shard_id``."""
+        try:
+            return self._sets[shard_id]
+        except KeyError:
+            raise ConfigurationError(f"no shard {shard_id!r}; shards: {self.shard_ids}") from None
+
+    @property
+    def home_shard(self) -> ShardId:
+        """The shard that serves reads of global (``__shard__ = "all"``) tables."""
+        return self.shard_ids[0]
+
+    def rule_for(self, table: Table) -> ShardRule | None:
+        """How ``table`` is placed, from its model's ``__shard_key__``/``__shard__`` or
+        ``Table.info`` (``{"shard_key": ...}`` or ``{"shard": ...}``); None if undeclared."""
+        table = table._deannotate()  # ORM statements hold annotated copies
+        try:
+            return self._rules[table]
+        except KeyError:
+            pass
+        rule = _rule_from_info(table.info)
+        if rule is None:
+            from sqlalchemy.orm import mapperlib
+
+            for registry in list(mapperlib._all_registries()):
+                for mapper in list(registry.mappers):
+                    if mapper.local_table is table:
+                        rule = rule_for_mapper(mapper)
+                        break
+                if rule is not None:
+                    break
+        if rule is not None:
+            self._check_rule(table.name, rule)
+        with self._lock:
+            self._rules[table] = rule
+        return rule
+
+    def _check_rule(self, name: str, rule: ShardRule) -> None:
+        kind, arg = rule
+        if kind == "pinned" and arg not in self._sets:
+            raise ConfigurationError(f"table {name!r} is pinned to unknown shard {arg!r}")
+
+    # -- execution resources -----------------------------------------------------------------
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The bounded thread pool that runs fan-out queries (created on first use)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.max_workers, thread_name_prefix="sqlalchemy_scale-fanout"
+                )
+            return self._executor
+
+    def dispose(self) -> None:
+        """Stop the fan-out threads and close the pools of engines this ShardSet created."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+        for replica_set in self._sets.values():
+            replica_set.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dispose()
+
+    def __iter__(self) -> Iterator[ShardId]:
+        return iter(self.shard_ids)
+
+    def __len__(self) -> int:
+        return len(self.shard_ids)
+
+    def __repr__(self) -> str:
+        return f"<ShardSet {self.shard_ids} strategy={self.strategy!r}>"
+
+
+def _rule_from_info(info: Mapping[str, Any]) -> ShardRule | None:
+    if "shard_key" in info:
+        return ("key", str(info["shard_key"]))
+    if "shard" in info:
+        shard = str(info["shard"])
+        return ("all", None) if shard == "all" else ("pinned", shard)
+    return None
+
+
+def rule_for_mapper(mapper: Mapper[Any]) -> ShardRule | None:
+    """The placement declared on a mapped class, with ``__shard_key__`` resolved to a column name."""
+    rule = rule_for_class(mapper.class_)
+    if rule is None or rule[0] != "key":
+        return rule
+    attr = rule[1]
+    assert attr is not None
+    prop = mapper.get_property(attr) if mapper.has_property(attr) else None
+    columns = getattr(prop, "columns", None)
+    if not columns:
+        raise ConfigurationError(
+            f"{mapper.class_.__name__}.__shard_key__ = {attr!r} does not name a mapped column"
+        )
+    return ("key", str(columns[0].name))
+
+
+def rule_for_class(cls: type) -> ShardRule | None:
+    """The placement declared on a mapped class (``__shard_key__`` or ``__shard__``)."""
+    key = getattr(cls, "__shard_key__", None)
+    shard = getattr(cls, "__shard__", None)
+    if key is not None and shard is not None:
+        raise ConfigurationError(
+            f"{cls.__name__} declares both __shard_key__ and __shard__; choose one"
+        )
+    if key is not None:
+        return ("key", str(key))
+    if shard is not None:
+        return ("all", None) if shard == "all" else ("pinned", str(shard))
+    return None

@@ -1,0 +1,234 @@
+"""Merging partial results from several shards into what one database would return.
+
+Pure functions on rows (tuples or :class:`~sqlalchemy.engine.Row` objects),
+no SQL: :mod:`sqlalchemy_scale.sharding.fanout` decides what to push down to
+each shard and calls these to combine the answers.
+
+* Ordered rows: every shard returns its rows already sorted by the ORDER BY
+  (with ``LIMIT limit + offset`` pushed down); :func:`merge_ordered` does a
+  k-way merge (:func:`heapq.merge`) and then applies OFFSET and LIMIT once.
+* Aggregates: every shard returns one partial row per group;
+  :func:`merge_aggregates` combines them (``count`` and ``sum`` add up, ``min``
+  and ``max`` take the extreme, ``avg`` was pushed down as ``sum`` and
+  ``count`` and is divided here).
+
+Ordering follows PostgreSQL: NULLs sort as larger than every value, so they
+come last in ascending order and first in descending order unless
+``NULLS FIRST``/``NULLS LAST`` says otherwise. Text is compared by code point,
+which is PostgreSQL's order only under the ``C`` collation (see
+:func:`sqlalchemy_scale.sharding.fanout.plan_fanout`, which refuses other
+cases).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal, TypeVar
+
+__all__ = [
+    "AggregateKind",
+    "SortKey",
+    "apply_limit",
+    "merge_aggregates",
+    "merge_ordered",
+    "partial_width",
+    "sort_key",
+    "sort_rows",
+]
+
+R = TypeVar("R")
+
+AggregateKind = Literal["count", "sum", "min", "max", "avg"]
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """One ORDER BY term: how to read it from a row, its direction and where NULLs go.
+
+    ``nulls_first=None`` means PostgreSQL's default: NULLs first when descending.
+    """
+
+    getter: Callable[[Any], Any]
+    descending: bool = False
+    nulls_first: bool | None = None
+
+    @property
+    def nulls_come_first(self) -> bool:
+        return self.descending if self.nulls_first is None else self.nulls_first
+
+
+class _Descending:
+    """Wraps a value so that comparisons are reversed (for DESC terms)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __lt__(self, other: _Descending) -> bool:
+        return bool(other.value < self.value)
+
+    def __gt__(self, other: _Descending) -> bool:
+        return bool(other.value > self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Descending) and bool(self.value == other.value)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+def sort_key(keys: Sequence[SortKey]) -> Callable[[Any], tuple[Any, ...]]:
+    """A Python sort key for rows that reproduces the ORDER BY ``keys``.
+
+    Each term becomes ``(null_rank, value)``: the rank puts NULLs before or
+    after every value, and is equal for two NULLs, so ``None`` is never compared.
+    """
+    specs = [(k.getter, k.descending, k.nulls_come_first) for k in keys]
+
+    def key(row: Any) -> tuple[Any, ...]:
+        out: list[Any] = []
+        for getter, descending, nulls_first in specs:
+            value = getter(row)
+            if value is None:
+                out.append((0 if nulls_first else 2, None))
+            else:
+                out.append((1, _Descending(value) if descending else value))
+        return tuple(out)
+
+    return key
+
+
+def apply_limit(rows: Iterable[R], limit: int | None, offset: int | None) -> list[R]:
+    """Skip ``offset`` rows and keep at most ``limit`` (None: no bound)."""
+    start = offset or 0
+    stop = None if limit is None else start + limit
+    return list(itertools.islice(rows, start, stop))
+
+
+def merge_ordered(
+    streams: Sequence[Iterable[R]],
+    keys: Sequence[SortKey],
+    *,
+    limit: int | None = None,
+    offset: int | None = None,
+) -> list[tuple[int, R]]:
+    """K-way merge of streams each sorted by ``keys``; returns ``(stream_index, row)`` pairs.
+
+    Without keys the streams are concatenated in order. OFFSET and LIMIT apply
+    to the merged sequence, so each stream needs at most ``limit + offset`` rows.
+    Ties keep stream order (the merge is stable).
+    """
+    tagged: list[Iterator[tuple[int, R]]] = [
+        zip(itertools.repeat(i), stream, strict=False) for i, stream in enumerate(streams)
+    ]
+    if keys:
+        row_key = sort_key(keys)
+        merged: Iterable[tuple[int, R]] = heapq.merge(*tagged, key=lambda item: row_key(item[1]))
+    else:
+        merged = itertools.chain.from_iterable(tagged)
+    return apply_limit(merged, limit, offset)
+
+
+def sort_rows(rows: Iterable[R], keys: Sequence[SortKey]) -> list[R]:
+    """Rows sorted as PostgreSQL would sort them by ``keys`` (stable)."""
+    return sorted(rows, key=sort_key(keys))
+
+
+def partial_width(kind: AggregateKind) -> int:
+    """How many columns a shard returns for one aggregate (``avg`` needs sum and count)."""
+    return 2 if kind == "avg" else 1
+
+
+def _add(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _min(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return b if b < a else a
+
+
+def _max(a: Any, b: Any) -> Any:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return b if b > a else a
+
+
+def _average(total: Any, count: Any) -> Any:
+    if not count:
+        return None
+    if isinstance(total, int):
+        # PostgreSQL's avg() of integers is numeric.
+        return Decimal(total) / Decimal(count)
+    return total / count
+
+
+def merge_aggregates(
+    partials: Iterable[Sequence[Any]],
+    group_width: int,
+    kinds: Sequence[AggregateKind],
+    *,
+    grouped: bool,
+) -> list[tuple[Any, ...]]:
+    """Combine per-shard partial aggregate rows into final rows.
+
+    Each partial row is ``group_width`` group-by values followed by the partial
+    columns of each aggregate in ``kinds`` (``avg`` as sum then count). Returns
+    one row per group: the group values, then one final value per aggregate.
+    Without GROUP BY (``grouped=False``) there is exactly one row, even when no
+    shard had any row (``count`` is then 0 and the others NULL, as in SQL).
+    """
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for row in partials:
+        group = tuple(row[:group_width])
+        pos = group_width
+        current = groups.get(group)
+        if current is None:
+            current = groups[group] = [None] * len(kinds)
+            fresh = True
+        else:
+            fresh = False
+        for i, kind in enumerate(kinds):
+            if kind == "avg":
+                value: Any = (row[pos], row[pos + 1])
+                pos += 2
+                if fresh:
+                    current[i] = value
+                else:
+                    prev = current[i]
+                    current[i] = (_add(prev[0], value[0]), _add(prev[1], value[1]))
+                continue
+            value = row[pos]
+            pos += 1
+            if fresh:
+                current[i] = value
+            elif kind in ("count", "sum"):
+                current[i] = _add(current[i], value)
+            elif kind == "min":
+                current[i] = _min(current[i], value)
+            else:
+                current[i] = _max(current[i], value)
+    if not grouped and not groups:
+        groups[()] = [0 if kind == "count" else None for kind in kinds]
+    out: list[tuple[Any, ...]] = []
+    for group, values in groups.items():
+        final = [
+            _average(*value) if kind == "avg" and value is not None else value
+            for kind, value in zip(kinds, values, strict=True)
+        ]
+        out.append((*group, *final))
+    return out

@@ -1,0 +1,639 @@
+"""Shard sessions: SQLAlchemy's horizontal_shard ShardedSession with choosers derived from models.
+
+A model names its shard key (``__shard_key__ = "customer_id"``) and the
+:class:`~sqlalchemy_scale.ShardSet`'s strategy maps key values to shards;
+:class:`ShardedSession` derives horizontal_shard's three choosers from that,
+so applications write none. What it adds to horizontal_shard:
+
+* inserts route by the instance's key; a missing or unplaceable key raises
+  :class:`~sqlalchemy_scale.ShardKeyError` in ``before_flush``, before any SQL;
+* statements whose WHERE pins the key (``==``, ``IN``) run only on the owning
+  shards; ``execution_options(shard_key=v)`` and ``session.get(Model, pk,
+  shard_key=v)`` route explicitly; ``set_shard_id``, ``shard_id`` and
+  ``bind_arguments={"shard_id": ...}`` keep working;
+* other SELECTs fan out to every shard *concurrently* and are merged into one
+  database's answer (:mod:`~sqlalchemy_scale.sharding.fanout`);
+* inside a shard that is a :class:`~sqlalchemy_scale.ReplicaSet`, reads and
+  writes are routed by :meth:`sqlalchemy_scale.RoutingSession.get_bind` itself
+  (one router per shard), so the rules are the same, not a copy;
+* a transaction that writes to two shards commits with two-phase commit when
+  the ShardSet allows it, else raises :class:`~sqlalchemy_scale.CrossShardWriteError`
+  before the second shard is written;
+* global tables (``__shard__ = "all"``) are written to every shard and read
+  from the ShardSet's home shard; ``__shard__ = "<shard id>"`` pins a table.
+
+Fan-out reads inside a session transaction run on the session's own
+connection for each shard (one connection per shard, each used by one worker
+thread while the calling thread waits): they see the transaction's own
+uncommitted writes and its isolation level, exactly as a non-sharded session
+would. Running them on fresh connections would be faster to set up but would
+silently read other snapshots.
+
+When *not* to use it: data that fits one server (sharding costs joins,
+unique constraints and transactions across shards), and queries that need
+DISTINCT, window functions or joins across shard keys over all shards.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from contextlib import ContextDecorator, ExitStack
+from typing import Any, Final
+
+from sqlalchemy import event, inspect
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.base import TwoPhaseTransaction
+from sqlalchemy.engine.result import Result
+from sqlalchemy.ext import horizontal_shard
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, sessionmaker
+from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql.elements import ClauseElement, TextClause
+from sqlalchemy.sql.selectable import TextualSelect
+
+from ..consistency import _CONTEXT as _CAUSAL_CONTEXT
+from ..errors import (
+    CommitOutcomeUnknown,
+    ConfigurationError,
+    CrossShardQueryError,
+    CrossShardWriteError,
+    render_url,
+)
+from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession
+from ..topology import Role
+from ._pinning import shards_for_statement
+from ._shard_set import ShardRule, ShardSet, rule_for_mapper
+from .fanout import execute_fanout
+from .strategies import ShardId
+
+__all__ = ["SHARDING_OPTIONS", "ShardedSession", "set_shard_id", "sharded_sessionmaker"]
+
+log = logging.getLogger("sqlalchemy_scale.sharding")
+
+#: Execution options read by the sharded session, besides use_primary/use_replica.
+SHARDING_OPTIONS: Final = frozenset({"shard_key", "shard_id"})
+
+set_shard_id = horizontal_shard.set_shard_id
+
+_UNKNOWN: Any = object()
+
+
+class ShardedSession(horizontal_shard.ShardedSession):
+    """A horizontal_shard :class:`~sqlalchemy.ext.horizontal_shard.ShardedSession`
+    whose choosers come from ``__shard_key__`` and a :class:`~sqlalchemy_scale.ShardSet`.
+
+    :param shard_set: the shards and the strategy placing keys on them.
+    :param default_role: inside each shard, ``"replica"`` (default) routes plain
+        reads to the shard's replicas, ``"primary"`` keeps everything on its primary
+        unless a statement says ``use_replica=True`` (as in RoutingSession).
+
+    Other keyword arguments are :class:`~sqlalchemy.orm.Session`'s. Build it with
+    :func:`sharded_sessionmaker`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        *,
+        shard_set: ShardSet,
+        default_role: Role = "replica",
+        **kw: Any,
+    ) -> None:
+        if not isinstance(shard_set, ShardSet):
+            raise ConfigurationError(
+                f"ShardedSession needs shard_set=ShardSet(...), got {type(shard_set).__name__}"
+            )
+        if default_role not in ("primary", "replica"):
+            raise ConfigurationError(
+                f"default_role must be 'primary' or 'replica', got {default_role!r}"
+            )
+        self.shard_set = shard_set
+        self.default_role: Role = default_role
+        self._written: dict[ShardId, Engine] = {}
+        self._routers: dict[ShardId, RoutingSession] = {}
+        self._preparing = False
+        super().__init__(
+            shard_chooser=self._choose_shard,
+            identity_chooser=self._choose_identity_shards,
+            execute_chooser=self._choose_execute_shards,
+            shards={s: shard_set.replica_set(s).primary.engine for s in shard_set.shard_ids},
+            **kw,
+        )
+        # Replace horizontal_shard's sequential executor with ours (single shard, fan-out).
+        event.remove(self, "do_orm_execute", horizontal_shard.execute_and_instances)
+        event.listen(self, "do_orm_execute", _execute, retval=True)
+
+    # -- two-phase commit -------------------------------------------------------------------
+
+    @property
+    def twophase(self) -> bool:
+        """True while connections begin, when the ShardSet allows 2PC: every transaction
+        starts as a two-phase one (on PostgreSQL a plain BEGIN), and ``before_commit``
+        prepares only the shards written, and only when there are several."""
+        return bool(getattr(self, "shard_set", None) and self.shard_set.two_phase) and not getattr(
+            self, "_preparing", False
+        )
+
+    @twophase.setter
+    def twophase(self, value: bool) -> None:
+        if value:
+            raise ConfigurationError(
+                "ShardedSession decides two-phase commit itself; use ShardSet(two_phase=True)"
+            )
+
+    @property
+    def written_shards(self) -> list[ShardId]:
+        """Shards the current transaction has written to, in order."""
+        return [s for s in self.shard_set.shard_ids if s in self._written]
+
+    # -- choosers (horizontal_shard's extension points) -------------------------------------
+
+    def rule_for_mapper(self, mapper: Mapper[Any]) -> ShardRule:
+        rule = self.shard_set.rule_for(mapper.local_table)  # type: ignore[arg-type]
+        if rule is None:
+            rule = rule_for_mapper(mapper)
+        if rule is None:
+            raise ConfigurationError(
+                f"{mapper.class_.__name__} is not placed on the shards: give it "
+                "__shard_key__ = '<column>', or __shard__ = 'all' or '<shard id>'"
+            )
+        return rule
+
+    def shard_for_instance(self, mapper: Mapper[Any], instance: Any) -> ShardId:
+        """The shard an instance belongs to, from its shard key (or its table's rule)."""
+        kind, arg = self.rule_for_mapper(mapper)
+        if kind == "all":
+            return self.shard_set.home_shard
+        if kind == "pinned":
+            assert arg is not None
+            return arg
+        attr = _key_attr(mapper)
+        return self.shard_set.shard_for(
+            getattr(instance, attr, None), model=mapper.class_.__name__, column=attr
+        )
+
+    def _choose_shard(
+        self,
+        mapper: Mapper[Any] | None,
+        instance: Any,
+        clause: ClauseElement | None = None,
+        **kw: Any,
+    ) -> ShardId:
+        if instance is not None and mapper is not None:
+            return self.shard_for_instance(mapper, instance)
+        if clause is not None:
+            shard_ids = shards_for_statement(clause, self.shard_set, None)
+            if len(shard_ids) == 1:
+                return shard_ids[0]
+        elif mapper is not None:
+            kind, arg = self.rule_for_mapper(mapper)
+            if kind == "all":
+                return self.shard_set.home_shard
+            if kind == "pinned":
+                assert arg is not None
+                return arg
+        raise CrossShardQueryError(
+            "cannot choose one shard here; pass bind_arguments={'shard_id': ...} "
+            "(e.g. session.connection(bind_arguments={'shard_id': 's0'}))"
+        )
+
+    def _choose_identity_shards(
+        self,
+        mapper: Mapper[Any],
+        primary_key: Any,
+        *,
+        lazy_loaded_from: InstanceState[Any] | None,
+        execution_options: Mapping[str, Any] | None = None,
+        bind_arguments: Mapping[str, Any] | None = None,
+        **kw: Any,
+    ) -> list[ShardId]:
+        if lazy_loaded_from is not None and lazy_loaded_from.identity_token is not None:
+            return [str(lazy_loaded_from.identity_token)]
+        options = execution_options or {}
+        if "shard_id" in options:
+            return [options["shard_id"]]
+        kind, arg = self.rule_for_mapper(mapper)
+        if kind == "all":
+            return [self.shard_set.home_shard]
+        if kind == "pinned":
+            assert arg is not None
+            return [arg]
+        attr = _key_attr(mapper)
+        if "shard_key" in options:
+            return [
+                self.shard_set.shard_for(
+                    options["shard_key"], model=mapper.class_.__name__, column=attr
+                )
+            ]
+        key_column = mapper.get_property(attr).columns[0]
+        pk = primary_key if isinstance(primary_key, tuple | list) else (primary_key,)
+        for column, value in zip(mapper.primary_key, pk, strict=False):
+            if column is key_column and value is not None:
+                return [self.shard_set.shard_for(value, model=mapper.class_.__name__, column=attr)]
+        return list(self.shard_set.shard_ids)
+
+    def _choose_execute_shards(self, orm_context: ORMExecuteState) -> list[ShardId]:
+        options = orm_context.execution_options
+        params = orm_context.parameters if isinstance(orm_context.parameters, Mapping) else None
+        if "shard_key" in options:
+            return shards_for_statement(
+                orm_context.statement, self.shard_set, params, shard_key=options["shard_key"]
+            )
+        return shards_for_statement(orm_context.statement, self.shard_set, params)
+
+    # -- explicit routing ---------------------------------------------------------------------
+
+    def get(self, entity: Any, ident: Any, *, shard_key: Any = _UNKNOWN, **kw: Any) -> Any:
+        """:meth:`Session.get`, plus ``shard_key=v`` to look in the owning shard only."""
+        if shard_key is not _UNKNOWN and kw.get("identity_token") is None:
+            mapper = inspect(entity)
+            kw["identity_token"] = self.shard_set.shard_for(
+                shard_key, model=mapper.class_.__name__, column=_key_attr(mapper)
+            )
+        return super().get(entity, ident, **kw)
+
+    def use_primary(self) -> _PinShards:
+        """Pin this session's statements to each shard's primary: ``with session.use_primary():``
+        (also a decorator of plain functions; ``ss.use_primary()`` pins every session)."""
+        return _PinShards(self)
+
+    # -- routing inside a shard -------------------------------------------------------------
+
+    def get_bind(
+        self,
+        mapper: Any = None,
+        *,
+        shard_id: ShardId | None = None,
+        instance: Any = None,
+        clause: ClauseElement | None = None,
+        bind: Engine | Connection | None = None,
+        **kw: Any,
+    ) -> Engine | Connection:
+        """The engine for a statement: first the shard (``shard_id``, or the chooser),
+        then the node inside it.
+
+        Inside the shard, :meth:`sqlalchemy_scale.RoutingSession.get_bind` decides,
+        with its precedence list, per shard: each shard has its own router (a
+        RoutingSession that never executes anything), so "the transaction has
+        written" and the transaction's replica are tracked per shard.
+
+        A write to a second shard raises :class:`CrossShardWriteError` unless the
+        ShardSet allows two-phase commit.
+        """
+        if bind is not None:
+            return bind
+        if shard_id is None:
+            shard_id = self._choose_shard_and_assign(mapper, instance, clause=clause)
+        assert shard_id is not None
+        router = self.router(shard_id)
+        router._flushing = self._flushing
+        had_written = router.has_written
+        # A causal token is a WAL position of one server; shards have their own WALs, so an
+        # application's token must not steer reads inside a shard.
+        causal = _CAUSAL_CONTEXT.set(None)
+        try:
+            engine = router.get_bind(mapper, clause=clause, **kw)
+        finally:
+            _CAUSAL_CONTEXT.reset(causal)
+        if router.has_written and not had_written:
+            self._note_write(shard_id, self.shard_set.replica_set(shard_id).primary.engine)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("[%s] %s", shard_id, render_url(engine.engine))
+        return engine
+
+    def router(self, shard_id: ShardId) -> RoutingSession:
+        """The RoutingSession that routes this session's statements inside shard ``shard_id``."""
+        router = self._routers.get(shard_id)
+        if router is None:
+            router = self._routers[shard_id] = RoutingSession(
+                replica_set=self.shard_set.replica_set(shard_id), default_role=self.default_role
+            )
+        return router
+
+    def _note_write(self, shard_id: ShardId, engine: Engine) -> None:
+        if shard_id in self._written:
+            return
+        if self._written and not self.shard_set.two_phase:
+            raise CrossShardWriteError(
+                f"this transaction already wrote to shard(s) {self.written_shards} and now writes "
+                f"to {shard_id!r}; nothing was committed. Enable ShardSet(two_phase=True) "
+                "(PostgreSQL two-phase commit, needs max_prepared_transactions > 0) or write "
+                "each shard in its own transaction"
+            )
+        self._written[shard_id] = engine
+
+    def _end_transaction(self) -> None:
+        self._written = {}
+        self._preparing = False
+        for router in self._routers.values():
+            router._end_transaction()
+
+
+class _PinShards(ContextDecorator):
+    """``session.use_primary()`` of a ShardedSession: pins every shard's router."""
+
+    def __init__(self, session: ShardedSession) -> None:
+        self._session = session
+        self._stacks: list[ExitStack] = []
+
+    def __enter__(self) -> None:
+        stack = ExitStack()
+        for shard_id in self._session.shard_set.shard_ids:
+            stack.enter_context(self._session.router(shard_id).use_primary())
+        self._stacks.append(stack)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stacks.pop().close()
+
+
+def _key_attr(mapper: Mapper[Any]) -> str:
+    attr = getattr(mapper.class_, "__shard_key__", None)
+    if attr is None:
+        raise ConfigurationError(f"{mapper.class_.__name__} has no __shard_key__")
+    return str(attr)
+
+
+# -- statement execution ---------------------------------------------------------------------
+
+
+def _call_options(orm_context: ORMExecuteState) -> dict[str, Any]:
+    options = orm_context.execution_options
+    return {k: options[k] for k in ROUTING_OPTIONS if k in options}
+
+
+def _explicit_shard(orm_context: ORMExecuteState) -> ShardId | None:
+    for option in orm_context._non_compile_orm_options:
+        if isinstance(option, horizontal_shard.set_shard_id):
+            return str(option.shard_id)
+    active: Any = None
+    if orm_context.is_select:
+        active = orm_context.load_options
+    elif orm_context.is_update or orm_context.is_delete:
+        active = orm_context.update_delete_options
+    if active is not None and active._identity_token is not None:
+        return str(active._identity_token)
+    options = orm_context.execution_options
+    for name in ("_sa_shard_id", "shard_id"):
+        if options.get(name) is not None:
+            return str(options[name])
+    if orm_context.bind_arguments.get("shard_id") is not None:
+        return str(orm_context.bind_arguments["shard_id"])
+    return None
+
+
+def _bind_arguments(orm_context: ORMExecuteState, shard_id: ShardId) -> dict[str, Any]:
+    bind_arguments = dict(orm_context.bind_arguments)
+    bind_arguments["shard_id"] = shard_id
+    routing = _call_options(orm_context)
+    if routing:
+        bind_arguments[_CALL_OPTIONS] = routing
+    return bind_arguments
+
+
+def _run_on_shard(orm_context: ORMExecuteState, shard_id: ShardId) -> Result[Any]:
+    orm_context.update_execution_options(identity_token=shard_id)
+    return orm_context.invoke_statement(bind_arguments=_bind_arguments(orm_context, shard_id))
+
+
+def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
+    session = orm_context.session
+    if not isinstance(session, ShardedSession):
+        return None
+    shard_id = _explicit_shard(orm_context)
+    if shard_id is not None:
+        return _run_on_shard(orm_context, shard_id)
+    statement = orm_context.statement
+    if isinstance(statement, TextClause | TextualSelect):
+        raise CrossShardQueryError(
+            "a text() statement names no table we can place; run it on one shard with "
+            "execution_options(shard_id=...) or bind_arguments={'shard_id': ...}"
+        )
+    if orm_context.is_insert:
+        shard_ids = _insert_shards(session, orm_context)
+    else:
+        shard_ids = session._choose_execute_shards(orm_context)
+    if len(shard_ids) == 1:
+        return _run_on_shard(orm_context, shard_ids[0])
+    if orm_context.is_select:
+        return execute_fanout(
+            orm_context,
+            shard_ids,
+            session.shard_set,
+            functools.partial(_bind_arguments, orm_context),
+        )
+    if statement.is_select:
+        raise CrossShardQueryError(
+            f"a {type(statement).__name__} across shards cannot be merged; pass "
+            "execution_options(shard_id=...) or shard_key=..."
+        )
+    # INSERT (global tables), UPDATE or DELETE on several shards: each shard in the session's
+    # transaction, so the two-phase commit rules apply; one after the other, as
+    # horizontal_shard does.
+    results = [_run_on_shard(orm_context, s) for s in shard_ids]
+    return results[0].merge(*results[1:])
+
+
+def _insert_shards(session: ShardedSession, orm_context: ORMExecuteState) -> list[ShardId]:
+    """Where an INSERT statement goes: its rows' shard (all rows must share one), every
+    shard for a global table, or the table's pinned shard."""
+    stmt: Any = orm_context.statement
+    table = stmt.table
+    rule = session.shard_set.rule_for(table)
+    if rule is None or rule[0] != "key":
+        return session._choose_execute_shards(orm_context)
+    column = rule[1]
+    params = orm_context.parameters
+    rows: list[Mapping[str, Any]] = (
+        [params] if isinstance(params, Mapping) and params else list(params or [])  # type: ignore[arg-type]
+    )
+    if not rows:  # insert(...).values(...): the values are in the statement
+        values = {
+            str(getattr(key, "key", key)): getattr(value, "effective_value", value)
+            for key, value in (getattr(stmt, "_values", None) or {}).items()
+        }
+        rows = [values]
+    shards = set()
+    for row in rows:
+        mapper = orm_context.bind_mapper
+        name = mapper.class_.__name__ if mapper is not None else table.name
+        attr = _key_attr(mapper) if mapper is not None else str(column)
+        shards.add(
+            session.shard_set.shard_for(
+                row.get(attr, row.get(str(column))), model=name, column=attr
+            )
+        )
+    if len(shards) != 1:
+        raise CrossShardQueryError(
+            f"a bulk INSERT into {table.name} with rows for shards {sorted(shards)}: add the "
+            "objects with session.add_all(), or insert each shard's rows separately"
+        )
+    return list(shards)
+
+
+# -- flush-time rules --------------------------------------------------------------------------
+
+
+@event.listens_for(ShardedSession, "before_flush")
+def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    if not isinstance(session, ShardedSession):
+        return
+    # Place every new object before any SQL is sent: a bad key raises with nothing written.
+    for obj in session.new:
+        state = inspect(obj)
+        if state.identity_token is None:
+            state.identity_token = session.shard_for_instance(state.mapper, obj)
+    for obj in session.dirty:
+        state = inspect(obj)
+        if state.key is None or not session.is_modified(obj):
+            continue
+        kind, _ = session.rule_for_mapper(state.mapper)
+        if kind != "key":
+            continue
+        owner = session.shard_for_instance(state.mapper, obj)
+        if owner != state.key[2]:
+            raise CrossShardWriteError(
+                f"{state.mapper.class_.__name__}.{_key_attr(state.mapper)} was changed so that "
+                f"the row would belong to shard {owner!r}, but it is stored on {state.key[2]!r}; "
+                "changing a shard key moves the row: delete it and add a new object "
+                "(or use DirectorySharding.move)"
+            )
+
+
+@event.listens_for(ShardedSession, "after_flush")
+def _replicate_global_rows(session: Session, flush_context: Any) -> None:
+    if not isinstance(session, ShardedSession):
+        return
+    written = [(obj, False) for obj in session.new] + [
+        (obj, False) for obj in session.dirty if session.is_modified(obj)
+    ]
+    written += [(obj, True) for obj in session.deleted]
+    for obj, deleted in written:
+        state = inspect(obj)
+        if session.rule_for_mapper(state.mapper)[0] != "all":
+            continue
+        _copy_to_other_shards(session, state, deleted=deleted)
+
+
+def _copy_to_other_shards(
+    session: ShardedSession, state: InstanceState[Any], *, deleted: bool
+) -> None:
+    mapper = state.mapper
+    table: Any = mapper.local_table
+    home = state.identity_token or session.shard_set.home_shard
+    values: dict[str, Any] = {}
+    for prop in mapper.column_attrs:
+        for column in prop.columns:
+            if getattr(column, "table", None) is table and prop.key in state.dict:
+                values[column.name] = state.dict[prop.key]
+    pk = [c.name for c in table.primary_key.columns]
+    for shard_id in session.shard_set.shard_ids:
+        if shard_id == home:
+            continue
+        conn = session.connection(bind_arguments={"shard_id": shard_id, "mapper": mapper})
+        if deleted:
+            criteria = [table.c[name] == values[name] for name in pk]
+            conn.execute(table.delete().where(*criteria))
+            continue
+        stmt = pg_insert(table).values(values)
+        updates = {name: stmt.excluded[name] for name in values if name not in pk}
+        stmt = (
+            stmt.on_conflict_do_update(index_elements=pk, set_=updates)
+            if updates
+            else stmt.on_conflict_do_nothing(index_elements=pk)
+        )
+        conn.execute(stmt)
+
+
+# -- commit -----------------------------------------------------------------------------------
+
+
+@event.listens_for(ShardedSession, "before_commit")
+def _before_commit(session: Session) -> None:
+    if not isinstance(session, ShardedSession):
+        return
+    transaction = session._transaction
+    if transaction is None or transaction.nested or transaction.parent is not None:
+        return
+    session.flush()  # the last flush may write to another shard: decide after it
+    # From here SQLAlchemy must not prepare every connection itself (replicas cannot).
+    session._preparing = True
+    if len(session._written) < 2:
+        return
+    if not session.shard_set.two_phase:  # get_bind refuses earlier; this is the safety net
+        raise CrossShardWriteError(
+            f"the transaction wrote to shards {session.written_shards}; nothing was committed"
+        )
+    prepared: list[tuple[ShardId, Any, TwoPhaseTransaction]] = []
+    try:
+        for shard_id in session.written_shards:
+            entry = transaction._connections.get(session._written[shard_id])
+            if entry is None:
+                continue
+            conn, trans = entry[0], entry[1]
+            if not isinstance(trans, TwoPhaseTransaction):
+                raise CrossShardWriteError(
+                    f"shard {shard_id!r}'s connection did not begin a two-phase transaction; "
+                    "nothing was committed"
+                )
+            trans.prepare()
+            prepared.append((shard_id, conn, trans))
+    except BaseException:
+        for _, _, trans in prepared:
+            trans.rollback()
+        raise
+    log.debug("prepared two-phase commit on shards %s", session.written_shards)
+    _commit_prepared(transaction, prepared)
+
+
+def _commit_prepared(
+    transaction: SessionTransaction, prepared: list[tuple[ShardId, Any, TwoPhaseTransaction]]
+) -> None:
+    """Phase two, run here rather than in SQLAlchemy's commit loop: every prepared shard gets
+    COMMIT PREPARED even when another one fails, and a failure never becomes a ROLLBACK
+    PREPARED (which the loop's cleanup would send)."""
+    failed: list[tuple[ShardId, str, BaseException]] = []
+    for shard_id, conn, trans in prepared:
+        try:
+            trans.commit()
+        except Exception as exc:
+            # Keep the prepared transaction for recovery: cleanup must not roll it back.
+            trans._is_prepared = False
+            failed.append((shard_id, str(trans.xid), exc))
+        entry = transaction._connections[conn]
+        # Done: SQLAlchemy's commit loop must skip this connection.
+        transaction._connections[conn] = transaction._connections[conn.engine] = (
+            entry[0],
+            entry[1],
+            False,
+            entry[3],
+        )
+    if failed:
+        committed = [s for s, _, _ in prepared if s not in {f[0] for f in failed}]
+        pending = ", ".join(f"{s!r} (gid {gid!r}: {exc})" for s, gid, exc in failed)
+        log.error("two-phase commit: COMMIT PREPARED failed on %s", pending)
+        raise CommitOutcomeUnknown(
+            f"the transaction is committed on shards {committed} and prepared but not yet "
+            f"committed on {pending}; run COMMIT PREPARED '<gid>' on those shards when they "
+            "answer (their prepared transactions hold locks until then)",
+            node=failed[0][0],
+            orig=failed[0][2],
+        )
+
+
+@event.listens_for(ShardedSession, "after_transaction_end")
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None and isinstance(session, ShardedSession):
+        session._end_transaction()
+
+
+def sharded_sessionmaker(
+    shard_set: ShardSet, *, default_role: Role = "replica", **kw: Any
+) -> sessionmaker[ShardedSession]:
+    """A :class:`~sqlalchemy.orm.sessionmaker` of :class:`ShardedSession` over ``shard_set``.
+
+    .. versionadded:: 0.1
+    """
+    return sessionmaker(class_=ShardedSession, shard_set=shard_set, default_role=default_role, **kw)
