@@ -9,10 +9,13 @@ test is read from ``SQLALCHEMY_SCALE_TEST_DRIVER``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
+import sqlalchemy_scale as ss
 from sqlalchemy_scale import routing
+from sqlalchemy_scale.local import LocalCluster
 
 DRIVERS = ("psycopg2", "psycopg")
 
@@ -29,8 +32,21 @@ def driver() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_pins() -> None:
+def _no_leftover_pins() -> Iterator[None]:
     """Every test starts and ends with no use_primary() pin in its context."""
     assert routing._PINS.get() is None
     yield
     assert routing._PINS.get() is None
+
+
+@pytest.fixture
+def replicas(scale_cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet]:
+    """A ReplicaSet over the shared primary and its replicas, with a fast (50 ms) monitor
+    so tests wait little for it, and fresh counters."""
+    replica_set = ss.ReplicaSet(
+        primary=scale_cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in scale_cluster.replicas],
+        monitor_interval=0.05,
+    )
+    yield replica_set
+    replica_set.dispose()

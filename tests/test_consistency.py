@@ -21,6 +21,9 @@ from sqlalchemy_scale.testing import wait_until
 
 _ids = itertools.count(1)
 
+# Every test here may touch this module's tables.
+pytestmark = pytest.mark.usefixtures("cluster")
+
 
 @pytest.fixture(scope="module")
 def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
@@ -33,19 +36,6 @@ def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
         replica.wait_for_replay()
     yield scale_cluster
     scale_cluster.primary.execute("DROP TABLE IF EXISTS causal_items, causal_bulk")
-
-
-@pytest.fixture
-def replicas(cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet]:
-    """A ReplicaSet with a fast monitor (50 ms) so tests wait little for it."""
-    replica_set = ss.ReplicaSet(
-        primary=cluster.primary.url(driver),
-        replicas=[r.url(driver) for r in cluster.replicas],
-        monitor_interval=0.05,
-        max_wait=0.005,
-    )
-    yield replica_set
-    replica_set.dispose()
 
 
 @pytest.fixture

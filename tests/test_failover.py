@@ -4,7 +4,7 @@ connection killed during COMMIT. Each test prints the counts it checks."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import func, select, text
@@ -17,17 +17,6 @@ from sqlalchemy_scale.testing import wait_until
 pytestmark = pytest.mark.fault
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
-
-
-@pytest.fixture
-def replicas(scale_cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet]:
-    replica_set = ss.ReplicaSet(
-        primary=scale_cluster.primary.url(driver),
-        replicas=[r.url(driver) for r in scale_cluster.replicas],
-        monitor_interval=0.05,
-    )
-    yield replica_set
-    replica_set.dispose()
 
 
 def test_reads_survive_a_replica_killed_and_restarted(

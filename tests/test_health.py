@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 
 import sqlalchemy_scale as ss
@@ -15,17 +14,6 @@ from sqlalchemy_scale.local import LocalCluster, PgNode
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
 WHERE_PID = select(func.inet_server_port(), func.pg_backend_pid())
-
-
-@pytest.fixture
-def replicas(scale_cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet]:
-    replica_set = ss.ReplicaSet(
-        primary=scale_cluster.primary.url(driver),
-        replicas=[r.url(driver) for r in scale_cluster.replicas],
-        monitor_interval=0.05,
-    )
-    yield replica_set
-    replica_set.dispose()
 
 
 def _child(replica_set: ss.ReplicaSet, conn: Any) -> None:
