@@ -46,7 +46,7 @@ def _where(node: PgNode) -> tuple[int, bool]:
 
 def _need_shards(cluster: LocalCluster, count: int) -> None:
     if len(cluster.shards) < count:
-        pytest.skip(f"needs --scale-shards >= {count}")
+        pytest.fail(f"this suite needs --scale-shards >= {count}, got {len(cluster.shards)}")
 
 
 # -- binaries --------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_shards_are_independent_servers(scale_cluster: LocalCluster, table: str)
 def test_shard_replica_follows_its_shard(scale_cluster: LocalCluster, table: str) -> None:
     """A shard's replica streams from that shard and sees rows written there."""
     if not scale_cluster.shard_replicas:
-        pytest.skip("needs --scale-shard-replicas")
+        pytest.fail("this suite needs a shard with a replica (--scale-shard-replicas)")
     index, (replica, *_) = next(iter(scale_cluster.shard_replicas.items()))
     shard = scale_cluster.shards[index]
     assert replica.upstream is shard
@@ -135,7 +135,7 @@ def test_pgbouncer_reaches_the_primary_and_each_node(scale_cluster: LocalCluster
     """Through PgBouncer, 'app' is served by the primary, a node's name by that node, and SHOW POOLS answers."""
     bouncer = scale_cluster.pgbouncer
     if bouncer is None:
-        pytest.skip("needs --scale-pgbouncer")
+        pytest.fail("this suite needs PgBouncer (--scale-pgbouncer transaction or session)")
     engine = create_engine(bouncer.url(), poolclass=NullPool)
     with engine.connect() as conn:
         assert tuple(conn.execute(text(WHERE)).one()) == (scale_cluster.primary.port, False)

@@ -177,7 +177,7 @@ def test_shard_set_misconfiguration_raises_at_construction() -> None:
     with pytest.raises(ConfigurationError):
         ShardSet(URLS, strategy="hash")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):
-        ShardSet({"s0": "sqlite://"}, strategy=HashSharding())
+        ShardSet({"s0": "mysql://app:pw@127.0.0.1/app"}, strategy=HashSharding())
 
 
 def test_placement_is_read_from_the_model_of_an_orm_statement() -> None:
