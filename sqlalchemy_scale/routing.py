@@ -22,14 +22,15 @@ import inspect
 import logging
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
-from typing import Any, Final, ParamSpec, TypeVar, overload
+from typing import Any, Final, ParamSpec, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin, sessionmaker
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement, TextClause
+from sqlalchemy.sql.functions import FunctionElement
 
 from .consistency import (
     _COMMITTING,
@@ -60,8 +61,11 @@ ROUTING_OPTIONS: Final = frozenset({"use_primary", "use_replica"})
 # Key under which per-call routing options travel from execute() to get_bind().
 _CALL_OPTIONS: Final = "_sqlalchemy_scale_options"
 
-# Global pin = 0; a session's pin = id(session). None means no pin at all (the fast path).
-_PINS: ContextVar[frozenset[int] | None] = ContextVar("sqlalchemy_scale_pins", default=None)
+# The pins in force in this context, innermost last: each entry is the set of pinned keys
+# (0 = every session, id(session) = that session). Kept as a stack in the ContextVar itself
+# rather than as Tokens on the use_primary object, so one object may be entered from several
+# threads or asyncio tasks at once. Empty (the fast path) when nothing is pinned.
+_PINS: ContextVar[tuple[frozenset[int], ...]] = ContextVar("sqlalchemy_scale_pins", default=())
 _GLOBAL_PIN: Final = 0
 
 # Statements that certainly write or lock: use_replica=True on them is refused.
@@ -76,10 +80,17 @@ _WRITING_REASONS: Final = frozenset(
 )
 
 
+# Functions that write (or need a transaction id) when selected: `SELECT nextval('s')`.
+_WRITING_FUNCTIONS: Final = frozenset(
+    {"nextval", "setval", "txid_current", "pg_current_xact_id", "pg_notify", "lo_create"}
+)
+
+
 def decide_role(clause: ClauseElement | None, *, flushing: bool = False) -> tuple[Role, str]:
     """Return the role a statement needs by its kind alone, and the reason.
 
-    Flushes, INSERT/UPDATE/DELETE, DDL, ``SELECT ... FOR UPDATE/SHARE`` and
+    Flushes, INSERT/UPDATE/DELETE, DDL, ``SELECT ... FOR UPDATE/SHARE``, SELECTs of
+    advisory-lock or writing functions (``pg_advisory_xact_lock()``, ``nextval()``) and
     ``text()`` go to the primary; other SELECTs go to a replica. A ``text()``
     statement marked ``execution_options(use_replica=True)`` is handled by the
     caller's option check before this function is consulted.
@@ -94,6 +105,14 @@ def decide_role(clause: ClauseElement | None, *, flushing: bool = False) -> tupl
             return "primary", "text"
         if getattr(clause, "_for_update_arg", None) is not None:
             return "primary", "locking read"
+        for column in getattr(clause, "_raw_columns", ()):
+            function = getattr(column, "element", column)  # through a label
+            if isinstance(function, FunctionElement):
+                name = function.name.lower()
+                if "advisory" in name:  # a lock taken on a replica excludes nothing
+                    return "primary", "locking read"
+                if name in _WRITING_FUNCTIONS:
+                    return "primary", "write"
         return "replica", "read"
     if clause.is_dml:
         return "primary", "write"
@@ -109,29 +128,33 @@ class use_primary:
 
     ``ss.use_primary()`` pins every :class:`RoutingSession` in the current
     context (thread or asyncio task); ``session.use_primary()`` pins one
-    session. Pins nest and are restored on exit (a :class:`~contextvars.ContextVar`
-    with token/reset), so they are correct across threads and tasks.
+    session. Pins nest and are undone on exit; they live in a
+    :class:`~contextvars.ContextVar`, so they are correct across threads and tasks,
+    and one object may be used by several of them at once.
+
+    As a decorator it wraps functions and coroutine functions. Generators are
+    refused (``TypeError``): the pin would end before their body runs; open the
+    ``with`` block inside the generator instead.
     """
 
     def __init__(self, session: RoutingSession | None = None) -> None:
         self._key = _GLOBAL_PIN if session is None else id(session)
         self._session = session
-        self._tokens: list[Token[frozenset[int] | None]] = []
 
     def __enter__(self) -> None:
         pins = _PINS.get()
-        self._tokens.append(
-            _PINS.set(frozenset({self._key}) if pins is None else pins | {self._key})
-        )
+        top = pins[-1] | {self._key} if pins else frozenset({self._key})
+        _PINS.set((*pins, top))
 
     def __exit__(self, *exc: object) -> None:
-        _PINS.reset(self._tokens.pop())
+        _PINS.set(_PINS.get()[:-1])
 
-    @overload
-    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
-    @overload
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]: ...
-    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"use_primary() cannot decorate the generator {fn.__qualname__}: the pin "
+                "would end before its body runs; use `with ...use_primary():` inside it"
+            )
         session = self._session
         if inspect.iscoroutinefunction(fn):
 
@@ -140,10 +163,10 @@ class use_primary:
                 with use_primary(session):
                     return await fn(*args, **kwargs)
 
-            return async_wrapper
+            return async_wrapper  # type: ignore[return-value]
 
         @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             with use_primary(session):
                 return fn(*args, **kwargs)
 
@@ -243,7 +266,13 @@ class RoutingSession(Session):
         An explicit ``bind`` argument is returned unchanged.
         """
         if bind is not None:
+            self._last_node = None  # not ours: a failure on it is not a replica's
             return bind
+        if clause is None and not self._flushing:
+            # A bare get_bind() (session.connection(), pandas.read_sql(q, session.get_bind()))
+            # names no statement: the primary, with no effect on routing state. connection()
+            # pins the transaction itself, since it hands out something to write through.
+            return self.replica_set.primary.engine
         role, reason = decide_role(clause, flushing=self._flushing)
         options = kw.get(_CALL_OPTIONS)
         stmt_options: Mapping[str, Any] | None = getattr(clause, "_execution_options", None)
@@ -267,7 +296,7 @@ class RoutingSession(Session):
             role, reason = "replica", "use_replica option"
         elif role == "replica":
             pins = _PINS.get()
-            if pins is not None and (_GLOBAL_PIN in pins or id(self) in pins):
+            if pins and (_GLOBAL_PIN in pins[-1] or id(self) in pins[-1]):
                 role, reason = "primary", "use_primary block"
             elif self._has_written:
                 role, reason = "primary", "transaction has written"
@@ -279,6 +308,17 @@ class RoutingSession(Session):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s: %s", node.name, self.replica_set.name, reason)
         return node.engine
+
+    def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Connection:
+        """The transaction's connection for a bind (the primary unless ``bind_arguments``
+        say otherwise). A connection to the primary may be written through, so the rest of
+        the transaction reads from the primary too."""
+        conn = super().connection(
+            bind_arguments=bind_arguments, execution_options=execution_options
+        )
+        if conn.engine is self.replica_set.primary.engine:
+            self._has_written = True
+        return conn
 
     def _causal_position(self) -> int | None:
         own = self._causal.position
@@ -296,9 +336,11 @@ class RoutingSession(Session):
         if node is None:
             node = replica_set.choose_replica(self._causal_position())
             if node is None:
-                primary = replica_set.primary
-                primary.count(fallback=True)
-                return primary
+                # The rest of this transaction reads from the primary too: no second
+                # choice (and no second wait for a caught-up replica) per statement.
+                self._txn_replica = node = replica_set.primary
+                node.count(fallback=True)
+                return node
             self._txn_replica = node
         node.count()
         return node
@@ -309,10 +351,6 @@ class RoutingSession(Session):
         self._txn_statements = 0
         self._last_node = None
         self._primary_connection = None
-
-    def _transaction_is_root(self) -> bool:
-        transaction = self.get_transaction()
-        return transaction is not None and transaction.parent is None
 
     # -- causal tokens -------------------------------------------------------------------
 
@@ -360,10 +398,15 @@ class RoutingSession(Session):
         if node is None or not node.is_replica or not _is_node_failure(exc):
             raise exc
         self.replica_set.mark_down(node, exc)
+        transaction = self.get_transaction()
         retryable = (
             self._txn_statements == 1
             and not self._has_written
             and not (self.new or self.dirty or self.deleted)
+            # Only a transaction the session began by itself may be rolled back and begun
+            # again; one opened by `with session.begin():` belongs to the caller's block.
+            and transaction is not None
+            and transaction.origin is SessionTransactionOrigin.AUTOBEGIN
         )
         if not retryable:
             raise NodeUnavailableError(
@@ -412,15 +455,27 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
         session._primary_connection = connection
 
 
+# before_commit and after_commit also fire when a savepoint is released
+# (begin_nested()); only the outermost commit sends COMMIT.
+
+
 @event.listens_for(RoutingSession, "before_commit")
 def _before_commit(session: Session) -> None:
-    if isinstance(session, RoutingSession) and session._transaction_is_root():
+    if (
+        isinstance(session, RoutingSession)
+        and session.get_nested_transaction() is None
+        and session._committing is None
+    ):
         session._committing = _COMMITTING.set(session._primary_connection)
 
 
 @event.listens_for(RoutingSession, "after_commit")
 def _after_commit(session: Session) -> None:
-    if not isinstance(session, RoutingSession) or not session._has_written:
+    if (
+        not isinstance(session, RoutingSession)
+        or not session._has_written
+        or session.get_nested_transaction() is not None
+    ):
         return
     position = commit_position(session._primary_connection)
     if position is not None:

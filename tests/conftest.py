@@ -34,9 +34,9 @@ def driver() -> str:
 @pytest.fixture(autouse=True)
 def _no_leftover_pins() -> Iterator[None]:
     """Every test starts and ends with no use_primary() pin in its context."""
-    assert routing._PINS.get() is None
+    assert routing._PINS.get() == ()
     yield
-    assert routing._PINS.get() is None
+    assert routing._PINS.get() == ()
 
 
 @pytest.fixture

@@ -182,3 +182,29 @@ def test_health_reports_roles_from_the_servers(
     assert all(h.state in ("up", "lagging") and h.last_error is None for h in report.values())
     assert all(report[n].lag_bytes is not None for n in ("replica1", "replica2"))
     assert scale_cluster.password not in repr(report)
+
+
+def test_a_replica_lost_inside_session_begin_raises_clearly(
+    scale_cluster: LocalCluster, driver: str, scale_restart: Callable[[PgNode], None]
+) -> None:
+    """Inside `with Session.begin():` a dead replica is not retried (the block owns the
+    transaction): NodeUnavailableError names it, and the replica leaves the rotation."""
+    victim = scale_cluster.replicas[0]
+    with ss.ReplicaSet(
+        primary=scale_cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in scale_cluster.replicas],
+        monitor=False,  # the session, not the monitor, is the one to find the dead replica
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        scale_restart(victim)
+        victim.kill()
+        failures: list[str] = []
+        for _ in range(2):  # round-robin: one of the two transactions meets the dead replica
+            try:
+                with Session.begin() as session:
+                    session.execute(WHERE)
+            except ss.NodeUnavailableError as exc:
+                failures.append(exc.node)
+        print(f"\nfailures inside Session.begin(): {failures}")
+        assert failures == ["replica1"]
+        assert not replica_set.replicas[0].is_usable

@@ -517,3 +517,92 @@ def test_pins_are_per_asyncio_task(cluster: LocalCluster, Session: sessionmaker)
     in_block, beside = asyncio.run(main())
     assert in_block == primary
     assert beside in replica_ports
+
+
+def test_advisory_locks_and_nextval_run_on_the_primary(
+    cluster: LocalCluster,
+    Session: sessionmaker,
+) -> None:
+    """A SELECT of an advisory-lock function runs on the primary, where the lock excludes."""
+    primary, _ = ports(cluster)
+    with Session() as session:
+        row = session.execute(
+            select(func.pg_try_advisory_xact_lock(4242), func.inet_server_port())
+        ).one()
+        assert row == (True, primary)
+        assert session.has_written  # the lock's transaction stays on the primary
+        session.rollback()
+
+
+def test_a_bare_get_bind_does_not_pin_the_next_transaction(
+    cluster: LocalCluster,
+    Session: sessionmaker,
+) -> None:
+    """session.get_bind() outside a transaction returns the primary and changes no routing."""
+    primary, replica_ports = ports(cluster)
+    with Session() as session:
+        engine = session.get_bind()
+        with engine.connect() as conn:
+            assert conn.execute(WHERE).one()[0] == primary
+        assert not session.has_written
+        assert session.execute(WHERE).one()[0] in replica_ports
+        assert session.connection().execute(WHERE).one()[0] == primary
+        assert session.has_written  # connection() may be written through: pinned
+
+
+def test_savepoints_are_not_commits(
+    cluster: LocalCluster,
+    Session: sessionmaker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Releasing a savepoint records no token and warns nothing; the real commit does."""
+    from sqlalchemy_scale import consistency
+
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_scale"), Session() as session:
+        with session.begin_nested():
+            session.add(User(id=109, name="nested"))
+        assert session.causal_token is None
+        session.execute(delete(User).where(User.id == 109))
+        session.commit()
+        assert session.causal_token is not None
+    assert consistency._COMMITTING.get() is None
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_one_use_primary_object_shared_by_threads(
+    cluster: LocalCluster,
+    Session: sessionmaker,
+) -> None:
+    """One ss.use_primary() object entered by several threads at once pins each of them."""
+    primary, _ = ports(cluster)
+    pin = ss.use_primary()
+    barrier = threading.Barrier(3)
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with pin:
+                barrier.wait(10)
+                with Session() as session:
+                    seen.append(session.execute(WHERE).one()[0])
+                barrier.wait(10)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(20)
+    assert errors == []
+    assert seen == [primary] * 3
+
+
+def test_use_primary_refuses_generators() -> None:
+    """Decorating a generator raises TypeError instead of silently pinning nothing."""
+    with pytest.raises(TypeError, match="generator"):
+
+        @ss.use_primary()
+        def rows() -> Iterator[int]:
+            yield 1
