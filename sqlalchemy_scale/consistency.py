@@ -1,9 +1,8 @@
 """Causal (read-your-writes) consistency by WAL position.
 
 A *causal token* is the primary's WAL position right after a transaction that
-wrote has committed (``pg_current_wal_flush_lsn()``, which a synchronous commit has
-moved past its commit record; under ``synchronous_commit = off``,
-``pg_current_wal_insert_lsn()``), as PostgreSQL prints it: a
+wrote has committed (``pg_current_wal_insert_lsn()``, past the commit record even
+for an asynchronous commit), as PostgreSQL prints it: a
 string like ``"0/16B3748"``. A replica whose ``pg_last_wal_replay_lsn()`` has
 reached the token has replayed that commit, so a read served by it sees the
 write. That is exact, unlike "stick to the primary for N seconds".
@@ -140,13 +139,14 @@ def current_causal_context() -> CausalContext | None:
     return _CONTEXT.get()
 
 
-#: The primary's WAL position a replica can reach: what is flushed (and so can be streamed),
-#: or, under ``synchronous_commit = off`` (a commit returns before its WAL is flushed), what
-#: is inserted. Also the block size, for :func:`reachable_position`.
+#: The primary's WAL insert position, read right after a commit: past the commit record
+#: whatever ``synchronous_commit`` the transaction ran with (a ``SET LOCAL
+#: synchronous_commit = off`` is already undone when this runs, so the setting cannot be
+#: asked). At worst it is a little ahead of what has been flushed and streamed, and a read
+#: goes to the primary until the next WAL flush; it is never behind the commit. Also the
+#: block size, for :func:`reachable_position`.
 WAL_POSITION_SQL: Final = (
-    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
-    " THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END::text,"
-    " current_setting('wal_block_size')::int"
+    "SELECT pg_current_wal_insert_lsn()::text, current_setting('wal_block_size')::int"
 )
 
 # Page header sizes (SizeOfXLogShortPHD, SizeOfXLogLongPHD).
@@ -169,9 +169,7 @@ def read_commit_lsn(dbapi_connection: Any) -> int:
     """Ask the primary for its WAL position on a connection whose transaction just committed.
 
     Runs in driver autocommit mode (a client-side switch for psycopg2 and psycopg 3), so
-    it costs exactly one round trip and leaves no transaction open behind it. The position
-    is the flush position (past the commit record, which a synchronous commit flushed), or
-    the insert position under ``synchronous_commit = off``.
+    it costs exactly one round trip and leaves no transaction open behind it.
     """
     was_autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True

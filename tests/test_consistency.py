@@ -263,3 +263,39 @@ def test_token_capture_costs_one_statement(
     print(f"\nplain: {baseline}\nrouted: {captured}")
     assert len(captured) == len(baseline) + 1
     assert captured[-1] == WAL_POSITION_SQL
+
+
+def test_an_asynchronous_commit_is_still_read_back(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """A transaction with SET LOCAL synchronous_commit = off (WAL not flushed at commit, the
+    WAL writer asleep for 10 s) still reads its write back with its token."""
+    cluster = scale_cluster_factory(
+        replicas=1,
+        shards=0,
+        pgbouncer=False,
+        settings={"wal_writer_delay": "10s", "wal_writer_flush_after": 0},
+    )
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[cluster.replicas[0].url(driver)],
+        monitor_interval=0.05,
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        with Session() as session:
+            session.execute(text("CREATE TABLE async_items (id int)"))
+            session.commit()
+        cluster.replicas[0].wait_for_replay()
+        with Session() as session:
+            session.execute(text("SET LOCAL synchronous_commit = off"))
+            session.execute(text("INSERT INTO async_items VALUES (1)"))
+            session.commit()
+            token = session.causal_token
+        with Session(causal_token=token) as session:
+            count, in_recovery = session.execute(
+                select(func.count(), func.pg_is_in_recovery()).select_from(text("async_items"))
+            ).one()
+    print(
+        f"\ntoken {token}: read back {count} row(s), on a {'replica' if in_recovery else 'primary'}"
+    )
+    assert count == 1
