@@ -30,13 +30,14 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from .consistency import format_lsn, parse_lsn, reachable_position
+from .consistency import format_lsn, reachable_position
 
 if TYPE_CHECKING:
     from .topology import Node, ReplicaSet
@@ -47,9 +48,10 @@ log = logging.getLogger("sqlalchemy_scale.health")
 
 NodeState = Literal["up", "lagging", "down", "unknown"]
 
-# The primary's position as replicas can reach it (see consistency.WAL_POSITION_SQL): an
-# unflushed insert position would count as lag that no replica can make up until the next
-# flush, and a page-header offset as lag that never ends on an idle primary.
+# The primary's position as replicas can reach it: what is flushed (and so streamed), or
+# inserted under synchronous_commit = off. An unflushed insert position would count as lag
+# that no replica can make up until the next flush, and a page-header offset as lag that
+# never ends on an idle primary (see consistency.reachable_position).
 _PRIMARY_PROBE = text(
     "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
     " THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END::text,"
@@ -58,7 +60,8 @@ _PRIMARY_PROBE = text(
 # On a server that is not in recovery (a promoted or misconfigured replica) the replay
 # LSN is NULL; its current LSN stands in so that it is never "behind" itself.
 _REPLICA_PROBE = text(
-    "SELECT coalesce(pg_last_wal_replay_lsn(), pg_current_wal_lsn())::text, pg_is_in_recovery()"
+    "SELECT coalesce(pg_last_wal_replay_lsn(), pg_current_wal_lsn())::text,"
+    " pg_is_in_recovery(), current_setting('wal_block_size')::int"
 )
 _HISTORY = 4096  # primary LSN samples kept for lag-in-seconds (~14 min at 0.2 s)
 
@@ -83,17 +86,16 @@ class NodeHealth:
 
 
 class _Probe:
-    """Per-node monitor state: its own one-connection engine and circuit breaker."""
+    """Per-node monitor state: its own engine and circuit breaker.
+
+    The engine is a copy of the node's (same URL, ``connect_args``, creator and pool class,
+    via :meth:`~sqlalchemy.pool.Pool.recreate`) with a pool of its own, so probes never take
+    the application's connections and credentials given outside the URL still work.
+    """
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.engine: Engine = create_engine(
-            node.engine.url,
-            pool_size=1,
-            max_overflow=0,
-            pool_timeout=2,
-            connect_args={"connect_timeout": 2},
-        )
+        self.engine: Engine = create_engine(node.engine.url, pool=node.engine.pool.recreate())
         self.lock = threading.Lock()
         self.state: NodeState = "unknown"
         self.server_role: Literal["primary", "replica"] | None = None
@@ -107,16 +109,15 @@ class _Probe:
 
     def query(self, probe: Any, *, wait: float = -1) -> tuple[int, bool] | None:
         """Run ``probe`` on this node's own connection; None if the connection is busy
-        (another probe of this node is running) for longer than ``wait`` seconds."""
+        (another probe of this node is still running) for longer than ``wait`` seconds."""
         if not self.lock.acquire(timeout=wait):
             return None
         try:
             with self.engine.connect() as conn:
-                row = conn.execute(probe).one()
+                lsn, in_recovery, block_size = conn.execute(probe).one()
         finally:
             self.lock.release()
-        position = reachable_position(row[0], row[2]) if len(row) > 2 else parse_lsn(row[0])
-        return position, bool(row[1])
+        return reachable_position(lsn, block_size), bool(in_recovery)
 
 
 class HealthMonitor:
@@ -137,8 +138,14 @@ class HealthMonitor:
         max_lag_seconds: float | None = 10.0,
         min_backoff: float = 0.5,
         max_backoff: float = 10.0,
+        probe_timeout: float = 2.0,
     ) -> None:
         self._replica_set = weakref.ref(replica_set)
+        self.probe_timeout = probe_timeout
+        # Probes run on these threads, so a node that hangs (a frozen server, a dead network)
+        # delays neither the other nodes' probes nor a routing decision beyond its bound.
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
         self.name = replica_set.name
         self.interval = interval
         self.max_lag_bytes = max_lag_bytes
@@ -168,8 +175,21 @@ class HealthMonitor:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
+        with self._executor_lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
         for probe in self._probes.values():
             probe.engine.dispose()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=2 * len(self._probes),  # room for fresh probes beside hung ones
+                    thread_name_prefix=f"sqlalchemy-scale-probe-{self.name}",
+                )
+            return self._executor
 
     @property
     def is_running(self) -> bool:
@@ -185,6 +205,8 @@ class HealthMonitor:
     def _after_fork_in_child(self) -> None:
         was_running = self._thread is not None
         self._thread = None
+        self._executor = None  # its threads did not survive the fork
+        self._executor_lock = threading.Lock()
         self._sweep_lock = threading.Lock()
         for probe in self._probes.values():
             probe.lock = threading.Lock()
@@ -195,28 +217,56 @@ class HealthMonitor:
     # -- probing -----------------------------------------------------------------------
 
     def check(self) -> None:
-        """Probe the primary, then every replica due for a probe, and apply the results."""
+        """Probe the primary and every replica due for a probe, concurrently, each bounded by
+        ``probe_timeout``; then apply the results."""
         replica_set = self._replica_set()
         if replica_set is None:
             self._stop.set()
             return
         with self._sweep_lock:
             now = time.monotonic()
-            primary_lsn = self._probe_primary(replica_set, now)
-            for node in replica_set.replicas:
+            due = [
+                node
+                for node in replica_set.replicas
+                if not (
+                    self._probes[node.name].state == "down"
+                    and now < self._probes[node.name].retry_at
+                )
+            ]
+            pool = self._pool()
+            primary = self._probes[replica_set.primary.name]
+            # A probe may wait for its node's connection (an on-demand refresh may hold it
+            # for a moment); the sweep as a whole waits probe_timeout, not longer.
+            limit = self.probe_timeout
+            futures = {primary.node.name: pool.submit(primary.query, _PRIMARY_PROBE, wait=limit)}
+            for node in due:
                 probe = self._probes[node.name]
-                if probe.state == "down" and now < probe.retry_at:
-                    continue
-                self._probe_replica(replica_set, node, probe, primary_lsn, now)
+                futures[node.name] = pool.submit(probe.query, _REPLICA_PROBE, wait=limit)
+            wait(futures.values(), timeout=self.probe_timeout)
+            primary_lsn = self._apply_primary(
+                primary, self._outcome(futures[primary.node.name]), now
+            )
+            for node in due:
+                answer = self._outcome(futures[node.name])
+                self._apply_replica(replica_set, node, answer, primary_lsn, now)
 
-    def _probe_primary(self, replica_set: ReplicaSet, now: float) -> int | None:
-        probe = self._probes[replica_set.primary.name]
-        try:
-            answer = probe.query(_PRIMARY_PROBE)
-        except Exception as exc:
-            self._fail(probe, exc, now)
+    def _outcome(self, future: Future[tuple[int, bool] | None]) -> tuple[int, bool] | BaseException:
+        if not future.done():
+            return TimeoutError(f"no answer within {self.probe_timeout:.1f} s")
+        exc = future.exception()
+        if exc is not None:
+            return exc
+        answer = future.result()
+        if answer is None:
+            return TimeoutError("the previous probe of this node has still not answered")
+        return answer
+
+    def _apply_primary(
+        self, probe: _Probe, answer: tuple[int, bool] | BaseException, now: float
+    ) -> int | None:
+        if isinstance(answer, BaseException):
+            self._fail(probe, answer, now)
             return None
-        assert answer is not None  # no timeout given: waits for the lock
         lsn, in_recovery = answer
         self._recover(probe, "up", now)
         probe.server_role = "replica" if in_recovery else "primary"
@@ -225,21 +275,19 @@ class HealthMonitor:
             self._history.append((now, lsn))
         return lsn
 
-    def _probe_replica(
+    def _apply_replica(
         self,
         replica_set: ReplicaSet,
         node: Node,
-        probe: _Probe,
+        answer: tuple[int, bool] | BaseException,
         primary_lsn: int | None,
         now: float,
     ) -> None:
-        try:
-            answer = probe.query(_REPLICA_PROBE)
-        except Exception as exc:
-            self._fail(probe, exc, now)
+        probe = self._probes[node.name]
+        if isinstance(answer, BaseException):
+            self._fail(probe, answer, now)
             replica_set.set_usable(node, False, reason=f"down: {probe.last_error}")
             return
-        assert answer is not None  # no timeout given: waits for the lock
         lsn, in_recovery = answer
         probe.server_role = "replica" if in_recovery else "primary"
         self._observe_lsn(node, probe, lsn)
@@ -302,12 +350,18 @@ class HealthMonitor:
             log.info("%s: node %s answers again", self.name, probe.node.name)
             # Pooled connections from before the outage are dead: drop them now rather than
             # let the first reads after the node's return find out (and take it down again).
-            probe.node.engine.dispose()
+            # Only for engines we made: a user's engine (and its pool) is theirs to manage.
+            if probe.node.owns_engine:
+                probe.node.engine.dispose()
         probe.state = state
         probe.backoff = 0.0
         probe.checked_at = now
 
     # -- used by routing -----------------------------------------------------------------
+
+    def retry_at(self, node: Node) -> float:
+        """When the breaker of a node that is down allows the next try (``time.monotonic()``)."""
+        return self._probes[node.name].retry_at
 
     def mark_down(self, node: Node, exc: BaseException) -> None:
         """Open the circuit for a node that failed a statement (called by routing)."""
@@ -315,13 +369,17 @@ class HealthMonitor:
         if probe is not None:
             self._fail(probe, exc, time.monotonic())
 
-    def refresh(self, node: Node, *, wait: float = -1) -> int | None:
+    def refresh(self, node: Node, *, wait: float = 2.0) -> int | None:
         """Ask one replica for its replay LSN now (one round trip); None if it cannot
-        answer, or if the monitor is probing it for longer than ``wait`` seconds (routing
-        passes its ``max_wait``, so a slow probe never holds up a read)."""
+        answer within ``wait`` seconds. Routing passes its ``max_wait``, so a slow or frozen
+        replica never holds up a read; a late answer still updates the node when it comes."""
         probe = self._probes[node.name]
+        future = self._pool().submit(probe.query, _REPLICA_PROBE, wait=wait)
         try:
-            answer = probe.query(_REPLICA_PROBE, wait=wait)
+            answer = future.result(timeout=wait)
+        except TimeoutError:
+            future.add_done_callback(lambda done: self._late_answer(node, probe, done))
+            return None
         except Exception as exc:
             self._fail(probe, exc, time.monotonic())
             return None
@@ -329,6 +387,14 @@ class HealthMonitor:
             return None
         self._observe_lsn(node, probe, answer[0])
         return node.replay_lsn
+
+    def _late_answer(
+        self, node: Node, probe: _Probe, future: Future[tuple[int, bool] | None]
+    ) -> None:
+        if not future.cancelled() and future.exception() is None:
+            answer = future.result()
+            if answer is not None:
+                self._observe_lsn(node, probe, answer[0])
 
     # -- reporting -------------------------------------------------------------------------
 

@@ -209,6 +209,10 @@ class ReplicaSet:
         # Started lazily, by the first read routed to a replica: no thread and no connection
         # for a ReplicaSet that is only constructed (or configured with monitor=False).
         self._monitor_wanted = monitor and self.monitor is not None
+        # Replicas taken out by a failed statement while no monitor runs, and when the
+        # earliest of them may be tried again (None: nothing to re-admit; the fast path).
+        self._failed: set[str] = set()
+        self._retry_at: float | None = None
         _REPLICA_SETS.add(self)
 
     # -- construction -------------------------------------------------------------------
@@ -351,6 +355,8 @@ class ReplicaSet:
         """
         if self._monitor_wanted:
             self._start_monitor()
+        elif self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._readmit_failed()
         usable = self._usable
         if position is not None and usable:
             return self._choose_caught_up(usable, position)
@@ -390,11 +396,35 @@ class ReplicaSet:
             self.monitor.start()
 
     def mark_down(self, node: Node, exc: BaseException) -> None:
-        """Take a replica out of rotation after it failed a statement; the monitor's
-        circuit breaker brings it back once it answers again."""
+        """Take a replica out of rotation after it failed a statement.
+
+        The monitor's circuit breaker brings it back once it answers again. Without a
+        running monitor (``monitor=False``), routing itself lets it back in after the
+        breaker's backoff, and a new failure takes it out again for twice as long.
+        """
         if self.monitor is not None:
             self.monitor.mark_down(node, exc)
+            if not self.monitor.is_running:
+                retry_at = self.monitor.retry_at(node)
+                with self._state_lock:
+                    self._failed.add(node.name)
+                    self._retry_at = min(retry_at, self._retry_at or retry_at)
         self.set_usable(node, False, reason=f"failed a statement: {type(exc).__name__}")
+
+    def _readmit_failed(self) -> None:
+        assert self.monitor is not None  # only monitors schedule retries
+        now = time.monotonic()
+        with self._state_lock:
+            due = [
+                n
+                for n in self.replicas
+                if n.name in self._failed and self.monitor.retry_at(n) <= now
+            ]
+            self._failed.difference_update(n.name for n in due)
+            later = [self.monitor.retry_at(n) for n in self.replicas if n.name in self._failed]
+            self._retry_at = min(later) if later else None
+        for node in due:
+            self.set_usable(node, True, reason="retrying after the breaker's backoff")
 
     def health(self, *, refresh: bool = True) -> list[NodeHealth]:
         """Each node's server-reported role, lag, state and last error.

@@ -127,14 +127,36 @@ def test_a_session_reads_its_own_commits(
     assert replicas.stats()["primary"]["fallbacks"] >= 1
 
 
-def test_reads_use_a_replica_once_it_has_caught_up(
+def test_reads_use_a_replica_once_it_has_caught_up(cluster: LocalCluster, driver: str) -> None:
+    """A token the replicas have replayed is served by a replica, not the primary, even
+    before the monitor has seen it: routing asks one replica on demand (within max_wait)."""
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        monitor=False,  # only the on-demand refresh can know the replicas' positions
+        max_wait=2.0,  # room for the probe's first connection on a busy machine
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        row_id, token = write_row(Session)
+        for replica in cluster.replicas:
+            replica.wait_for_replay(token)
+        with Session(causal_token=token) as session:
+            port, visible = read_row(session, row_id)
+    assert visible
+    assert port in {r.port for r in cluster.replicas}
+
+
+def test_the_monitor_lets_caught_up_reads_skip_the_round_trip(
     cluster: LocalCluster, replicas: ss.ReplicaSet
 ) -> None:
-    """A token the replicas have replayed is served by a replica, not the primary."""
+    """Once the monitor has seen the replicas replay a token, reads with it go to a replica
+    on the strength of the known positions alone."""
     Session = ss.routing_sessionmaker(replicas)
+    with Session() as session:
+        session.execute(READ)  # starts the monitor
     row_id, token = write_row(Session)
-    for replica in cluster.replicas:
-        replica.wait_for_replay()
+    position = parse_lsn(token)
+    assert wait_until(lambda: all((n.replay_lsn or 0) >= position for n in replicas.replicas))
     with Session(causal_token=token) as session:
         port, visible = read_row(session, row_id)
     assert visible

@@ -3,6 +3,9 @@ connection killed during COMMIT. Each test prints the counts it checks."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 from collections.abc import Callable
 
@@ -208,3 +211,92 @@ def test_a_replica_lost_inside_session_begin_raises_clearly(
         print(f"\nfailures inside Session.begin(): {failures}")
         assert failures == ["replica1"]
         assert not replica_set.replicas[0].is_usable
+
+
+def test_without_a_monitor_a_failed_replica_comes_back(
+    scale_cluster: LocalCluster, driver: str, scale_restart: Callable[[PgNode], None]
+) -> None:
+    """With monitor=False, a replica that failed a read is retried after the breaker's backoff
+    and serves reads again once it is back."""
+    victim = scale_cluster.replicas[0]
+    with ss.ReplicaSet(
+        primary=scale_cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in scale_cluster.replicas],
+        monitor=False,
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+
+        def read() -> int:
+            with Session() as session:
+                return int(session.execute(WHERE).one()[0])
+
+        scale_restart(victim)
+        victim.kill()
+        while_down = {read() for _ in range(6)}  # the dead replica's read is retried elsewhere
+        assert victim.port not in while_down
+        victim.start()
+        victim.wait_for_streaming()
+        came_back = wait_until(lambda: read() == victim.port, timeout=20)
+        print(f"\nwhile down: {sorted(while_down)}, served by {victim.name} again: {came_back}")
+        assert came_back
+
+
+def _freeze(node: PgNode, sig: int) -> list[int]:
+    """Send ``sig`` to a node's postmaster and its backends (by PID, from /proc)."""
+    postmaster = node.pid
+    assert postmaster is not None
+    pids = [postmaster]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == postmaster:
+                pids.append(int(entry))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    return pids
+
+
+def test_a_frozen_replica_blocks_neither_reads_nor_the_monitor(
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet
+) -> None:
+    """A replica that stops answering (SIGSTOP) is marked down by the monitor while the
+    other nodes keep being probed, and a causal read that would ask it is not held up."""
+    frozen = scale_cluster.replicas[0]
+    Session = ss.routing_sessionmaker(replicas)
+    with Session() as session:
+        session.execute(WHERE)  # starts the monitor
+    assert wait_until(lambda: all(n.is_usable for n in replicas.replicas))
+    _freeze(frozen, signal.SIGSTOP)
+    try:
+        # A token far ahead: routing asks a replica on demand, for at most max_wait.
+        ahead = "FF/0"
+        done = threading.Event()
+        served: list[int] = []
+
+        def causal_read() -> None:
+            with Session(causal_token=ahead) as session:
+                served.append(int(session.execute(WHERE).one()[0]))
+            done.set()
+
+        reads = [threading.Thread(target=causal_read, daemon=True) for _ in range(4)]
+        for th in reads:
+            th.start()
+        finished = all(done.wait(10) for _ in reads) and all(not th.join(10) for th in reads)
+        down = wait_until(lambda: not replicas.replicas[0].is_usable, timeout=15)
+        report = {h.name: h for h in replicas.health(refresh=False)}
+    finally:
+        _freeze(frozen, signal.SIGCONT)
+    print(
+        f"\ncausal reads served by {served}; replica1: {report['replica1'].state} "
+        f"({report['replica1'].last_error}); primary: {report['primary'].state}"
+    )
+    assert finished and served == [scale_cluster.primary.port] * 4
+    assert down and report["replica1"].state == "down"
+    assert "TimeoutError" in (report["replica1"].last_error or "")
+    assert report["primary"].state == "up" and report["replica2"].state == "up"
+    assert wait_until(lambda: replicas.replicas[0].is_usable, timeout=20)
