@@ -327,3 +327,22 @@ def test_a_process_that_ends_without_stop_leaves_nothing(ending: str) -> None:
     assert not Path(base_dir).exists()
     with pytest.raises(psycopg2.OperationalError):
         psycopg2.connect(host="127.0.0.1", port=int(port), connect_timeout=2)
+
+
+def _exit_child() -> None:
+    raise SystemExit(0)  # runs the child's atexit hooks, as a worker process would
+
+
+def test_a_forked_child_leaves_the_parents_cluster_alone(
+    scale_cluster_factory: Callable[..., LocalCluster],
+) -> None:
+    """A forked child that exits (running its atexit hooks) stops none of the parent's servers."""
+    import multiprocessing
+
+    cluster = scale_cluster_factory(replicas=0, shards=0, pgbouncer=False)
+    child = multiprocessing.get_context("fork").Process(target=_exit_child)
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert cluster.primary.is_running()
+    assert cluster.primary.execute("SELECT 1") == [(1,)]

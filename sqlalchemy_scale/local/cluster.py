@@ -1043,7 +1043,9 @@ class LocalCluster:
             errors += _process.parallel([n.stop for n in group], collect=True)
         _process.forget_at_exit(self)
         if self.base_dir is not None:
-            self._remove_dirs(keep=bool(errors) or os.environ.get(KEEP_ENV) == "1")
+            self._remove_dirs(
+                keep=bool(errors) or os.environ.get(KEEP_ENV) == "1", failed=bool(errors)
+            )
         self._started = False
         self._primary = None
         self.replicas, self.shards, self.shard_replicas, self.pgbouncer = [], [], {}, None
@@ -1052,15 +1054,18 @@ class LocalCluster:
                 "could not stop every server: " + "; ".join(str(e) for e in errors)
             ) from errors[0]
 
-    def _remove_dirs(self, *, keep: bool) -> None:
+    def _remove_dirs(self, *, keep: bool, failed: bool = False) -> None:
         base = self.base_dir
         assert base is not None
         if self._own_socket_dir is not None:
             shutil.rmtree(self._own_socket_dir, ignore_errors=True)
             self._own_socket_dir = None
         if keep:
-            # Without owner.pid, reap_leaked_clusters leaves the directory alone.
-            (base / _OWNER_FILE).unlink(missing_ok=True)
+            # Without owner.pid, reap_leaked_clusters leaves the directory alone: right for a
+            # directory kept on request, wrong after a failed stop, whose servers may still
+            # run; then owner.pid stays, and once this process is gone a later start() reaps.
+            if not failed:
+                (base / _OWNER_FILE).unlink(missing_ok=True)
             print(f"sqlalchemy-scale: kept cluster directory {base}", file=sys.stderr)
             log.warning("kept cluster directory %s", base)
         elif self._created_base_dir:
