@@ -562,7 +562,9 @@ _TEMP_RE = re.compile(
 _ON_COMMIT_DROP = re.compile(r"\bON\s+COMMIT\s+DROP\b", re.I)
 _PREPARE_RE = re.compile(r"PREPARE\b(?!\s+TRANSACTION\b)", re.I)
 _HOLD_RE = re.compile(r"DECLARE\b.*?\bCURSOR\s+WITH\s+HOLD\b", re.I | re.S)
-_ADVISORY_RE = re.compile(r"\bpg_(?:try_)?advisory_lock(?:_shared)?\s*\(", re.I)
+_ADVISORY_RE = re.compile(r'\b"?pg_(?:try_)?advisory_lock(?:_shared)?"?\s*\(', re.I)
+# set_config(name, value, is_local => false): a session-level SET in function form.
+_SET_CONFIG_RE = re.compile(r'\b"?set_config"?\s*\((?:[^,]*,){2}\s*false\s*\)', re.I)
 
 
 def _might_be_hazard(statement: str) -> bool:
@@ -573,6 +575,8 @@ def _might_be_hazard(statement: str) -> bool:
         _HEAD(statement) is not None
         or "dvisory" in statement
         or "DVISORY" in statement
+        or "et_config" in statement
+        or "ET_CONFIG" in statement
         or (";" in statement and ";" in statement.rstrip().rstrip(";"))
     )
 
@@ -581,6 +585,8 @@ def _classify_part(part: str) -> PoolingHazard | None:
     part = _COMMENTS.sub("", part, count=1)
     if _ADVISORY_RE.search(part):
         return _ADVISORY
+    if _SET_CONFIG_RE.search(part):
+        return _SET
     head = part[:8].upper()
     if head.startswith("SET"):
         if _SET_SESSION_TX.match(part) or _SET_RE.match(part):
