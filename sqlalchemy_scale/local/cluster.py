@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 from sqlalchemy.engine import URL
 
+from sqlalchemy_scale.consistency import format_lsn, reachable_position
 from sqlalchemy_scale.local import _process
 from sqlalchemy_scale.local._process import RunAs
 from sqlalchemy_scale.local.binaries import PgBinaries, find_binaries, find_pgbouncer
@@ -191,15 +192,6 @@ class _Runtime:
     def connect(self, port: int, database: str, *, timeout: int = 5) -> Any:
         """An autocommit DB-API connection (psycopg2, else psycopg 3) as the cluster user."""
         return _process.connect(HOST, port, self.user, self.password, database, timeout=timeout)
-
-
-def _lsn_to_int(lsn: str) -> int:
-    high, low = lsn.split("/")
-    return (int(high, 16) << 32) | int(low, 16)
-
-
-def _int_to_lsn(value: int) -> str:
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
 
 
 # --- PostgreSQL node --------------------------------------------------------
@@ -427,7 +419,7 @@ class PgNode:
         :param timeout: seconds before :class:`ClusterError`.
         """
         upstream = self._require_replica("wait_for_replay")
-        target = lsn if lsn is not None else upstream._insert_lsn()
+        target = lsn if lsn is not None else upstream._reachable_lsn()
         done = "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn"
         if not _process.wait_until(lambda: bool(self.execute(done, (target,))[0][0]), timeout):
             replayed = self.execute("SELECT pg_last_wal_replay_lsn()")[0][0]
@@ -436,19 +428,14 @@ class PgNode:
                 f"(data dir {self.data_dir}; is replay paused?)"
             )
 
-    def _insert_lsn(self) -> str:
+    def _reachable_lsn(self) -> str:
         lsn, block = self.execute(
             "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
             " WHEN current_setting('synchronous_commit') = 'off' THEN pg_current_wal_insert_lsn()"
             " ELSE pg_current_wal_flush_lsn() END, current_setting('wal_block_size')::int"
         )[0]
-        # The insert position skips the header of a fresh page, but a replica
-        # reports the end of the last record replayed: the page boundary.
-        value = _lsn_to_int(lsn)
-        offset = value % block
-        if offset in (24, 40):  # SizeOfXLogShortPHD, SizeOfXLogLongPHD
-            value -= offset
-        return _int_to_lsn(value)
+        # A position just past a fresh page's header is the page boundary to a replica.
+        return format_lsn(reachable_position(lsn, block))
 
     def wait_for_streaming(self, timeout: float = 30.0) -> None:
         """Wait until the upstream's ``pg_stat_replication`` shows this replica streaming."""
