@@ -9,6 +9,7 @@ advisory lock the fan-out queries wait for.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,19 +19,24 @@ import pytest
 from sqlalchemy import (
     Column,
     Engine,
+    Enum,
     ForeignKey,
     Integer,
+    MetaData,
     String,
     Table,
     bindparam,
     create_engine,
     event,
     func,
+    insert,
     inspect,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -40,7 +46,9 @@ from sqlalchemy.orm import (
     mapped_column,
     relationship,
     selectinload,
+    sessionmaker,
 )
+from sqlalchemy.pool import NullPool
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.local import LocalCluster
@@ -96,6 +104,16 @@ class AuditEntry(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     message: Mapped[str]
+
+
+class Note(Base):
+    __tablename__ = "shtest_notes"
+    __shard_key__ = "customer_id"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    customer_id: Mapped[int]
+    body: Mapped[str]
+    mood: Mapped[str] = mapped_column(Enum("zeta", "alpha", "mid", name="shtest_mood"))
 
 
 # A Core table placed through Table.info rather than a model.
@@ -841,3 +859,341 @@ def test_text_statements_need_an_explicit_shard(
             session.execute(text("SELECT count(*) FROM shtest_orders"))
         port = session.scalar(text("SELECT inet_server_port()"), bind_arguments={"shard_id": "s3"})
         assert port == scale_cluster.shards[3].port
+
+
+# -- regressions ---------------------------------------------------------------------------------
+
+
+def test_retried_write_to_a_second_shard_is_refused_again(
+    make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """Without two-phase commit, retrying a refused write to a second shard raises again and commit keeps only the first shard's row."""
+    shards = make_shards(RangeSharding([0, 3, 6, 8, 10]))
+    with sharded_sessionmaker(shards)() as session:
+        session.execute(insert(Order).values(id=1, customer_id=1, v=1))
+        for _ in range(2):
+            with pytest.raises(ss.CrossShardWriteError, match="already wrote to shard"):
+                session.execute(insert(Order).values(id=2, customer_id=9, v=1))
+        assert session.written_shards == ["s0"]
+        session.commit()
+    assert _counts(primaries, "shtest_orders") == {"s0": 1, "s1": 0, "s2": 0, "s3": 0}
+
+
+def test_refused_update_across_shards_runs_on_no_shard(
+    make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """Without two-phase commit, an UPDATE spanning shards is refused before any shard runs it, so a later commit changes nothing."""
+    shards = make_shards(RangeSharding([0, 3, 6, 8, 10]))
+    _seed(shards)
+    with sharded_sessionmaker(shards)() as session:
+        with pytest.raises(ss.CrossShardWriteError, match="nothing was run"):
+            session.execute(update(Order).values(v=-5))
+        session.commit()
+    for engine in primaries.values():
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM shtest_orders WHERE v = -5")) == 0
+
+
+def test_write_after_the_commit_step_is_refused(
+    make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """An object added by a before_commit listener that runs after the two-phase commit raises instead of being lost."""
+    shards = make_shards(RangeSharding([0, 3, 6, 8, 10]), two_phase=True)
+
+    class LateSession(ss.ShardedSession):
+        pass
+
+    def add_late_row(session: Any) -> None:
+        if not session.info.get("added"):
+            session.info["added"] = True
+            session.add(Order(id=99, customer_id=1, v=99))
+
+    event.listen(LateSession, "before_commit", add_late_row)
+    maker = sessionmaker(class_=LateSession, shard_set=shards)
+    with maker() as session:
+        session.add_all([Order(id=1, customer_id=1, v=1), Order(id=2, customer_id=9, v=1)])
+        with pytest.raises(ss.CrossShardWriteError, match="was refused"):
+            session.commit()
+    assert _counts(primaries, "shtest_orders") == {"s0": 1, "s1": 0, "s2": 0, "s3": 1}
+    assert _prepared(primaries["s0"]) + _prepared(primaries["s3"]) == 0
+
+
+def test_shard_key_values_are_converted_to_the_column_type(
+    make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """A key given as the string "k" for an Integer column is stored and found on the shard of k; "x" raises."""
+    shards = make_shards()
+    key = next(k for k in range(100) if shards.shard_for(k) != shards.shard_for(str(k)))
+    owner = shards.shard_for(key)
+    with sharded_sessionmaker(shards)() as session:
+        session.add(Order(id=1, customer_id=str(key), v=1))  # type: ignore[arg-type]
+        session.commit()
+        session.execute(insert(Order).values(id=2, customer_id=str(key), v=2))
+        session.commit()
+    assert _counts(primaries, "shtest_orders") == {s: 2 if s == owner else 0 for s in SHARD_IDS}
+    with sharded_sessionmaker(shards)() as session:
+        found = session.scalars(select(Order.id).where(Order.customer_id == key))
+        assert sorted(found) == [1, 2]
+        assert session.get(Order, 1, shard_key=str(key)) is not None
+        session.add(Order(id=3, customer_id="x", v=3))  # type: ignore[arg-type]
+        with pytest.raises(ss.ShardKeyError, match=r"Order\.customer_id = 'x'"):
+            session.flush()
+
+
+def test_update_that_sets_the_shard_key_is_refused(
+    make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """UPDATE ... SET and ON CONFLICT DO UPDATE of the shard key raise ShardKeyError and leave the row where it was."""
+    shards = make_shards(RangeSharding([0, 3, 6, 8, 10]))
+    _seed(shards)
+    before = _counts(primaries, "shtest_orders")
+    with sharded_sessionmaker(shards)() as session:
+        with pytest.raises(ss.ShardKeyError, match="sets its shard key"):
+            session.execute(
+                update(Order).where(Order.customer_id == 1, Order.id == 1).values(customer_id=9)
+            )
+        upsert = pg_insert(Order).values(id=1, customer_id=1, v=1)
+        with pytest.raises(ss.ShardKeyError, match="sets its shard key"):
+            session.execute(
+                upsert.on_conflict_do_update(index_elements=["id"], set_={"customer_id": 9})
+            )
+        session.commit()
+    assert _counts(primaries, "shtest_orders") == before
+    with primaries["s0"].connect() as conn:
+        assert conn.scalar(text("SELECT customer_id FROM shtest_orders WHERE id = 1")) == 1
+
+
+def test_shard_key_option_does_not_move_global_or_pinned_tables(
+    make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """execution_options(shard_key=...) leaves global inserts on every shard and pinned ones on their shard."""
+    shards = make_shards(two_phase=True)
+    with sharded_sessionmaker(shards)() as session:
+        session.execute(
+            insert(Country).values(code="DE", name="Germany").execution_options(shard_key=5)
+        )
+        session.execute(insert(AuditEntry).values(id=1, message="m").execution_options(shard_key=5))
+        session.commit()
+    assert _counts(primaries, "shtest_countries") == dict.fromkeys(SHARD_IDS, 1)
+    assert _counts(primaries, "shtest_audit") == {"s0": 0, "s1": 0, "s2": 1, "s3": 0}
+
+
+def test_unmergeable_aggregates_and_locking_reads_raise_before_running(
+    scale_cluster: LocalCluster, make_shards: Callable[..., ShardSet]
+) -> None:
+    """string_agg, bool_and, stddev_pop, array_agg and FOR UPDATE across shards raise and reach no server."""
+    shards = make_shards()
+    ran_on = _record_servers(scale_cluster)
+    with sharded_sessionmaker(shards)() as session:
+        for call in (
+            func.string_agg(func.cast(Order.v, String), ","),
+            func.bool_and(Order.v > 3),
+            func.stddev_pop(Order.v),
+            func.array_agg(Order.v),
+        ):
+            with pytest.raises(ss.CrossShardQueryError, match="cannot be merged"):
+                session.execute(select(call))
+        with pytest.raises(ss.CrossShardQueryError, match="FOR UPDATE"):
+            session.execute(select(Order).with_for_update())
+    assert ran_on() == set()
+
+
+def _add_notes(shards: ShardSet) -> None:
+    notes = [("apple", "zeta"), ("Banana", "alpha"), ("cherry", "mid"), ("Zed", "zeta")]
+    for i, (body, mood) in enumerate(notes):
+        with sharded_sessionmaker(shards)() as session:
+            session.add(Note(id=i, customer_id=i, body=body, mood=mood))
+            session.commit()
+
+
+def test_native_enum_comparisons_across_shards_raise(
+    make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """ORDER BY, min() and max() of a PostgreSQL enum across shards raise; text under C still merges."""
+    shards = make_shards(RangeSharding([0, 1, 2, 3, 10]))
+    _add_notes(shards)
+    assert _counts(primaries, "shtest_notes") == dict.fromkeys(SHARD_IDS, 1)
+    with sharded_sessionmaker(shards)() as session:
+        with pytest.raises(ss.CrossShardQueryError, match="enum"):
+            session.execute(select(Note.mood).order_by(Note.mood))
+        with pytest.raises(ss.CrossShardQueryError, match="enum"):
+            session.execute(select(func.min(Note.mood)))
+        with pytest.raises(ss.CrossShardQueryError, match="enum"):
+            session.execute(select(func.max(Note.mood)))
+        assert session.execute(select(func.min(Note.body), func.max(Note.body))).one() == (
+            "Banana",
+            "cherry",
+        )
+
+
+@pytest.fixture
+def icu_shards(scale_cluster: LocalCluster) -> Iterator[ShardSet]:
+    """A ShardSet over a database per shard server whose default collation comes from ICU."""
+    urls = {}
+    for i, shard_id in enumerate(SHARD_IDS):
+        admin = create_engine(scale_cluster.shards[i].url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql("DROP DATABASE IF EXISTS shtest_icu")
+            conn.exec_driver_sql(
+                "CREATE DATABASE shtest_icu TEMPLATE template0 LOCALE_PROVIDER icu "
+                "ICU_LOCALE 'und' LOCALE 'C'"
+            )
+        admin.dispose()
+        urls[shard_id] = make_url(scale_cluster.shards[i].url()).set(database="shtest_icu")
+    shards = ShardSet(urls, strategy=RangeSharding([0, 1, 2, 3, 10]))
+    for shard_id in SHARD_IDS:
+        Base.metadata.create_all(shards.replica_set(shard_id).primary.engine)
+    yield shards
+    shards.dispose()
+    for i in range(len(SHARD_IDS)):
+        admin = create_engine(scale_cluster.shards[i].url(), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql("DROP DATABASE IF EXISTS shtest_icu WITH (FORCE)")
+        admin.dispose()
+
+
+def test_text_comparisons_under_an_icu_database_collation_raise(icu_shards: ShardSet) -> None:
+    """ORDER BY, min() and max() of text across shards raise when the databases sort with ICU."""
+    _add_notes(icu_shards)
+    with sharded_sessionmaker(icu_shards)() as session:
+        with pytest.raises(ss.CrossShardQueryError, match="icu provider"):
+            session.execute(select(Note.body).order_by(Note.body))
+        with pytest.raises(ss.CrossShardQueryError, match="icu provider"):
+            session.execute(select(func.min(Note.body)))
+        with pytest.raises(ss.CrossShardQueryError, match="icu provider"):
+            session.execute(select(func.max(Note.body)))
+        # The servers agree that ICU does not sort by code point.
+        assert session.scalars(
+            text("SELECT x FROM unnest(ARRAY['apple', 'Banana']) x ORDER BY x"),
+            bind_arguments={"shard_id": "s0"},
+        ).all() == ["apple", "Banana"]
+
+
+def test_interrupted_fanout_cancels_every_shard_query(
+    scale_cluster: LocalCluster, make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """A KeyboardInterrupt while waiting for a fan-out cancels the queries on every shard before it propagates."""
+    shards = make_shards(RangeSharding([0, 3, 6, 8, 10]))  # rows on every shard
+    _seed(shards)
+    _wait_for_replicas(scale_cluster)
+    main = threading.get_ident()
+    seen: list[bool] = []
+    # Closed after the gate opens: without the cancel, closing would wait for the queries.
+    with sharded_sessionmaker(shards)() as session, _gate_closed(scale_cluster) as waiting:
+
+        def interrupt_when_all_wait() -> None:
+            seen.append(_poll(lambda: waiting() == set(SHARD_IDS)))
+            signal.pthread_kill(main, signal.SIGINT)
+
+        interrupter = threading.Thread(target=interrupt_when_all_wait)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            session.scalar(select(func.count()).select_from(Order).where(func.shtest_gate()))
+        interrupter.join(30)
+        still_waiting = waiting()  # the lock is still held: only a cancel frees them
+    assert seen == [True]
+    assert still_waiting == set()
+
+
+def test_one_engine_for_two_shards_is_refused(scale_cluster: LocalCluster) -> None:
+    """Giving the same Engine for two shards raises ConfigurationError when the ShardSet is built."""
+    engine = create_engine(scale_cluster.shards[0].url())
+    try:
+        with pytest.raises(ss.ConfigurationError, match="same Engine"):
+            ShardSet({"s0": engine, "s1": engine}, strategy=HashSharding())
+        with engine.connect() as conn:  # the engine itself is a working server
+            assert conn.scalar(text("SELECT inet_server_port()")) == scale_cluster.shards[0].port
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def move_setup(
+    scale_cluster: LocalCluster, primaries: dict[str, Engine]
+) -> Iterator[tuple[DirectorySharding, ShardSet]]:
+    """A directory placing customer 5 on s1 (two orders there) and a ShardSet whose engines
+    open one server connection per checkout, named ``shtest_move``."""
+    directory_engine = create_engine(scale_cluster.primary.url())
+    directory = DirectorySharding(directory_engine, table="shtest_directory", ttl=0)
+    directory.table.drop(directory_engine, checkfirst=True)
+    directory.create_table()
+    directory.assign(5, "s1")
+    with primaries["s1"].begin() as conn:
+        conn.execute(text("INSERT INTO shtest_orders (id, customer_id) VALUES (5, 5), (15, 5)"))
+    shards = ShardSet(
+        {s: scale_cluster.shards[i].url() for i, s in enumerate(SHARD_IDS)},
+        strategy=directory,
+        poolclass=NullPool,
+        connect_args={"application_name": "shtest_move"},
+    )
+    yield directory, shards
+    shards.dispose()
+    directory.table.drop(directory_engine, checkfirst=True)
+    directory_engine.dispose()
+
+
+def _move_connections(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shtest_move'")
+            )
+            or 0
+        )
+
+
+def test_failed_move_closes_its_shard_connections(
+    move_setup: tuple[DirectorySharding, ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """A move whose copy fails leaves no connection open on either shard server and moves nothing."""
+    directory, shards = move_setup
+    extra = Table("shtest_move_extra", MetaData(), Column("customer_id", Integer))
+    extra.create(primaries["s1"])  # missing on s2: the copy fails there
+    with primaries["s1"].begin() as conn:
+        conn.execute(extra.insert(), [{"customer_id": 5}])
+    try:
+        with pytest.raises(ProgrammingError, match="shtest_move_extra") as info:
+            directory.move(
+                5, "s2", shards, [(Order.__table__, "customer_id"), (extra, "customer_id")]
+            )  # type: ignore[list-item]
+        assert info.value is not None  # the traceback (and move()'s frame) is still alive
+        # A closed connection's server process exits just after the client leaves: poll.
+        assert _poll(
+            lambda: _move_connections(primaries["s1"]) + _move_connections(primaries["s2"]) == 0
+        )
+        assert _counts(primaries, "shtest_orders") == {"s0": 0, "s1": 2, "s2": 0, "s3": 0}
+        assert directory(5, SHARD_IDS) == "s1"
+    finally:
+        extra.drop(primaries["s1"])
+
+
+def test_move_commits_forward_when_one_commit_prepared_fails(
+    move_setup: tuple[DirectorySharding, ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """When the source's COMMIT PREPARED fails, the others still commit and CommitOutcomeUnknown names the shard and gid."""
+    directory, shards = move_setup
+    source = shards.replica_set("s1").primary.engine
+
+    def lose_connection(conn: Any, xid: Any, is_prepared: bool) -> None:
+        pid = conn.connection.dbapi_connection.info.backend_pid
+        with primaries["s1"].connect() as admin:  # waits until the backend has exited
+            assert admin.scalar(text(f"SELECT pg_terminate_backend({pid}, 10000)"))
+
+    event.listen(source, "commit_twophase", lose_connection)
+    try:
+        with pytest.raises(ss.CommitOutcomeUnknown) as info:
+            directory.move(5, "s2", shards, [(Order.__table__, "customer_id")])  # type: ignore[list-item]
+        with primaries["s1"].connect() as conn:
+            gids = conn.scalars(text("SELECT gid FROM pg_prepared_xacts")).all()
+        assert info.value.node == "s1" and len(gids) == 1 and gids[0] in str(info.value)
+        assert directory(5, SHARD_IDS) == "s2"  # the directory's part committed
+        assert _counts(primaries, "shtest_orders") == {"s0": 0, "s1": 2, "s2": 2, "s3": 0}
+        with primaries["s1"].connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"COMMIT PREPARED '{gids[0]}'"))  # recovery, as the message says
+        assert _counts(primaries, "shtest_orders") == {"s0": 0, "s1": 0, "s2": 2, "s3": 0}
+    finally:
+        event.remove(source, "commit_twophase", lose_connection)
+        for engine in primaries.values():  # a prepared transaction would block the teardown
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                for gid in conn.scalars(text("SELECT gid FROM pg_prepared_xacts")).all():
+                    conn.execute(text(f"ROLLBACK PREPARED '{gid}'"))

@@ -57,7 +57,8 @@ def shards_for_statement(
 ) -> list[ShardId]:
     """The shard ids ``statement`` must run on, in ShardSet order.
 
-    ``shard_key`` is the ``execution_options(shard_key=...)`` value, if any.
+    ``shard_key`` is the ``execution_options(shard_key=...)`` value, if any; it places
+    statements on sharded tables only (global and pinned tables keep their rule).
     """
     keyed: list[_KeyColumn] = []
     pinned: set[ShardId] = set()
@@ -79,9 +80,10 @@ def shards_for_statement(
             pinned.add(arg)
         else:
             has_global = True
-    if shard_key is not _UNKNOWN:
-        model, column = (keyed[0][1], keyed[0][2]) if keyed else (None, None)
-        return [shard_set.shard_for(shard_key, model=model, column=column)]
+    if shard_key is not _UNKNOWN and keyed:
+        # Only sharded tables: global and pinned tables keep their own placement.
+        col, model, column = keyed[0]
+        return [shard_set.shard_for(shard_key, model=model, column=column, key_column=col)]
     if keyed:
         where = getattr(statement, "whereclause", None)
         found = _pins(where, keyed, shard_set, params or {}) if where is not None else None
@@ -134,13 +136,20 @@ def _pins(
                 if key is not None:
                     value = _bind_value(other, params)
                     if value is not _UNKNOWN:
-                        return {shard_set.shard_for(value, model=key[1], column=key[2])}
+                        return {
+                            shard_set.shard_for(
+                                value, model=key[1], column=key[2], key_column=key[0]
+                            )
+                        }
         elif op is operators.in_op:
             key = _key_of(clause.left, keys)
             if key is not None:
                 values = _in_values(clause.right, params)
                 if values is not None:
-                    return {shard_set.shard_for(v, model=key[1], column=key[2]) for v in values}
+                    return {
+                        shard_set.shard_for(v, model=key[1], column=key[2], key_column=key[0])
+                        for v in values
+                    }
     return None
 
 

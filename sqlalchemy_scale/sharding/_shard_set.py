@@ -6,13 +6,17 @@ sharding session only so that the sharding work could land in one package.)
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import threading
+import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper
+from sqlalchemy.sql.elements import ColumnElement
 
 from ..errors import ConfigurationError, ShardKeyError
 from ..topology import EngineTarget, ReplicaSet
@@ -69,6 +73,15 @@ class ShardSet:
                 self._sets[str(shard_id)] = ReplicaSet(
                     primary=target, name=str(shard_id), **engine_kwargs
                 )
+        owners: dict[int, ShardId] = {}
+        for shard_id, replica_set in self._sets.items():
+            other = owners.setdefault(id(replica_set.primary.engine), shard_id)
+            if other != shard_id:
+                raise ConfigurationError(
+                    f"shards {other!r} and {shard_id!r} are given the same Engine (or "
+                    "ReplicaSet); each shard needs its own database, or rows of one shard "
+                    "would be read as another's"
+                )
         validate = getattr(strategy, "validate", None)
         if callable(validate):
             validate(self.shard_ids)
@@ -84,9 +97,19 @@ class ShardSet:
     # -- placement ---------------------------------------------------------------------------
 
     def shard_for(
-        self, value: Any, *, model: str | None = None, column: str | None = None
+        self,
+        value: Any,
+        *,
+        model: str | None = None,
+        column: str | None = None,
+        key_column: ColumnElement[Any] | None = None,
     ) -> ShardId:
-        """The shard that owns shard key ``value``; :class:`ShardKeyError` if none does."""
+        """The shard that owns shard key ``value``; :class:`ShardKeyError` if none does.
+
+        With ``key_column``, ``value`` is first converted to the column's Python type
+        (``"7"`` for an Integer column is ``7``), as PostgreSQL converts it when storing
+        or comparing, so every spelling of a key is placed on the same shard.
+        """
         what = f"{model}.{column}" if model and column else "the shard key"
         if value is None:
             raise ShardKeyError(
@@ -95,6 +118,16 @@ class ShardSet:
                 column=column,
                 value=value,
             )
+        if key_column is not None:
+            try:
+                value = coerce_key(value, key_column)
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                raise ShardKeyError(
+                    f"{what} = {value!r} is not a valid {key_column.type}: {exc}",
+                    model=model,
+                    column=column,
+                    value=value,
+                ) from exc
         try:
             shard_id = self.strategy(value, self.shard_ids)
         except (KeyError, ValueError, TypeError, LookupError) as exc:
@@ -195,6 +228,25 @@ class ShardSet:
 
     def __repr__(self) -> str:
         return f"<ShardSet {self.shard_ids} strategy={self.strategy!r}>"
+
+
+def coerce_key(value: Any, key_column: ColumnElement[Any]) -> Any:
+    """``value`` as the key column's Python type, converted the way PostgreSQL would."""
+    try:
+        python_type = key_column.type.python_type
+    except NotImplementedError:
+        return value
+    if isinstance(value, python_type | bool):
+        return value
+    if python_type is int and isinstance(value, float | decimal.Decimal):
+        return value  # canonical_bytes() already treats integral numbers alike
+    if python_type is decimal.Decimal and isinstance(value, float):
+        return decimal.Decimal(repr(value))  # 0.1, not its binary expansion
+    if python_type in (datetime.date, datetime.datetime, datetime.time):
+        return python_type.fromisoformat(value) if isinstance(value, str) else value
+    if python_type in (int, str, float, decimal.Decimal, uuid.UUID):
+        return python_type(value)
+    return value
 
 
 def _rule_from_info(info: Mapping[str, Any]) -> ShardRule | None:

@@ -18,15 +18,20 @@ reason) for shapes that cannot be merged correctly, before anything runs:
   functions (``OVER``), ``HAVING``, ``FETCH FIRST``, aggregate ``FILTER``,
   expressions over aggregates, UNION and other compound selects, ORDER BY an
   expression that is not selected in a statement with ORM entities or in an
-  aggregate query, and ORDER BY text under a
-  collation other than ``C``/``POSIX`` (Python compares code points).
+  aggregate query, aggregates other than the five above (``string_agg``,
+  ``array_agg``, ``bool_and``, ``stddev_pop``...), ``FOR UPDATE/SHARE``,
+  ORDER BY/``min``/``max`` of a native enum (PostgreSQL sorts it by declaration
+  order), and ORDER BY/``min``/``max`` of text under a collation other than
+  ``C``/``POSIX`` (Python compares code points; a database whose
+  ``datlocprovider`` is ICU or builtin is refused whatever its ``datcollate``).
 
 :func:`run_concurrently` runs one job per shard on the ShardSet's thread
 pool, each shard on its own connection; latency follows the slowest shard,
 not the sum. When one shard fails, the statements still running on the others
 are cancelled (the driver's cancel request, like Ctrl-C in psql) and the
 error is raised with the shard's name in its message and ``shard_id``
-attribute.
+attribute. An exception in the waiting thread (``KeyboardInterrupt``) cancels
+and waits for every job before it propagates, so the connections are free.
 
 Not handled (the statement runs, and the result is only right if the schema
 makes it right): joins between tables that are not co-located by the same
@@ -87,6 +92,53 @@ _AGGREGATES: Mapping[str, AggregateKind] = {
     "avg": "avg",
 }
 _C_COLLATIONS = frozenset({"C", "POSIX", "C.UTF-8", "C.utf8", "ucs_basic"})
+# PostgreSQL aggregates whose per-shard results cannot be combined into the one-database
+# answer here (each shard would return its own row, or the combination needs more state).
+_UNMERGEABLE = frozenset(
+    {
+        "any_value",
+        "array_agg",
+        "bit_and",
+        "bit_or",
+        "bit_xor",
+        "bool_and",
+        "bool_or",
+        "corr",
+        "covar_pop",
+        "covar_samp",
+        "cume_dist",
+        "dense_rank",
+        "every",
+        "json_agg",
+        "json_agg_strict",
+        "json_arrayagg",
+        "json_object_agg",
+        "json_object_agg_strict",
+        "json_object_agg_unique",
+        "json_object_agg_unique_strict",
+        "json_objectagg",
+        "jsonb_agg",
+        "jsonb_agg_strict",
+        "jsonb_object_agg",
+        "jsonb_object_agg_strict",
+        "jsonb_object_agg_unique",
+        "jsonb_object_agg_unique_strict",
+        "mode",
+        "percent_rank",
+        "range_agg",
+        "range_intersect_agg",
+        "rank",
+        "stddev",
+        "stddev_pop",
+        "stddev_samp",
+        "string_agg",
+        "var_pop",
+        "var_samp",
+        "variance",
+        "xmlagg",
+    }
+)
+_UNMERGEABLE_PREFIXES = ("percentile_", "regr_", "stddev", "var_", "covar_")
 
 
 @dataclass(frozen=True)
@@ -124,9 +176,12 @@ class FanoutPlan:
     has_entities: bool = True
     visible: int = 0
 
+    #: aggregate plans: a min()/max() of text is merged by comparing code points.
+    compares_text: bool = False
+
     @property
     def needs_c_collation(self) -> bool:
-        return any(term.is_text for term in self.order)
+        return self.compares_text or any(term.is_text for term in self.order)
 
     def shard_statement(self) -> Select[Any]:
         """The statement each shard runs (LIMIT pushed down, or partial aggregates)."""
@@ -196,6 +251,12 @@ def plan_fanout(statement: Any) -> FanoutPlan:
             "DISTINCT across shards cannot be merged correctly here; use GROUP BY on the "
             "columns instead, or pin the query to one shard"
         )
+    if stmt._for_update_arg is not None:
+        raise CrossShardQueryError(
+            "SELECT ... FOR UPDATE/SHARE across shards is refused: row locks taken on several "
+            "shards at once can deadlock and hold fan-out threads; lock through the shard key "
+            "(one shard) or pass execution_options(shard_id=...)"
+        )
     if stmt._fetch_clause is not None:
         raise CrossShardQueryError("FETCH FIRST across shards is not supported; use LIMIT")
     if stmt._having_criteria:
@@ -220,6 +281,13 @@ def plan_fanout(statement: Any) -> FanoutPlan:
             if isinstance(node, FunctionFilter):
                 raise CrossShardQueryError(
                     "aggregate FILTER clauses across shards are not supported"
+                )
+            if _is_unmergeable_aggregate(node):
+                name = getattr(node, "name", node)
+                raise CrossShardQueryError(
+                    f"the aggregate {name}() across shards cannot be merged (only count, sum, "
+                    "min, max and avg can); pin the query to one shard, or fetch the rows and "
+                    "aggregate in Python"
                 )
     aggregates: list[tuple[int, AggregateKind, ColumnElement[Any] | None]] = []
     for index, column in enumerate(selected):
@@ -280,8 +348,40 @@ def _aggregate_plan(
         aggregates=agg_list,
         keys=[str(k) for k in stmt.selected_columns.keys()],  # noqa: SIM118 (a ColumnCollection)
     )
+    for kind, arg in agg_list:
+        if kind in ("min", "max") and arg is not None:
+            plan.compares_text |= _compares_as_text(arg.type, f"{kind}({arg})")
     plan.order = [_order_term(stmt, selected, c, plan=None) for c in stmt._order_by_clauses]
     return plan
+
+
+def _compares_as_text(column_type: Any, what: str) -> bool:
+    """Whether merging ``what`` compares text by code point (right only under the C
+    collation); raise for values Python cannot compare as PostgreSQL does."""
+    if isinstance(column_type, sqltypes.Enum) and column_type.native_enum:
+        raise CrossShardQueryError(
+            f"{what} across shards: a PostgreSQL enum sorts by the order its labels were "
+            "declared, and merged rows would be compared by label; pin the query or order "
+            "by an expression that gives the order (e.g. array_position())"
+        )
+    if not isinstance(column_type, sqltypes.String):
+        return False
+    collation = getattr(column_type, "collation", None)
+    if collation is None:
+        return True  # the database's default collation: checked on each shard
+    if collation not in _C_COLLATIONS:
+        raise CrossShardQueryError(
+            f"{what} uses collation {collation!r}; merged rows are compared by "
+            "code point, which matches PostgreSQL only under the C collation"
+        )
+    return False
+
+
+def _is_unmergeable_aggregate(node: Any) -> bool:
+    if not isinstance(node, FunctionElement):
+        return False
+    name = str(getattr(node, "name", "")).lower()
+    return name in _UNMERGEABLE or name.startswith(_UNMERGEABLE_PREFIXES)
 
 
 def _is_aggregate_call(node: Any) -> bool:
@@ -373,15 +473,7 @@ def _order_term(
         hidden = len(plan.hidden)
         plan.hidden.append(target)
     column_type = selected[output].type if output is not None else target.type  # type: ignore[union-attr]
-    is_text = isinstance(column_type, sqltypes.String)
-    collation = getattr(column_type, "collation", None)
-    if is_text and collation is not None:
-        if collation not in _C_COLLATIONS:
-            raise CrossShardQueryError(
-                f"ORDER BY {clause} uses collation {collation!r}; merged rows are compared by "
-                "code point, which matches PostgreSQL only under the C collation"
-            )
-        is_text = False
+    is_text = _compares_as_text(column_type, f"ORDER BY {clause}")
     return OrderTerm(target, descending, nulls_first, output, is_text, hidden)
 
 
@@ -438,25 +530,35 @@ def run_concurrently(
             return {job.shard_id: job.fn(job.connection)}
         except BaseException as exc:
             raise _with_shard(exc, job.shard_id) from None
-    futures: dict[Future[T], _Job] = {
-        executor.submit(job.fn, job.connection): job for job in prepared
-    }
-    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    futures: dict[Future[T], _Job] = {}
+    try:
+        for job in prepared:
+            futures[executor.submit(job.fn, job.connection)] = job
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    except BaseException:
+        # KeyboardInterrupt (or any error) in this thread: the jobs must end before the
+        # caller may use, roll back or close their connections.
+        _cancel_and_wait(futures)
+        raise
     failed = [f for f in done if f.exception() is not None]
     if failed:
-        running = {f for f in pending if not f.cancel()}
-        # Repeat the cancel request until each job ends: a job may be between starting and
-        # sending its statement, when a single request would find nothing to cancel.
-        while running:
-            for future in running:
-                _cancel(futures[future].dbapi_connection)
-            _, running = wait(running, timeout=0.05)
+        _cancel_and_wait({f: futures[f] for f in pending})
         # Report the failure that came first in shard order, not a cancellation it caused.
         first = min(failed, key=lambda f: [j.shard_id for j in prepared].index(futures[f].shard_id))
         error = first.exception()
         assert error is not None
         raise _with_shard(error, futures[first].shard_id) from None
     return {futures[f].shard_id: f.result() for f in futures}
+
+
+def _cancel_and_wait(futures: Mapping[Future[Any], _Job]) -> None:
+    running = {f for f in futures if not f.cancel()}
+    # Repeat the cancel request until each job ends: a job may be between starting and
+    # sending its statement, when a single request would find nothing to cancel.
+    while running:
+        for future in running:
+            _cancel(futures[future].dbapi_connection)
+        _, running = wait(running, timeout=0.05)
 
 
 def _cancel(dbapi_connection: Any) -> None:
@@ -521,6 +623,10 @@ def execute_fanout(
             _fetch, shard_set, shard_id, shard_statement, params, options, plan
         )
         jobs.append((shard_id, conn, fetch))
+    if plan.needs_c_collation:
+        # Here, before any job is submitted: a refused statement runs nowhere.
+        for shard_id, conn, _ in jobs:
+            _check_collation(shard_set, shard_id, conn)
     results = run_concurrently(shard_set.executor, jobs)
     if plan.kind == "aggregate":
         partials = [row for s in shard_ids for row in results[s][1]]
@@ -577,8 +683,6 @@ def _fetch(
     plan: FanoutPlan,
     conn: Connection,
 ) -> tuple[CursorResult[Any], list[Any]]:
-    if plan.needs_c_collation:
-        _check_collation(shard_set, shard_id, conn)
     result = conn.execute(statement, params, execution_options=options)
     return result, list(result.all())
 
@@ -586,11 +690,7 @@ def _fetch(
 def _check_collation(shard_set: ShardSet, shard_id: ShardId, conn: Connection) -> None:
     collation = shard_set.collations.get(shard_id)
     if collation is None:  # asked once per shard; a dict store is atomic under the GIL
-        collation = str(
-            conn.exec_driver_sql(
-                "SELECT datcollate FROM pg_database WHERE datname = current_database()"
-            ).scalar()
-        )
+        collation = _database_collation(conn)
         shard_set.collations[shard_id] = collation
     if not is_c_collation(collation):
         raise CrossShardQueryError(
@@ -598,3 +698,22 @@ def _check_collation(shard_set: ShardSet, shard_id: ShardId, conn: Connection) -
             f"collation {collation!r}, and merged rows are compared by code point (the C "
             "collation); order by an expression with .collate('C') selected, or pin the query"
         )
+
+
+def _database_collation(conn: Connection) -> str:
+    """The database's default collation; for a non-libc provider (ICU since PostgreSQL 15,
+    builtin since 17) its name with the provider, which is never a C collation here, since
+    ``datcollate`` is then only the fallback for ``lc_collate`` and not how text sorts."""
+    version = conn.dialect.server_version_info or (0,)
+    if version < (15,):
+        query = "SELECT datcollate, 'c' FROM pg_database WHERE datname = current_database()"
+    else:
+        query = (
+            "SELECT datcollate, datlocprovider FROM pg_database WHERE datname = current_database()"
+        )
+    row = conn.exec_driver_sql(query).one()
+    collate, provider = str(row[0]), str(row[1])
+    if provider == "c":
+        return collate
+    name = {"i": "icu", "b": "builtin"}.get(provider, provider)
+    return f"{collate} ({name} provider)"

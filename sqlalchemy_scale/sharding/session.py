@@ -59,12 +59,14 @@ from ..errors import (
     ConfigurationError,
     CrossShardQueryError,
     CrossShardWriteError,
+    ShardKeyError,
     render_url,
 )
-from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession
+from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession, decide_role
 from ..topology import Role
 from ._pinning import shards_for_statement
 from ._shard_set import ShardRule, ShardSet, rule_for_mapper
+from ._two_phase import commit_prepared
 from .fanout import execute_fanout
 from .strategies import ShardId
 
@@ -78,6 +80,9 @@ SHARDING_OPTIONS: Final = frozenset({"shard_key", "shard_id"})
 set_shard_id = horizontal_shard.set_shard_id
 
 _UNKNOWN: Any = object()
+
+# decide_role() reasons refused once commit() has begun committing the shards.
+_LATE_WRITES: Final = frozenset({"flush", "write", "ddl"})
 
 
 class ShardedSession(horizontal_shard.ShardedSession):
@@ -172,7 +177,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return arg
         attr = _key_attr(mapper)
         return self.shard_set.shard_for(
-            getattr(instance, attr, None), model=mapper.class_.__name__, column=attr
+            getattr(instance, attr, None),
+            model=mapper.class_.__name__,
+            column=attr,
+            key_column=_key_column(mapper),
         )
 
     def _choose_shard(
@@ -222,17 +230,24 @@ class ShardedSession(horizontal_shard.ShardedSession):
             assert arg is not None
             return [arg]
         attr = _key_attr(mapper)
+        key_column = _key_column(mapper)
         if "shard_key" in options:
             return [
                 self.shard_set.shard_for(
-                    options["shard_key"], model=mapper.class_.__name__, column=attr
+                    options["shard_key"],
+                    model=mapper.class_.__name__,
+                    column=attr,
+                    key_column=key_column,
                 )
             ]
-        key_column = mapper.get_property(attr).columns[0]
         pk = primary_key if isinstance(primary_key, tuple | list) else (primary_key,)
         for column, value in zip(mapper.primary_key, pk, strict=False):
             if column is key_column and value is not None:
-                return [self.shard_set.shard_for(value, model=mapper.class_.__name__, column=attr)]
+                return [
+                    self.shard_set.shard_for(
+                        value, model=mapper.class_.__name__, column=attr, key_column=key_column
+                    )
+                ]
         return list(self.shard_set.shard_ids)
 
     def _choose_execute_shards(self, orm_context: ORMExecuteState) -> list[ShardId]:
@@ -251,7 +266,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if shard_key is not _UNKNOWN and kw.get("identity_token") is None:
             mapper = inspect(entity)
             kw["identity_token"] = self.shard_set.shard_for(
-                shard_key, model=mapper.class_.__name__, column=_key_attr(mapper)
+                shard_key,
+                model=mapper.class_.__name__,
+                column=_key_attr(mapper),
+                key_column=_key_column(mapper),
             )
         return super().get(entity, ident, **kw)
 
@@ -288,6 +306,15 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance, clause=clause)
         assert shard_id is not None
+        if self._preparing and decide_role(clause, flushing=self._flushing)[1] in _LATE_WRITES:
+            # SQLAlchemy flushes again after every before_commit listener; by then the
+            # shards may be committed, and rows flushed now would be rolled back at close.
+            raise CrossShardWriteError(
+                f"a write to shard {shard_id!r} was made while commit() was already "
+                f"committing shard(s) {self.written_shards}; it was refused, nothing of it was "
+                "sent. Flush it before commit() (a before_commit listener that adds objects "
+                "must call session.flush() itself)"
+            )
         router = self.router(shard_id)
         router._flushing = self._flushing
         had_written = router.has_written
@@ -299,7 +326,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
         finally:
             _CAUSAL_CONTEXT.reset(causal)
         if router.has_written and not had_written:
-            self._note_write(shard_id, self.shard_set.replica_set(shard_id).primary.engine)
+            try:
+                self._note_write(shard_id, self.shard_set.replica_set(shard_id).primary.engine)
+            except CrossShardWriteError:
+                # Nothing ran on this shard: a retried write must meet the same check.
+                router._has_written = False
+                raise
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s", shard_id, render_url(engine.engine))
         return engine
@@ -359,6 +391,10 @@ def _key_attr(mapper: Mapper[Any]) -> str:
 # -- statement execution ---------------------------------------------------------------------
 
 
+def _key_column(mapper: Mapper[Any]) -> Any:
+    return mapper.get_property(_key_attr(mapper)).columns[0]
+
+
 def _call_options(orm_context: ORMExecuteState) -> dict[str, Any]:
     options = orm_context.execution_options
     return {k: options[k] for k in ROUTING_OPTIONS if k in options}
@@ -402,6 +438,8 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     session = orm_context.session
     if not isinstance(session, ShardedSession):
         return None
+    if orm_context.is_update or orm_context.is_insert:
+        _refuse_shard_key_change(session, orm_context)
     shard_id = _explicit_shard(orm_context)
     if shard_id is not None:
         return _run_on_shard(orm_context, shard_id)
@@ -429,11 +467,53 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
             f"a {type(statement).__name__} across shards cannot be merged; pass "
             "execution_options(shard_id=...) or shard_key=..."
         )
+    if not session.shard_set.two_phase:
+        # Refuse before any shard runs it: a shard that ran it would commit with the next commit().
+        raise CrossShardWriteError(
+            f"a {type(statement).__name__} on shards {shard_ids} needs a transaction on several "
+            "shards; nothing was run. Enable ShardSet(two_phase=True), or pin it to one shard "
+            "with shard_key=... or execution_options(shard_id=...)"
+        )
     # INSERT (global tables), UPDATE or DELETE on several shards: each shard in the session's
     # transaction, so the two-phase commit rules apply; one after the other, as
     # horizontal_shard does.
     results = [_run_on_shard(orm_context, s) for s in shard_ids]
     return results[0].merge(*results[1:])
+
+
+def _refuse_shard_key_change(session: ShardedSession, orm_context: ORMExecuteState) -> None:
+    """Raise when an UPDATE (or INSERT ... ON CONFLICT DO UPDATE) sets a shard key: the row
+    would stay on the shard of its old key, where reads by the new key never look."""
+    stmt: Any = orm_context.statement
+    table: Any = getattr(stmt, "table", None)
+    rule = session.shard_set.rule_for(table) if table is not None else None
+    if rule is None or rule[0] != "key":
+        return
+    column = table.c[rule[1]]
+    mapper = orm_context.bind_mapper
+    names = {column.name, column.key}
+    if mapper is not None:
+        names.add(_key_attr(mapper))
+    sets: list[Any] = []
+    if orm_context.is_update:
+        sets += list(stmt._values or ())
+        params = orm_context.parameters
+        rows = [params] if isinstance(params, Mapping) else list(params or [])
+        if not stmt._values and not column.primary_key:  # SET taken from the parameters
+            sets += [k for row in rows for k in row]
+    on_conflict = getattr(stmt, "_post_values_clause", None)
+    sets += list(getattr(on_conflict, "update_values_to_set", None) or ())
+    for key in sets:
+        if {getattr(key, "key", key), getattr(key, "name", key)} & names:
+            model = mapper.class_.__name__ if mapper is not None else table.name
+            raise ShardKeyError(
+                f"{type(stmt).__name__} of {model} sets its shard key {column.name!r}: the rows "
+                "would stay on the shard of their old key; nothing was run. Changing a shard key "
+                "moves a row: delete it and insert it again (or use DirectorySharding.move)",
+                model=model,
+                column=column.name,
+                value=None,
+            )
 
 
 def _insert_shards(session: ShardedSession, orm_context: ORMExecuteState) -> list[ShardId]:
@@ -462,7 +542,10 @@ def _insert_shards(session: ShardedSession, orm_context: ORMExecuteState) -> lis
         attr = _key_attr(mapper) if mapper is not None else str(column)
         shards.add(
             session.shard_set.shard_for(
-                row.get(attr, row.get(str(column))), model=name, column=attr
+                row.get(attr, row.get(str(column))),
+                model=name,
+                column=attr,
+                key_column=table.c[column],
             )
         )
     if len(shards) != 1:
@@ -594,33 +677,35 @@ def _commit_prepared(
     """Phase two, run here rather than in SQLAlchemy's commit loop: every prepared shard gets
     COMMIT PREPARED even when another one fails, and a failure never becomes a ROLLBACK
     PREPARED (which the loop's cleanup would send)."""
-    failed: list[tuple[ShardId, str, BaseException]] = []
-    for shard_id, conn, trans in prepared:
-        try:
-            trans.commit()
-        except Exception as exc:
-            # Keep the prepared transaction for recovery: cleanup must not roll it back.
-            trans._is_prepared = False
-            failed.append((shard_id, str(trans.xid), exc))
+    connections = {id(trans): conn for _, conn, trans in prepared}
+
+    def mark_done(trans: TwoPhaseTransaction) -> None:
+        conn = connections[id(trans)]
         entry = transaction._connections[conn]
-        # Done: SQLAlchemy's commit loop must skip this connection.
+        # An empty transaction in place of the committed one: if the commit fails later (a
+        # refused late write), the session's rollback ends that one; and SQLAlchemy's commit
+        # loop must skip this connection (should_commit False).
         transaction._connections[conn] = transaction._connections[conn.engine] = (
             entry[0],
-            entry[1],
+            conn.begin(),
             False,
             entry[3],
         )
-    if failed:
-        committed = [s for s, _, _ in prepared if s not in {f[0] for f in failed}]
-        pending = ", ".join(f"{s!r} (gid {gid!r}: {exc})" for s, gid, exc in failed)
-        log.error("two-phase commit: COMMIT PREPARED failed on %s", pending)
-        raise CommitOutcomeUnknown(
-            f"the transaction is committed on shards {committed} and prepared but not yet "
-            f"committed on {pending}; run COMMIT PREPARED '<gid>' on those shards when they "
-            "answer (their prepared transactions hold locks until then)",
-            node=failed[0][0],
-            orig=failed[0][2],
-        )
+
+    try:
+        commit_prepared([(shard_id, trans) for shard_id, _, trans in prepared], on_commit=mark_done)
+    except CommitOutcomeUnknown as exc:
+        log.error("two-phase commit: %s", exc)
+        for _, conn, trans in prepared:
+            entry = transaction._connections[conn]
+            if entry[1] is trans:  # failed: the commit loop must not touch it either
+                transaction._connections[conn] = transaction._connections[conn.engine] = (
+                    entry[0],
+                    entry[1],
+                    False,
+                    entry[3],
+                )
+        raise
 
 
 @event.listens_for(ShardedSession, "after_transaction_end")

@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from sqlalchemy import Column, MetaData, String, Table, create_engine, select
@@ -46,6 +47,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import URL, Engine
 
 from ..errors import ConfigurationError
+from ._two_phase import commit_prepared
 
 if TYPE_CHECKING:
     from ._shard_set import ShardSet
@@ -370,34 +372,39 @@ class DirectorySharding:
                 dtx.commit()
                 self.invalidate(key)
                 return 0
-            src = shards.replica_set(current).primary.engine.connect()
-            dst = shards.replica_set(to_shard).primary.engine.connect()
-            moved = 0
-            stx, ttx = src.begin_twophase(), dst.begin_twophase()
-            try:
-                for table, column in tables:
-                    rows = src.execute(select(table).where(table.c[column] == key)).mappings().all()
-                    if rows:
-                        dst.execute(table.insert(), [dict(r) for r in rows])
-                        moved += len(rows)
-                for table, column in reversed(tables):
-                    src.execute(table.delete().where(table.c[column] == key))
-                self._write_entry(dconn, ktext, to_shard)
-                for tx in (ttx, stx, dtx):
-                    tx.prepare()
-            except BaseException:
-                # Roll back everything, including transactions already prepared.
-                for tx in (ttx, stx, dtx):
-                    if tx.is_active:
-                        tx.rollback()
-                raise
-            try:
-                for tx in (ttx, stx, dtx):
-                    tx.commit()
-            finally:
-                src.close()
-                dst.close()
-            self.invalidate(key)
+            with ExitStack() as closing:  # src and dst are closed whatever happens
+                src = closing.enter_context(shards.replica_set(current).primary.engine.connect())
+                dst = closing.enter_context(shards.replica_set(to_shard).primary.engine.connect())
+                moved = 0
+                stx, ttx = src.begin_twophase(), dst.begin_twophase()
+                try:
+                    for table, column in tables:
+                        rows = (
+                            src.execute(select(table).where(table.c[column] == key))
+                            .mappings()
+                            .all()
+                        )
+                        if rows:
+                            dst.execute(table.insert(), [dict(r) for r in rows])
+                            moved += len(rows)
+                    for table, column in reversed(tables):
+                        src.execute(table.delete().where(table.c[column] == key))
+                    self._write_entry(dconn, ktext, to_shard)
+                    for tx in (ttx, stx, dtx):
+                        tx.prepare()
+                except BaseException:
+                    # Nothing is committed yet: roll back everything, prepared or not.
+                    for tx in (ttx, stx, dtx):
+                        if tx.is_active:
+                            tx.rollback()
+                    raise
+                # From the first COMMIT PREPARED on, only forward: never ROLLBACK PREPARED.
+                try:
+                    commit_prepared(
+                        [(to_shard, ttx), (current, stx), (f"directory {self.table.name}", dtx)]
+                    )
+                finally:
+                    self.invalidate(key)
             return moved
         finally:
             dconn.close()
