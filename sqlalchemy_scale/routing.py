@@ -73,10 +73,9 @@ _DEFINITE_WRITES: Final = frozenset({"flush", "write", "ddl", "locking read"})
 
 # Reasons a statement must run on the primary because it writes or locks. Once one of these
 # runs, the rest of the transaction stays on the primary.
-# "no statement" is session.connection() or get_bind() without a statement: the caller
-# may write through it, so it pins the transaction too.
+# (A bare get_bind() never gets here; session.connection() pins the transaction itself.)
 _WRITING_REASONS: Final = frozenset(
-    {"flush", "write", "ddl", "locking read", "text", "no statement", "unknown statement kind"}
+    {"flush", "write", "ddl", "locking read", "text", "unknown statement kind"}
 )
 
 

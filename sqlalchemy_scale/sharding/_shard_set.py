@@ -163,6 +163,17 @@ class ShardSet:
         """The shard that serves reads of global (``__shard__ = "all"``) tables."""
         return self.shard_ids[0]
 
+    def fixed_shard(self, rule: ShardRule) -> ShardId | None:
+        """The one shard a keyless rule reads from: the home shard for a global table, the
+        table's shard for a pinned one; None for a sharded table (its key decides)."""
+        kind, arg = rule
+        if kind == "all":
+            return self.home_shard
+        if kind == "pinned":
+            assert arg is not None
+            return arg
+        return None
+
     def rule_for(self, table: Table) -> ShardRule | None:
         """How ``table`` is placed, from its model's ``__shard_key__``/``__shard__`` or
         ``Table.info`` (``{"shard_key": ...}`` or ``{"shard": ...}``); None if undeclared."""

@@ -169,12 +169,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def shard_for_instance(self, mapper: Mapper[Any], instance: Any) -> ShardId:
         """The shard an instance belongs to, from its shard key (or its table's rule)."""
-        kind, arg = self.rule_for_mapper(mapper)
-        if kind == "all":
-            return self.shard_set.home_shard
-        if kind == "pinned":
-            assert arg is not None
-            return arg
+        fixed = self.shard_set.fixed_shard(self.rule_for_mapper(mapper))
+        if fixed is not None:
+            return fixed
         attr = _key_attr(mapper)
         return self.shard_set.shard_for(
             getattr(instance, attr, None),
@@ -197,12 +194,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
             if len(shard_ids) == 1:
                 return shard_ids[0]
         elif mapper is not None:
-            kind, arg = self.rule_for_mapper(mapper)
-            if kind == "all":
-                return self.shard_set.home_shard
-            if kind == "pinned":
-                assert arg is not None
-                return arg
+            fixed = self.shard_set.fixed_shard(self.rule_for_mapper(mapper))
+            if fixed is not None:
+                return fixed
         raise CrossShardQueryError(
             "cannot choose one shard here; pass bind_arguments={'shard_id': ...} "
             "(e.g. session.connection(bind_arguments={'shard_id': 's0'}))"
@@ -223,12 +217,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         options = execution_options or {}
         if "shard_id" in options:
             return [options["shard_id"]]
-        kind, arg = self.rule_for_mapper(mapper)
-        if kind == "all":
-            return [self.shard_set.home_shard]
-        if kind == "pinned":
-            assert arg is not None
-            return [arg]
+        fixed = self.shard_set.fixed_shard(self.rule_for_mapper(mapper))
+        if fixed is not None:
+            return [fixed]
         attr = _key_attr(mapper)
         key_column = _key_column(mapper)
         if "shard_key" in options:
