@@ -14,7 +14,16 @@ Run with::
    and horizontal_shard / fan-out. Also prints what each returns for ``ORDER BY
    v DESC LIMIT 3`` and ``count(*)``: horizontal_shard concatenates per-shard
    results (12 rows, 4 partial counts), the fan-out merges them (3 rows, 1 count).
-2. ``test_key_movement``: the fraction of 100,000 keys whose shard changes when
+2. ``test_fanout_scan``: CPU-bound scans, not sleeps: 100,000 rows on each of
+   the four shard servers, and the same 400,000 rows in one server. In one run,
+   interleaved round by round: ``ORDER BY v DESC LIMIT 10`` and ``GROUP BY g``
+   with ``count``/``sum``/``avg``, through the fan-out, through
+   ``horizontal_shard`` (one shard after another, whose answers are wrong: 40
+   rows, and partial groups), and on the one server. Prints the medians and the
+   ratios. On 2 cores, four shard servers scanning at once share two CPUs, so
+   the fan-out cannot be 4x faster than one server here; the figure says what
+   the concurrency buys on this machine, honestly.
+3. ``test_key_movement``: the fraction of 100,000 keys whose shard changes when
    a fifth shard is added, for each strategy.
 """
 
@@ -157,6 +166,126 @@ def test_fanout_latency(engines: dict[str, Engine], benchmark: Any) -> None:
 
     benchmark.pedantic(run_fanout, rounds=5, iterations=1)
     shards.dispose()
+
+
+SCAN_ROWS = 100_000  # per shard
+SCAN_ROUNDS = 7
+
+
+class Scan(Base):
+    __tablename__ = "shbench_scan"
+    __shard_key__ = "k"
+
+    k: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    g: Mapped[int]
+    v: Mapped[int]
+
+
+def _load_scan(engine: Engine, keys: range | list[int]) -> None:
+    Scan.__table__.drop(engine, checkfirst=True)  # type: ignore[attr-defined]
+    Scan.__table__.create(engine)  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        # One INSERT ... SELECT per server: generate_series is far faster than row binds.
+        conn.execute(
+            text(
+                "INSERT INTO shbench_scan (k, g, v) SELECT k, k % 50, (k * 7919) % 1000003 "
+                "FROM unnest(CAST(:keys AS bigint[])) AS k"
+            ),
+            {"keys": list(keys)},
+        )
+        conn.execute(text("ANALYZE shbench_scan"))
+
+
+def test_fanout_scan(scale_cluster: LocalCluster, benchmark: Any) -> None:
+    """CPU-bound ORDER BY ... LIMIT and GROUP BY over 4 x 100k rows: fan-out against
+    horizontal_shard and against one server holding every row."""
+    engines = {f"s{i}": create_engine(node.url()) for i, node in enumerate(scale_cluster.shards)}
+    single = create_engine(scale_cluster.primary.url())
+    shard_ids = list(engines)
+    total = SCAN_ROWS * len(shard_ids)
+    for i, engine in enumerate(engines.values()):
+        _load_scan(engine, range(i, total, len(shard_ids)))
+    _load_scan(single, range(total))
+    shards = ShardSet(dict(engines), strategy=HashSharding())
+    ours = sharded_sessionmaker(shards)
+    theirs = HorizontalShardSession(
+        shard_chooser=lambda mapper, instance, clause=None: shard_ids[0],
+        identity_chooser=lambda *a, **kw: shard_ids,
+        execute_chooser=lambda orm_context: shard_ids,
+        shards=dict(engines),
+    )
+    top = select(Scan.k, Scan.v).order_by(Scan.v.desc(), Scan.k).limit(10)
+    groups = (
+        select(Scan.g, func.count(), func.sum(Scan.v), func.avg(Scan.v))
+        .group_by(Scan.g)
+        .order_by(Scan.g)
+    )
+    try:
+        with single.connect() as conn:
+            expected_top = [tuple(r) for r in conn.execute(top)]
+            expected_groups = [tuple(r) for r in conn.execute(groups)]
+        results: dict[str, Any] = {}
+
+        def runner(name: str, stmt: Any) -> dict[str, Callable[[], None]]:
+            def one_server() -> None:
+                with single.connect() as conn:
+                    results[f"single {name}"] = [tuple(r) for r in conn.execute(stmt)]
+
+            def fanout() -> None:
+                with ours() as session:
+                    results[f"fanout {name}"] = [tuple(r) for r in session.execute(stmt)]
+
+            def sequential() -> None:
+                results[f"horizontal_shard {name}"] = [tuple(r) for r in theirs.execute(stmt)]
+                theirs.rollback()
+
+            return {
+                f"one server {name}": one_server,
+                f"fan-out {name}": fanout,
+                f"horizontal_shard {name}": sequential,
+            }
+
+        runs = {**runner("top", top), **runner("groups", groups)}
+        timings: dict[str, list[float]] = {name: [] for name in runs}
+        for fn in runs.values():  # warm caches, pools and the thread pool
+            fn()
+        for _ in range(SCAN_ROUNDS):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                timings[name].append(time.perf_counter() - start)
+        medians = {name: _median_ms(samples) for name, samples in timings.items()}
+        print(f"\nCPU-bound scans, {len(shard_ids)} shards x {SCAN_ROWS:,} rows, median of")
+        print(f"{SCAN_ROUNDS} interleaved rounds (one server holds all {total:,} rows):")
+        for name in ("top", "groups"):
+            one = medians[f"one server {name}"]
+            fan = medians[f"fan-out {name}"]
+            seq = medians[f"horizontal_shard {name}"]
+            print(f"  {name}: one server {one:7.1f} ms")
+            print(f"  {name}: fan-out    {fan:7.1f} ms   ratio to one server {fan / one:.2f}")
+            print(
+                f"  {name}: horizontal_shard {seq:7.1f} ms   ratio to one server {seq / one:.2f}, "
+                f"to fan-out {seq / fan:.2f}"
+            )
+        print(
+            f"  rows returned, ORDER BY v DESC LIMIT 10: fan-out {len(results['fanout top'])}, "
+            f"horizontal_shard {len(results['horizontal_shard top'])}, one server "
+            f"{len(expected_top)}"
+        )
+        print(
+            f"  groups returned, GROUP BY g: fan-out {len(results['fanout groups'])}, "
+            f"horizontal_shard {len(results['horizontal_shard groups'])}, one server "
+            f"{len(expected_groups)}"
+        )
+        assert results["fanout top"] == expected_top
+        assert [r[:3] for r in results["fanout groups"]] == [r[:3] for r in expected_groups]
+        benchmark.pedantic(runs["fan-out top"], rounds=3, iterations=1)
+    finally:
+        theirs.close()
+        shards.dispose()
+        for engine in [*engines.values(), single]:
+            Scan.__table__.drop(engine, checkfirst=True)  # type: ignore[attr-defined]
+            engine.dispose()
 
 
 def _moved(strategy_before: Any, strategy_after: Any, keys: range) -> float:
