@@ -568,7 +568,7 @@ _SET_CONFIG_RE = re.compile(r'\b"?set_config"?\s*\((?:[^,]*,){2}\s*false\s*\)', 
 
 
 def _might_be_hazard(statement: str) -> bool:
-    # The only code every statement runs (inlined in the guard's listener): one anchored
+    # The only code every statement runs (in the guard's listener too): one anchored
     # regex match and substring searches, all in C. Title case is covered because
     # "dvisory" keeps its lower case there. A ";" that only ends the statement is ignored.
     return (
@@ -656,13 +656,9 @@ def _make_guard(engine: Engine, mode: PoolingGuardMode) -> _GuardListener:
     # do_execute_no_params(cursor, statement, context), do_executemany(same as do_execute).
     # Returning None lets SQLAlchemy execute the statement as usual.
     def guard(cursor: Any, statement: str, *rest: Any) -> None:
-        # _might_be_hazard, inlined: this runs for every statement.
-        if not (
-            _HEAD(statement) is not None
-            or "dvisory" in statement
-            or "DVISORY" in statement
-            or (";" in statement and ";" in statement.rstrip().rstrip(";"))
-        ):
+        # The same pre-check as check_transaction_pooling(), called rather than inlined:
+        # an inlined copy once missed set_config(..., false).
+        if not _might_be_hazard(statement):
             return
         hazard = _classify(statement)
         if hazard is None:

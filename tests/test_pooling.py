@@ -628,6 +628,8 @@ def _seen_on_server(cluster: LocalCluster, token: str) -> int:
     pattern = f"%{token}%"
     [(count,)] = cluster.primary.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+        # An earlier probe's backend may still be exiting, its last query this one.
+        "AND query NOT LIKE '%%pg_stat_activity%%' "
         "AND (query LIKE %s OR application_name LIKE %s)",
         (pattern, pattern),
     )
@@ -714,4 +716,28 @@ def test_warn_mode_runs_the_statement_and_warns(scale_cluster: LocalCluster) -> 
         assert token in str(caught[0].message)
         assert _seen_on_server(scale_cluster, token) == 1  # it reached the server
         # Rolled back: the LISTEN never takes effect, so the shared server connection is clean.
+        conn.rollback()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_installed_guard_refuses_session_set_config(
+    scale_cluster: LocalCluster, driver: str
+) -> None:
+    """The guard installed on an engine refuses set_config(..., false) before the server sees
+    it, exactly as check_transaction_pooling() flags it (one pre-check, not two copies)."""
+    assert scale_cluster.pgbouncer is not None
+    token = f"guard_probe_{uuid.uuid4().hex[:12]}"
+    statement = f"SELECT set_config('application_name', '{token}', false)"
+    hazard = check_transaction_pooling(statement)
+    assert hazard is not None and hazard.construct == "session-level SET"
+    with (
+        ReplicaSet(
+            primary=scale_cluster.pgbouncer.url(driver), pool="pgbouncer-transaction"
+        ) as replica_set,
+        replica_set.primary.engine.connect() as conn,
+    ):
+        with pytest.raises(TransactionPoolingError) as info:
+            conn.exec_driver_sql(statement)
+        assert info.value.construct == hazard.construct
+        assert _seen_on_server(scale_cluster, token) == 0
         conn.rollback()
