@@ -193,7 +193,9 @@ def test_after_promotion_the_promoted_replica_is_writable_and_the_orphan_leaves(
         assert wait_until(lambda: all(n.is_usable for n in replica_set.replicas))
         old.stop()
         promoted.promote()
+        promoted_at = time.monotonic()
         left = wait_until(lambda: not replica_set.replicas[0].is_usable, timeout=20)
+        left_after = time.monotonic() - promoted_at
         writable = wait_until(
             lambda: (
                 {h.name: h for h in replica_set.health(refresh=False)}["replica2"].state
@@ -205,7 +207,8 @@ def test_after_promotion_the_promoted_replica_is_writable_and_the_orphan_leaves(
         with Session() as session:
             port_after = session.execute(WHERE).one()[0]
     print(
-        f"\norphan left the rotation: {left} ({report['replica1'].state}, receiver "
+        f"\norphan left the rotation: {left}, {left_after:.2f} s after the promotion "
+        f"({report['replica1'].state}, receiver "
         f"{report['replica1'].receiver}); promoted: {report['replica2'].state}, "
         f"lag {report['replica2'].lag_seconds}; reads after on {port_after}"
     )
