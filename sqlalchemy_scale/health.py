@@ -31,6 +31,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -74,6 +75,10 @@ _REPLICA_PROBE = text(
     " pg_is_in_recovery(), current_setting('wal_block_size')::int,"
     " (SELECT coalesce(status, 'hidden') FROM pg_stat_wal_receiver), " + _SERVER_ID
 )
+#: True while a health probe connects: the one connection a replica that is down still gets
+#: (see topology's refusal to open new connections to a node whose breaker is open).
+PROBING: ContextVar[bool] = ContextVar("sqlalchemy_scale_probing", default=False)
+
 _HISTORY = 4096  # primary LSN samples kept for lag-in-seconds (~14 min at 0.2 s)
 
 
@@ -144,10 +149,12 @@ class _Probe:
         (another probe of this node is still running) for longer than ``wait`` seconds."""
         if not self.lock.acquire(timeout=wait):
             return None
+        probing = PROBING.set(True)
         try:
             with self.engine.connect() as conn:
                 lsn, in_recovery, block_size, receiver, server = conn.execute(probe).one()
         finally:
+            PROBING.reset(probing)
             self.lock.release()
         return _Answer(reachable_position(lsn, block_size), bool(in_recovery), receiver, server)
 
@@ -478,6 +485,7 @@ class HealthMonitor:
     def _fail(self, probe: _Probe, exc: BaseException, now: float) -> None:
         probe.last_error = _describe(exc)
         probe.checked_at = now
+        probe.node.is_down = True
         # One outage, one step: the reads that were in flight when a node went down all fail
         # at once, and only a failed *retry* (at or after retry_at) doubles the backoff.
         if probe.state != "down":
@@ -500,6 +508,7 @@ class HealthMonitor:
     def _recover(self, probe: _Probe, state: NodeState, now: float) -> None:
         probe.answered_at = now
         probe.aborted = False
+        probe.node.is_down = False
         if probe.state == "down":
             log.info("%s: node %s answers again", self.name, probe.node.name)
             # Pooled connections from before the outage are dead: drop them now rather than

@@ -36,7 +36,7 @@ from sqlalchemy.engine.interfaces import ExceptionContext
 
 from .consistency import install_primary_hooks
 from .errors import ConfigurationError, ReplicaWriteError, render_url
-from .health import HealthMonitor, NodeHealth
+from .health import PROBING, HealthMonitor, NodeHealth
 from .policies import PolicyName, ReplicaPolicy, make_policy
 
 __all__ = ["EngineTarget", "Node", "ReplicaSet", "Role"]
@@ -66,6 +66,8 @@ class Node:
         self.is_usable = True
         #: The newest replay LSN the health monitor has seen (replicas), or None.
         self.replay_lsn: int | None = None
+        #: True while the circuit breaker is open (the node failed and has not answered since).
+        self.is_down = False
         self._lock = threading.Lock()
         self._statements = 0
         self._fallbacks = 0
@@ -521,6 +523,7 @@ class ReplicaSet:
             later = [self.monitor.retry_at(n) for n in self.replicas if n.name in self._failed]
             self._retry_at = min(later) if later else None
         for node in due:
+            node.is_down = False  # half-open: the next read may connect and try it
             self.set_usable(node, True, reason="retrying after the breaker's backoff")
 
     def health(self, *, refresh: bool = True) -> list[NodeHealth]:
@@ -680,6 +683,21 @@ def _track_connections(node: Node, *, owns: bool) -> None:
             node.track_connection(dbapi_connection)
 
         event.listen(node.engine.pool, "connect", on_connect)
+        dbapi = node.engine.dialect.loaded_dbapi
+
+        def refuse_while_down(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+            # A replica out of rotation because it stopped answering gets no new connection
+            # except the monitor's: a read caught re-connecting (its pre-ping failed when
+            # the monitor shut the socket down) fails at once and is retried elsewhere,
+            # instead of waiting connect_timeout on a frozen server. As a driver error
+            # without SQLSTATE, which is what a refused connection is.
+            if node.is_down and not node.is_usable and not PROBING.get():
+                raise dbapi.OperationalError(
+                    f"replica {node.name!r} is out of rotation and not answering; "
+                    "no connection attempted"
+                )
+
+        event.listen(node.engine, "do_connect", refuse_while_down)
     else:
 
         def on_engine_connect(conn: Connection) -> None:

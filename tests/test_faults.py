@@ -148,13 +148,17 @@ def test_a_frozen_replica_releases_its_readers(
             report = {h.name: h for h in replica_set.health(refresh=False)}
         finally:
             _signal_server(frozen, signal.SIGCONT)
+        thawed = time.monotonic()
         for th in threads:
             th.join(30)
+        rejoined = wait_until(lambda: replica_set.replicas[0].is_usable, timeout=30)
+        rejoined_after = time.monotonic() - thawed
     print(
         f"\n8 threads x 10 reads with {frozen.name} frozen: finished={finished} in {elapsed:.1f} s,"
-        f" served {len(served)}, failed {failed}; {frozen.name}: {report['replica1'].state}"
+        f" served {len(served)}, failed {failed}; {frozen.name}: {report['replica1'].state},"
+        f" back in rotation {rejoined_after:.1f} s after SIGCONT"
     )
-    assert finished
+    assert finished and rejoined
     assert failed == [] and len(served) == 80
     assert report["replica1"].state == "down" and not report["replica1"].in_rotation
 
