@@ -25,6 +25,7 @@ __all__ = [
     "ScaleError",
     "ShardKeyError",
     "TransactionPoolingError",
+    "mask_secrets",
     "render_url",
 ]
 
@@ -42,10 +43,16 @@ _CONNINFO_PASSWORD = re.compile(
 _URI_PASSWORD = re.compile(r"(://[^/@:?#]*:)[^@/?#]*@")
 
 
+def mask_secrets(message: str) -> str:
+    """``message`` with any ``password=...`` or ``user:password@`` in it masked: for driver
+    error messages, which may quote a connection string."""
+    return _URI_PASSWORD.sub(rf"\1{_MASK}@", _CONNINFO_PASSWORD.sub(rf"\1{_MASK}", message))
+
+
 def _mask_conninfo(value: str) -> str:
     if "=" not in value and "://" not in value:
         return value  # a plain database or service name
-    return _URI_PASSWORD.sub(rf"\1{_MASK}@", _CONNINFO_PASSWORD.sub(rf"\1{_MASK}", value))
+    return mask_secrets(value)
 
 
 def _mask_parameter(key: str, value: str | tuple[str, ...]) -> str | tuple[str, ...]:

@@ -39,6 +39,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from .consistency import format_lsn, reachable_position
+from .errors import mask_secrets
 
 if TYPE_CHECKING:
     from .topology import Node, ReplicaSet
@@ -581,7 +582,7 @@ class HealthMonitor:
 def _describe(exc: BaseException) -> str:
     """A one-line reason without URLs or passwords (driver messages name host and port only)."""
     orig = getattr(exc, "orig", None) or exc
-    message = " ".join(str(orig).split())
+    message = mask_secrets(" ".join(str(orig).split()))
     return f"{type(orig).__name__}: {message[:200]}"
 
 

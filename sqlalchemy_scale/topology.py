@@ -733,7 +733,9 @@ _TXN_HEAD = re.compile(
     r"\s*(?:COMMIT|END|ROLLBACK|ABORT|BEGIN|START|SET|RESET|PREPARE|/\*|--)", re.I
 ).match
 _TXN_CONTROL = re.compile(
-    r"(?:COMMIT|END|ROLLBACK|ABORT|BEGIN|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b"
+    r"(?:COMMIT|END|ABORT|BEGIN|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b"
+    # ROLLBACK, but not ROLLBACK TO SAVEPOINT (begin_nested() on a replica's transaction).
+    r"|ROLLBACK\b(?!\s+(?:(?:WORK|TRANSACTION)\s+)?TO\b)"
     r"|SET\s+(?:SESSION\s+CHARACTERISTICS\s+AS\s+)?TRANSACTION\b.*\bREAD\s+WRITE\b"
     r"|(?:SET|RESET)\b.*\b(?:default_)?transaction_read_only\b"
     r"|RESET\s+ALL\b",
@@ -762,7 +764,12 @@ def _refuse_transaction_control(
 
     A dialect-level ``do_execute`` listener, like the pooling guard: no engine events on the
     statement path. For a user's engine (whose dialect the read-only view shares) it acts
-    only on the view's own connections.
+    only on the view's own connections. Like the pooling guard it splits on ``;`` without
+    parsing, so a ``DO`` block whose body holds ``END`` after a ``;`` is refused too.
+
+    Why not ``default_transaction_read_only=on`` as a connection option instead: ``SET
+    TRANSACTION READ WRITE`` overrides it, and PgBouncer refuses (or, configured with
+    ``ignore_startup_parameters = options``, drops) the ``options`` startup parameter.
     """
     view = weakref.ref(engine) if not owns else None
 

@@ -23,7 +23,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import URL, make_url
 
 import sqlalchemy_scale as ss
-from sqlalchemy_scale.errors import render_url
+from sqlalchemy_scale.errors import mask_secrets, render_url
 from sqlalchemy_scale.local import LocalCluster, PgNode
 from sqlalchemy_scale.testing import wait_until
 
@@ -303,6 +303,19 @@ def test_an_allowed_writable_replica_is_never_written_through(
     assert rows == [(0,)]
 
 
+def test_savepoints_on_a_replica_still_work(replicas: ss.ReplicaSet) -> None:
+    """Refusing transaction control on replicas leaves SAVEPOINT / ROLLBACK TO SAVEPOINT of a
+    read transaction (begin_nested()) working."""
+    with ss.routing_sessionmaker(replicas)() as session:
+        port, in_recovery = session.execute(WHERE).one()
+        nested = session.begin_nested()
+        session.execute(WHERE)
+        nested.rollback()
+        again = session.execute(WHERE).one()
+    print(f"\nread, savepoint, rollback to it, read again: all on port {port}")
+    assert in_recovery and again == (port, True)
+
+
 # -- secrets ---------------------------------------------------------------------------------
 
 
@@ -391,6 +404,8 @@ def test_render_url_masks_every_secret_libpq_accepts() -> None:
     assert not [r for r in rendered if "hunter2" in r or "hun ter2" in r or "hun%20ter2" in r]
     assert all("***" in r for r in rendered)
     assert render_url("postgresql://u@h/plain?dbname=app") == "postgresql://u@h/plain?dbname=app"
+    driver_message = 'invalid dsn: "host=x password=hunter2 dbname=postgresql://u:hunter2@h/db"'
+    assert "hunter2" not in mask_secrets(driver_message)
 
 
 # -- configuration ---------------------------------------------------------------------------
