@@ -236,6 +236,52 @@ def test_after_promotion_the_promoted_replica_is_writable_and_the_orphan_leaves(
     assert len(errors) == 1 and errors[0].levelno == logging.ERROR
 
 
+def test_idle_streaming_replicas_stay_in_rotation(
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet
+) -> None:
+    """Replicas of a live but idle primary (nothing written) stream, and the WAL-receiver rule
+    never takes them out: over 40 monitor sweeps both stay in rotation."""
+    with ss.routing_sessionmaker(replicas)() as session:
+        session.execute(WHERE)  # starts the monitor
+    assert replicas.monitor is not None
+    seen_out = 0
+    for _ in range(40):  # bounded: 40 sweeps, each at most probe_timeout
+        replicas.monitor.check()
+        seen_out += sum(1 for n in replicas.replicas if not n.is_usable)
+    report = {h.name: h for h in replicas.health(refresh=False)}
+    print(
+        f"\nreplica states over 40 sweeps: out {seen_out} times; receivers "
+        f"{[report[n].receiver for n in ('replica1', 'replica2')]}"
+    )
+    assert seen_out == 0
+    assert [report[n].receiver for n in ("replica1", "replica2")] == ["streaming"] * 2
+
+
+def test_replicas_return_after_the_primary_restarts(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """A primary restart takes its replicas out only until their WAL receivers stream again;
+    then they serve reads, without any action by the application."""
+    cluster = scale_cluster_factory(replicas=1, shards=0, pgbouncer=False)
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[cluster.replicas[0].url(driver)],
+        monitor_interval=0.05,
+        pool_pre_ping=True,
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        with Session() as session:
+            session.execute(WHERE)
+        assert wait_until(lambda: replica_set.replicas[0].is_usable)
+        cluster.primary.restart()
+        cluster.replicas[0].wait_for_streaming()
+        back = wait_until(lambda: replica_set.replicas[0].is_usable, timeout=30)
+        with Session() as session:
+            port = session.execute(WHERE).one()[0]
+    print(f"\nreplica back in rotation after the primary restarted: {back}; read on {port}")
+    assert back and port == cluster.replicas[0].port
+
+
 # -- a writable server named as a replica -----------------------------------------------------
 
 
