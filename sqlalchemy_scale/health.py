@@ -12,9 +12,19 @@ per replica:
   grows on an idle primary although nothing is behind.)
 
 A replica beyond ``max_lag_bytes`` / ``max_lag_seconds`` leaves the rotation and
-returns when it is back within bounds. A replica that cannot be reached, or that
-failed a read, is *down*: the circuit is open and it is probed again after a backoff
-that doubles up to ``max_backoff``; the first successful probe closes the circuit.
+returns when it is back within bounds. So does, at once, a replica that streamed and now
+has no streaming WAL receiver (``pg_stat_wal_receiver``) while the primary answers: it
+follows a primary that is gone. A replica that cannot be reached, or that failed a read,
+is *down*: the circuit is open and it is probed again after a backoff that doubles, per
+failed retry (one outage is one step however many reads failed in it), up to
+``max_backoff``; the first successful probe closes the circuit. A replica down for
+``read_timeout`` seconds (a frozen server never closes its connections) gets its
+connections' sockets shut down, so the reads it holds fail over.
+
+A configured replica whose server is not in recovery (promoted, or a URL naming a primary)
+is ``writable``, not lagging, and out of rotation unless ``allow_writable_replicas``. Two
+different servers of a set accepting writes is reported as split brain (an ERROR once per
+change, and :attr:`NodeHealth.split_brain`).
 
 The monitor runs on its own small pool per node (one connection), never the
 application's pools, and routing never waits for it. It is a daemon thread and is
@@ -53,15 +63,16 @@ log = logging.getLogger("sqlalchemy_scale.health")
 #: in recovery (promoted, or a URL naming a primary); ``unknown``: not probed yet.
 NodeState = Literal["up", "lagging", "down", "writable", "unknown"]
 
+# The last column of both probes tells servers apart (two URLs may name one server, e.g. a
+# multi-host primary URL that now reaches a promoted replica): address, port and postmaster
+# start time.
+_SERVER_ID = "concat_ws(' ', inet_server_addr(), inet_server_port(), pg_postmaster_start_time())"
 # The primary's position as replicas can reach it: what is flushed (and so streamed), or
 # inserted under synchronous_commit = off. An unflushed insert position would count as lag
 # that no replica can make up until the next flush, and a page-header offset as lag that
 # never ends on an idle primary (see consistency.reachable_position).
-# The last column tells servers apart (two URLs may name one server, e.g. a multi-host
-# primary URL that now reaches a promoted replica): address, port and postmaster start time.
-_SERVER_ID = "concat_ws(' ', inet_server_addr(), inet_server_port(), pg_postmaster_start_time())"
 _PRIMARY_PROBE = text(
-    "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+    "SELECT CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0')"
     " WHEN current_setting('synchronous_commit') = 'off'"
     " THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END::text,"
     " pg_is_in_recovery(), current_setting('wal_block_size')::int, NULL::text, " + _SERVER_ID

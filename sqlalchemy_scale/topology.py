@@ -178,7 +178,10 @@ class ReplicaSet:
         seconds (a frozen server, a network that drops packets) gets its connections shut
         down, so the reads waiting on it fail as lost connections and are retried on another
         node like a dead replica's; None never does. Default 5 s: a slow query on a replica
-        that answers probes is never interrupted. Needs the monitor.
+        that answers probes is never interrupted. Needs the monitor. Replica engines built
+        from psycopg2/psycopg URLs also get libpq's ``connect_timeout`` (this many seconds,
+        rounded up, at least 2) unless the URL or ``connect_args`` set one; and while a
+        replica is down and out of rotation, only the monitor opens connections to it.
     :param allow_writable_replicas: accept a replica whose server is not in recovery (a
         primary): it stays in rotation with a WARNING, and its transactions still run
         ``READ ONLY``. By default such a replica is taken out of rotation with an ERROR log,
@@ -193,8 +196,6 @@ class ReplicaSet:
     every replica's server role first (one short query per node).
 
     .. versionadded:: 0.1
-    .. versionchanged:: 0.2 ``read_timeout`` and ``allow_writable_replicas``; writable
-       replicas are refused unless allowed.
     """
 
     def __init__(
