@@ -9,6 +9,7 @@ rendered with :func:`render_url`.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -24,19 +25,66 @@ __all__ = [
     "ScaleError",
     "ShardKeyError",
     "TransactionPoolingError",
+    "mask_secrets",
     "render_url",
 ]
 
 
+# libpq parameters whose value is a secret, and those whose value may be a whole connection
+# string (``dbname='host=x password=y'``, ``dbname=postgresql://u:pw@h/db``) with one inside.
+_SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+_CONNINFO_PARAMETERS = frozenset({"dbname", "database", "service"})
+_MASK = "***"
+# password=... in a key/value connection string (quoted or not) or a URI's query string.
+_CONNINFO_PASSWORD = re.compile(
+    r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE
+)
+# user:password@ in a URI connection string.
+_URI_PASSWORD = re.compile(r"(://[^/@:?#]*:)[^@/?#]*@")
+
+
+def mask_secrets(message: str) -> str:
+    """``message`` with any ``password=...`` or ``user:password@`` in it masked: for driver
+    error messages, which may quote a connection string."""
+    return _URI_PASSWORD.sub(rf"\1{_MASK}@", _CONNINFO_PASSWORD.sub(rf"\1{_MASK}", message))
+
+
+def _mask_conninfo(value: str) -> str:
+    if "=" not in value and "://" not in value:
+        return value  # a plain database or service name
+    return mask_secrets(value)
+
+
+def _mask_parameter(key: str, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+    if key.lower() in _SECRET_PARAMETERS:
+        return _MASK if isinstance(value, str) else tuple(_MASK for _ in value)
+    if key.lower() in _CONNINFO_PARAMETERS:
+        return (
+            _mask_conninfo(value) if isinstance(value, str) else tuple(map(_mask_conninfo, value))
+        )
+    return value
+
+
 def render_url(target: str | URL | Engine) -> str:
-    """Return ``target``'s URL as text with the password masked (``***``)."""
+    """Return ``target``'s URL as text with every secret masked (``***``).
+
+    Masked: the URL's password, the ``password`` and ``sslpassword`` query parameters, and
+    the password inside a connection string given as the database or as a ``dbname``,
+    ``database`` or ``service`` query parameter (libpq accepts a whole conninfo there). This
+    is the one function the library renders URLs with: logs, reprs and error messages.
+    """
     if isinstance(target, Engine):
         target = target.url
     try:
         url = make_url(target)
     except Exception:  # an unparsable string: say so without echoing it
         return "<unparsable URL>"
-    return url.render_as_string(hide_password=True)
+    if url.query:
+        url = url.set(query={k: _mask_parameter(k, v) for k, v in url.query.items()})
+    if url.database:
+        url = url.set(database=_mask_conninfo(url.database))
+    # The query string is percent-encoded when rendered; show the mask as typed.
+    return url.render_as_string(hide_password=True).replace("%2A%2A%2A", _MASK)
 
 
 class ScaleError(sa_exc.SQLAlchemyError):

@@ -632,12 +632,12 @@ def check_transaction_pooling(statement: str) -> PoolingHazard | None:
     return _classify(statement)
 
 
-def _message(hazard: PoolingHazard, statement: str, engine: Engine) -> str:
+def _message(hazard: PoolingHazard, statement: str, where: str) -> str:
     shown = " ".join(statement.split())
     if len(shown) > 200:
         shown = shown[:197] + "..."
     return (
-        f"{hazard.construct} under transaction pooling ({render_url(engine)}): {shown!r}; "
+        f"{hazard.construct} under transaction pooling ({where}): {shown!r}; "
         f"{hazard.reason}. Use {hazard.alternative}."
     )
 
@@ -652,6 +652,11 @@ _guards_lock = threading.Lock()
 
 
 def _make_guard(engine: Engine, mode: PoolingGuardMode) -> _GuardListener:
+    # The listener lives on the dialect, which the engine holds (and _guards maps the dialect
+    # to it): it must not hold the engine, or a dropped engine and its pool would never be
+    # freed. It keeps only the URL as text, secrets masked.
+    where = render_url(engine)
+
     # Signatures: do_execute(cursor, statement, parameters, context),
     # do_execute_no_params(cursor, statement, context), do_executemany(same as do_execute).
     # Returning None lets SQLAlchemy execute the statement as usual.
@@ -665,12 +670,12 @@ def _make_guard(engine: Engine, mode: PoolingGuardMode) -> _GuardListener:
             return
         if mode == "raise":
             raise TransactionPoolingError(
-                _message(hazard, statement, engine),
+                _message(hazard, statement, where),
                 statement=statement,
                 construct=hazard.construct,
                 alternative=hazard.alternative,
             )
-        warnings.warn(_message(hazard, statement, engine), TransactionPoolingWarning, stacklevel=2)
+        warnings.warn(_message(hazard, statement, where), TransactionPoolingWarning, stacklevel=2)
 
     return guard
 

@@ -18,7 +18,10 @@ naming the node.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
+import socket
 import threading
 import time
 import tomllib
@@ -33,7 +36,7 @@ from sqlalchemy.engine.interfaces import ExceptionContext
 
 from .consistency import install_primary_hooks
 from .errors import ConfigurationError, ReplicaWriteError, render_url
-from .health import HealthMonitor, NodeHealth
+from .health import PROBING, HealthMonitor, NodeHealth
 from .policies import PolicyName, ReplicaPolicy, make_policy
 
 __all__ = ["EngineTarget", "Node", "ReplicaSet", "Role"]
@@ -63,9 +66,14 @@ class Node:
         self.is_usable = True
         #: The newest replay LSN the health monitor has seen (replicas), or None.
         self.replay_lsn: int | None = None
+        #: True while the circuit breaker is open (the node failed and has not answered since).
+        self.is_down = False
         self._lock = threading.Lock()
         self._statements = 0
         self._fallbacks = 0
+        # The DB-API connections opened to this node (its pool's and the monitor's), weakly,
+        # so that abort_connections() can free the threads a frozen server holds.
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @property
     def is_replica(self) -> bool:
@@ -80,6 +88,27 @@ class Node:
         """Connections of this node's pool currently in use (0 for pools that do not count)."""
         checkedout = getattr(self.engine.pool, "checkedout", None)
         return int(checkedout()) if checkedout is not None else 0
+
+    def track_connection(self, dbapi_connection: Any) -> None:
+        """Remember a DB-API connection to this node for :meth:`abort_connections`."""
+        with self._lock:
+            self._connections.add(dbapi_connection)
+
+    def abort_connections(self) -> int:
+        """Shut down the socket of every open connection to this node; return how many.
+
+        A thread blocked reading from the node (a frozen server) then gets a lost-connection
+        error at once. The sockets are shut down, not closed: each driver still owns its file
+        descriptor and closes it itself. Used by the health monitor for a replica that has not
+        answered for ``read_timeout`` seconds.
+        """
+        with self._lock:
+            connections = list(self._connections)
+        aborted = 0
+        for dbapi_connection in connections:
+            if _shutdown_socket(dbapi_connection):
+                aborted += 1
+        return aborted
 
     def count(self, *, fallback: bool = False) -> None:
         with self._lock:
@@ -113,6 +142,8 @@ _CONFIG_KEYS = frozenset(
         "max_lag_bytes",
         "max_lag_seconds",
         "max_wait",
+        "read_timeout",
+        "allow_writable_replicas",
     }
 )
 
@@ -139,12 +170,30 @@ class ReplicaSet:
         :class:`~sqlalchemy_scale.TransactionPoolingError`, ``"warn"`` lets them run
         with a warning, ``"off"`` installs no guard. See
         :func:`sqlalchemy_scale.pooling.guard_transaction_pooling`.
+    :param max_lag_seconds: a replica further behind leaves the rotation (None: no limit).
+    :param max_lag_bytes: the same in bytes of WAL (None, the default: no limit).
+    :param max_wait: how long a read carrying a causal token may wait for a replica to
+        replay it before it goes to the primary, in seconds.
+    :param read_timeout: a replica that has not answered the health monitor for this many
+        seconds (a frozen server, a network that drops packets) gets its connections shut
+        down, so the reads waiting on it fail as lost connections and are retried on another
+        node like a dead replica's; None never does. Default 5 s: a slow query on a replica
+        that answers probes is never interrupted. Needs the monitor. Replica engines built
+        from psycopg2/psycopg URLs also get libpq's ``connect_timeout`` (this many seconds,
+        rounded up, at least 2) unless the URL or ``connect_args`` set one; and while a
+        replica is down and out of rotation, only the monitor opens connections to it.
+    :param allow_writable_replicas: accept a replica whose server is not in recovery (a
+        primary): it stays in rotation with a WARNING, and its transactions still run
+        ``READ ONLY``. By default such a replica is taken out of rotation with an ERROR log,
+        at first use and by every probe, and nothing is sent to it.
     :param engine_kwargs: passed to :func:`~sqlalchemy.create_engine` for every
         URL given (ignored for ready-made engines).
 
     Misconfiguration (an unparsable URL, a non-PostgreSQL URL, a duplicate node
-    name, an unknown policy) raises :class:`~sqlalchemy_scale.ConfigurationError`
-    here, not at the first query. Nothing connects until a statement runs.
+    name, an unknown policy, a negative, NaN or infinite number) raises
+    :class:`~sqlalchemy_scale.ConfigurationError` here, not at the first query.
+    Nothing connects until a statement runs; the first read routed to a replica checks
+    every replica's server role first (one short query per node).
 
     .. versionadded:: 0.1
     """
@@ -163,20 +212,28 @@ class ReplicaSet:
         max_lag_seconds: float | None = 10.0,
         max_wait: float = 0.005,
         pooling_guard: Literal["raise", "warn", "off"] = "raise",
+        read_timeout: float | None = 5.0,
+        allow_writable_replicas: bool = False,
         **engine_kwargs: Any,
     ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"ReplicaSet name must be a non-empty string, got {name!r}")
         if pooling_guard not in ("raise", "warn", "off"):
             raise ConfigurationError(
                 f"ReplicaSet {name!r}: pooling_guard must be 'raise', 'warn' or 'off', "
                 f"got {pooling_guard!r}"
             )
         self._pooling_guard = pooling_guard
-        for label, value in (("monitor_interval", monitor_interval), ("max_wait", max_wait)):
-            if value < 0 or (label == "monitor_interval" and value == 0):
-                raise ConfigurationError(
-                    f"ReplicaSet {name!r}: {label} must be positive, got {value}"
-                )
+        where = f"ReplicaSet {name!r}"
+        _check_flag(where, "monitor", monitor)
+        _check_flag(where, "allow_writable_replicas", allow_writable_replicas)
+        _check_number(where, "monitor_interval", monitor_interval, zero=False)
+        _check_number(where, "max_wait", max_wait)
+        _check_number(where, "max_lag_seconds", max_lag_seconds, optional=True)
+        _check_number(where, "max_lag_bytes", max_lag_bytes, optional=True, integral=True)
+        _check_number(where, "read_timeout", read_timeout, optional=True, zero=False)
         self.name = name
+        self._read_timeout = read_timeout
         self.policy = make_policy(policy)
         self._pool = pool
         self._engine_kwargs = engine_kwargs
@@ -205,15 +262,23 @@ class ReplicaSet:
                 interval=monitor_interval,
                 max_lag_bytes=max_lag_bytes,
                 max_lag_seconds=max_lag_seconds,
+                read_timeout=read_timeout,
+                allow_writable_replicas=allow_writable_replicas,
             )
         # Started lazily, by the first read routed to a replica: no thread and no connection
         # for a ReplicaSet that is only constructed (or configured with monitor=False).
         self._monitor_wanted = monitor and self.monitor is not None
+        # The replicas' server roles are checked once, at the first read routed to one.
+        self._roles_unchecked = self.monitor is not None
         # Replicas taken out by a failed statement while no monitor runs, and when the
         # earliest of them may be tried again (None: nothing to re-admit; the fast path).
         self._failed: set[str] = set()
         self._retry_at: float | None = None
         _REPLICA_SETS.add(self)
+        if self.monitor is not None:
+            # Dropped without dispose(): stop the monitor thread and close its connections
+            # now, not when it next wakes up. (The monitor holds this set only weakly.)
+            weakref.finalize(self, self.monitor.stop).atexit = False
 
     # -- construction -------------------------------------------------------------------
 
@@ -226,6 +291,22 @@ class ReplicaSet:
         options: dict[str, Any] = {} if self._pool is None else dict(self._pool)
         options.update(self._engine_kwargs)
         return options
+
+    def _replica_connect_timeout(self, url: URL, options: dict[str, Any]) -> dict[str, Any]:
+        # A frozen server completes the TCP handshake (the kernel does) and then never
+        # answers: without libpq's connect_timeout a new connection to it waits for ever.
+        # Bounded by read_timeout (libpq counts whole seconds, at least 2), unless given.
+        read_timeout = self._read_timeout
+        connect_args = dict(options.get("connect_args") or {})
+        if (
+            read_timeout is None
+            or url.get_driver_name() not in ("psycopg2", "psycopg")
+            or "connect_timeout" in connect_args
+            or "connect_timeout" in url.query
+        ):
+            return options
+        connect_args["connect_timeout"] = max(2, math.ceil(read_timeout))
+        return {**options, "connect_args": connect_args}
 
     def _make_node(self, node_name: str, target: EngineTarget, *, role: Role) -> Node:
         where = f"ReplicaSet {self.name!r}, node {node_name!r}"
@@ -244,8 +325,11 @@ class ReplicaSet:
                     f"{where}: {render_url(url)} is not a PostgreSQL URL; "
                     "sqlalchemy-scale routes PostgreSQL primaries and streaming replicas"
                 )
+            options = self._engine_options(url)
+            if role == "replica":
+                options = self._replica_connect_timeout(url, options)
             try:
-                engine = create_engine(url, **self._engine_options(url))
+                engine = create_engine(url, **options)
             except ConfigurationError:
                 raise
             except Exception as exc:
@@ -270,10 +354,13 @@ class ReplicaSet:
             _make_read_only(engine)
         else:
             engine = _read_only_view(engine)
+        node = Node(node_name, engine, role=role, owns_engine=owns)
         if role == "replica":
             # handle_error is a dialect event: the handler checks it is our engine that failed.
             event.listen(engine, "handle_error", _replica_write_error(engine, self.name, node_name))
-        return Node(node_name, engine, role=role, owns_engine=owns)
+            _track_connections(node, owns=owns)
+            _refuse_transaction_control(engine, self.name, node_name, owns=owns)
+        return node
 
     @classmethod
     def from_config(
@@ -353,6 +440,8 @@ class ReplicaSet:
         LSN (one round trip) and polled for up to ``max_wait`` seconds; then None, and
         the caller reads from the primary.
         """
+        if self._roles_unchecked:
+            self._check_roles()
         if self._monitor_wanted:
             self._start_monitor()
         elif self._retry_at is not None and time.monotonic() >= self._retry_at:
@@ -387,6 +476,17 @@ class ReplicaSet:
             if lsn is None or time.monotonic() >= deadline:
                 return None
             time.sleep(min(0.001, max(0.0, deadline - time.monotonic())))
+
+    def _check_roles(self) -> None:
+        # First use: one round of probes before the first read goes to a replica, so a replica
+        # URL that names a writable server is out of rotation before anything is sent to it.
+        # Only roles are acted on (lag and failures are the monitor's and routing's business);
+        # other threads do not wait for it.
+        with self._state_lock:
+            if not self._roles_unchecked or self.monitor is None:
+                return
+            self._roles_unchecked = False
+        self.monitor.check(roles_only=True)
 
     def _start_monitor(self) -> None:
         with self._state_lock:
@@ -424,6 +524,7 @@ class ReplicaSet:
             later = [self.monitor.retry_at(n) for n in self.replicas if n.name in self._failed]
             self._retry_at = min(later) if later else None
         for node in due:
+            node.is_down = False  # half-open: the next read may connect and try it
             self.set_usable(node, True, reason="retrying after the breaker's backoff")
 
     def health(self, *, refresh: bool = True) -> list[NodeHealth]:
@@ -540,14 +641,172 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _check_flag(where: str, label: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{where}: {label} must be True or False, got {value!r}")
+
+
+def _check_number(
+    where: str,
+    label: str,
+    value: object,
+    *,
+    optional: bool = False,
+    zero: bool = True,
+    integral: bool = False,
+) -> None:
+    """Refuse what no setting of ``label`` can mean: a wrong type, NaN, infinity, a negative
+    number (or zero, where zero would disable the thing it times)."""
+    if value is None and optional:
+        return
+    kinds = "an integer" if integral else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+        none = " or None" if optional else ""
+        raise ConfigurationError(f"{where}: {label} must be {kinds}{none}, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = "at least 0" if zero else "greater than 0"
+        off = " (None switches it off)" if optional else ""
+        raise ConfigurationError(
+            f"{where}: {label} must be a finite number {bound}{off}, got {value!r}"
+        )
+
+
+def _track_connections(node: Node, *, owns: bool) -> None:
+    """Register every DB-API connection opened to a replica with its node.
+
+    For an engine we built, a pool ``connect`` event: it is copied into the health
+    monitor's pool (``Pool.recreate()``), so probe connections are tracked too. For a
+    user's engine, the read-only view's ``engine_connect`` (its pool is the user's).
+    """
+    if owns:
+
+        def on_connect(dbapi_connection: Any, record: Any) -> None:
+            node.track_connection(dbapi_connection)
+
+        event.listen(node.engine.pool, "connect", on_connect)
+        dbapi = node.engine.dialect.loaded_dbapi
+
+        def refuse_while_down(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+            # A replica out of rotation because it stopped answering gets no new connection
+            # except the monitor's: a read caught re-connecting (its pre-ping failed when
+            # the monitor shut the socket down) fails at once and is retried elsewhere,
+            # instead of waiting connect_timeout on a frozen server. As a driver error
+            # without SQLSTATE, which is what a refused connection is.
+            if node.is_down and not node.is_usable and not PROBING.get():
+                raise dbapi.OperationalError(
+                    f"replica {node.name!r} is out of rotation and not answering; "
+                    "no connection attempted"
+                )
+
+        event.listen(node.engine, "do_connect", refuse_while_down)
+    else:
+
+        def on_engine_connect(conn: Connection) -> None:
+            node.track_connection(conn.connection.dbapi_connection)
+
+        event.listen(node.engine, "engine_connect", on_engine_connect)
+
+
+def _shutdown_socket(dbapi_connection: Any) -> bool:
+    # psycopg2 and psycopg 3 both expose the socket as fileno() (and closed); shutdown acts
+    # on the socket itself, so shutting down a duplicate descriptor is enough, and the
+    # driver keeps ownership of its own descriptor.
+    try:
+        if dbapi_connection.closed:
+            return False
+        fd = dbapi_connection.fileno()
+        sock = socket.socket(fileno=os.dup(fd))
+    except Exception:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+# Statements that end a replica's READ ONLY transaction or make it read-write, so that what
+# follows them (in the same string, or the next statement) could write on a server that
+# accepts writes: `COMMIT; INSERT ...`, `SET TRANSACTION READ WRITE; INSERT ...`.
+_TXN_HEAD = re.compile(
+    r"\s*(?:COMMIT|END|ROLLBACK|ABORT|BEGIN|START|SET|RESET|PREPARE|/\*|--)", re.I
+).match
+_TXN_CONTROL = re.compile(
+    r"(?:COMMIT|END|ABORT|BEGIN|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b"
+    # ROLLBACK, but not ROLLBACK TO SAVEPOINT (begin_nested() on a replica's transaction).
+    r"|ROLLBACK\b(?!\s+(?:(?:WORK|TRANSACTION)\s+)?TO\b)"
+    r"|SET\s+(?:SESSION\s+CHARACTERISTICS\s+AS\s+)?TRANSACTION\b.*\bREAD\s+WRITE\b"
+    r"|(?:SET|RESET)\b.*\b(?:default_)?transaction_read_only\b"
+    r"|RESET\s+ALL\b",
+    re.I | re.S,
+)
+_LEADING_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)+", re.S)
+
+
+def _transaction_control(statement: str) -> str | None:
+    """The part of ``statement`` that ends or re-opens its transaction read-write, or None."""
+    if _TXN_HEAD(statement) is None and ";" not in statement:
+        return None  # the fast path: every SELECT
+    for part in statement.split(";"):
+        part = _LEADING_COMMENTS.sub("", part, count=1)
+        if _TXN_CONTROL.match(part):
+            return " ".join(part.split())[:80]
+    return None
+
+
+def _refuse_transaction_control(
+    engine: Engine, set_name: str, node_name: str, *, owns: bool
+) -> None:
+    """Refuse, before it is sent, a replica statement that would end its ``READ ONLY``
+    transaction (a ``text()`` marked ``use_replica=True`` is the caller's word that it only
+    reads; this keeps the word even on a server that accepts writes).
+
+    A dialect-level ``do_execute`` listener, like the pooling guard: no engine events on the
+    statement path. For a user's engine (whose dialect the read-only view shares) it acts
+    only on the view's own connections. Like the pooling guard it splits on ``;`` without
+    parsing, so a ``DO`` block whose body holds ``END`` after a ``;`` is refused too.
+
+    Why not ``default_transaction_read_only=on`` as a connection option instead: ``SET
+    TRANSACTION READ WRITE`` overrides it, and PgBouncer refuses (or, configured with
+    ``ignore_startup_parameters = options``, drops) the ``options`` startup parameter.
+    """
+    view = weakref.ref(engine) if not owns else None
+
+    def check(cursor: Any, statement: str, *rest: Any) -> None:
+        if _TXN_HEAD(statement) is None and ";" not in statement:
+            return
+        if view is not None:
+            context = rest[-1] if rest else None
+            root = getattr(context, "root_connection", None)
+            if root is None or root.engine is not view():
+                return
+        part = _transaction_control(statement)
+        if part is not None:
+            raise ReplicaWriteError(
+                f"{part!r} would end the READ ONLY transaction of replica {node_name!r} of "
+                f"{set_name!r}, so what follows could write there; nothing was sent. Run "
+                "transaction control through the session (commit(), rollback()), not in text()",
+                node=node_name,
+                statement=statement,
+            )
+
+    for name in ("do_execute", "do_execute_no_params", "do_executemany"):
+        event.listen(engine, name, check)
+
+
 def _sqlstate(exc: BaseException | None) -> str | None:
     # psycopg2 calls it pgcode, psycopg 3 and asyncpg sqlstate.
     return getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
 
 
 def _replica_write_error(engine: Engine, set_name: str, node_name: str) -> Any:
+    # Weakly: the listener lives on the engine's dialect (see install_primary_hooks).
+    engine_ref = weakref.ref(engine)
+
     def handle_error(context: ExceptionContext) -> BaseException | None:
-        if context.engine is not engine:
+        if context.engine is not engine_ref():
             return None
         if _sqlstate(context.original_exception) != _READ_ONLY_SQLSTATE:
             return None

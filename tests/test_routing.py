@@ -414,9 +414,12 @@ def test_use_replica_on_a_write_is_refused_before_sending(
 def test_a_writable_server_named_as_replica_is_still_read_only(
     cluster: LocalCluster, driver: str
 ) -> None:
-    """A replica URL that wrongly points at the primary cannot be written through (BEGIN READ ONLY)."""
+    """A replica URL that wrongly points at the primary, kept with allow_writable_replicas=True,
+    cannot be written through (BEGIN READ ONLY)."""
     url = cluster.primary.url(driver)
-    with ss.ReplicaSet(primary=url, replicas={"misconfigured": url}) as replica_set:
+    with ss.ReplicaSet(
+        primary=url, replicas={"misconfigured": url}, allow_writable_replicas=True
+    ) as replica_set:
         Session = ss.routing_sessionmaker(replica_set)
         statement = text("INSERT INTO routing_users (id, name) VALUES (108, 'lost')")
         with Session() as session, pytest.raises(ss.ReplicaWriteError) as caught:

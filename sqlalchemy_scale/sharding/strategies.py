@@ -418,5 +418,7 @@ class DirectorySharding:
         )
 
     def __repr__(self) -> str:
-        where = self._engine.url.render_as_string() if self._engine is not None else "in memory"
+        from ..errors import render_url  # the one place URLs are rendered, secrets masked
+
+        where = render_url(self._engine) if self._engine is not None else "in memory"
         return f"DirectorySharding({where}, table={self.table.name!r})"
