@@ -6,10 +6,7 @@ sharding session only so that the sharding work could land in one package.)
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import threading
-import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self
@@ -20,6 +17,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from ..errors import ConfigurationError, ShardKeyError
 from ..topology import EngineTarget, ReplicaSet
+from ._stored_key import stored_key
 from .strategies import ShardId, ShardingStrategy
 
 __all__ = ["ShardRule", "ShardSet"]
@@ -106,9 +104,12 @@ class ShardSet:
     ) -> ShardId:
         """The shard that owns shard key ``value``; :class:`ShardKeyError` if none does.
 
-        With ``key_column``, ``value`` is first converted to the column's Python type
-        (``"7"`` for an Integer column is ``7``), as PostgreSQL converts it when storing
-        or comparing, so every spelling of a key is placed on the same shard.
+        With ``key_column``, ``value`` is first converted to what PostgreSQL stores in
+        that column (``"7"`` and ``7.0`` for an integer column are ``7``; ``Decimal("1.005")``
+        for a ``numeric(10, 2)`` is ``1.01``), so a row is placed by the value it is stored
+        and found with; a value PostgreSQL would refuse, or store differently per driver
+        (``1.5`` for an integer column), raises :class:`ShardKeyError`
+        (:mod:`~sqlalchemy_scale.sharding._stored_key` lists the rules).
         """
         what = f"{model}.{column}" if model and column else "the shard key"
         if value is None:
@@ -120,10 +121,11 @@ class ShardSet:
             )
         if key_column is not None:
             try:
-                value = coerce_key(value, key_column)
+                value = stored_key(value, key_column)
             except (ValueError, TypeError, ArithmeticError) as exc:
                 raise ShardKeyError(
-                    f"{what} = {value!r} is not a valid {key_column.type}: {exc}",
+                    f"{what} = {value!r} cannot be placed as a {key_column.type} key: {exc}; "
+                    "nothing was sent to any shard",
                     model=model,
                     column=column,
                     value=value,
@@ -239,25 +241,6 @@ class ShardSet:
 
     def __repr__(self) -> str:
         return f"<ShardSet {self.shard_ids} strategy={self.strategy!r}>"
-
-
-def coerce_key(value: Any, key_column: ColumnElement[Any]) -> Any:
-    """``value`` as the key column's Python type, converted the way PostgreSQL would."""
-    try:
-        python_type = key_column.type.python_type
-    except NotImplementedError:
-        return value
-    if isinstance(value, python_type | bool):
-        return value
-    if python_type is int and isinstance(value, float | decimal.Decimal):
-        return value  # canonical_bytes() already treats integral numbers alike
-    if python_type is decimal.Decimal and isinstance(value, float):
-        return decimal.Decimal(repr(value))  # 0.1, not its binary expansion
-    if python_type in (datetime.date, datetime.datetime, datetime.time):
-        return python_type.fromisoformat(value) if isinstance(value, str) else value
-    if python_type in (int, str, float, decimal.Decimal, uuid.UUID):
-        return python_type(value)
-    return value
 
 
 def _rule_from_info(info: Mapping[str, Any]) -> ShardRule | None:
