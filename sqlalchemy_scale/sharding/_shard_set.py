@@ -75,6 +75,12 @@ class ShardSet:
                 self._sets[str(shard_id)] = ReplicaSet(
                     primary=target, name=str(shard_id), **engine_kwargs
                 )
+        for replica_set in self._sets.values():
+            if not replica_set.replicas:
+                # A shard without replicas reads from its primary by design: not a degraded
+                # state worth a WARNING per shard at its first read (which a ReplicaSet logs
+                # when it has no usable replica).
+                replica_set._fallback_logged = True
         owners: dict[int, ShardId] = {}
         for shard_id, replica_set in self._sets.items():
             other = owners.setdefault(id(replica_set.primary.engine), shard_id)
