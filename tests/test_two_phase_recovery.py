@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,11 +228,69 @@ def test_recovery_that_wins_the_race_rolls_the_committer_back(shared: dict[str, 
 
         _two_phase._step_hook = recover_now
         try:
-            with pytest.raises(ss.CrossShardWriteError, match="was rolled back: recovery"):
+            with pytest.raises(
+                ss.CrossShardWriteError, match="was rolled back: 'abort' was recorded"
+            ):
                 app.transfer(shards)
         finally:
             _two_phase._step_hook = None
     assert [a.outcome for a in reports[0].actions] == ["rolled back"] * 3
+    assert _state(engines) == dict.fromkeys(SHARD_IDS, "untouched")
+    assert _prepared(engines) == NOTHING_PREPARED
+
+
+def test_recovery_after_the_decision_commits_and_the_committer_succeeds(
+    shared: dict[str, str],
+) -> None:
+    """Recovery running after the committer recorded 'commit' commits every part; the
+    committer, finding its parts already committed, returns normally."""
+    engines = _admin(shared)
+    reports: list[Any] = []
+    with app.shard_set(shared) as shards:
+
+        def recover_now(step: str) -> None:
+            if step == "decided":
+                reports.append(shards.recover_prepared(older_than=0))
+
+        _two_phase._step_hook = recover_now
+        try:
+            app.transfer(shards)
+        finally:
+            _two_phase._step_hook = None
+    assert [a.outcome for a in reports[0].actions] == ["committed"] * 3
+    assert _state(engines) == dict.fromkeys(SHARD_IDS, "committed")
+    assert _prepared(engines) == NOTHING_PREPARED
+
+
+@pytest.mark.fault
+def test_concurrent_recoveries_finish_each_part_once(
+    shared: dict[str, str], tmp_path: Path
+) -> None:
+    """Two recoveries started at once on the same orphans agree: each part is finished by one
+    of them by the recorded decision, and the other reports it already finished."""
+    engines = _admin(shared)
+    _run_app_until(tmp_path, shared, "prepared")
+    barrier = threading.Barrier(2, timeout=30)
+    reports: list[Any] = []
+
+    def recover() -> None:
+        with app.shard_set(shared) as shards:
+            barrier.wait()
+            reports.append(shards.recover_prepared(older_than=0))
+
+    threads = [threading.Thread(target=recover) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(reports) == 2 and all(r.is_complete for r in reports)
+    outcomes: dict[str, list[str]] = {}
+    for report in reports:
+        for action in report.actions:
+            assert action.decision == "abort"
+            outcomes.setdefault(action.shard_id, []).append(action.outcome)
+    for shard_id in SHARD_IDS:  # finished exactly once, whichever recovery got there first
+        assert outcomes.get(shard_id, []).count("rolled back") == 1, outcomes
     assert _state(engines) == dict.fromkeys(SHARD_IDS, "untouched")
     assert _prepared(engines) == NOTHING_PREPARED
 

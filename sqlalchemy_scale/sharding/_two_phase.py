@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -170,23 +171,21 @@ def record_commit(
             orig=exc,
         ) from exc
     lost: BaseException | None = None
+    params = {"txid": txid, "shards": list(shards)}
     with conn:
         try:
-            ensure_decision_table(conn)
-        except DBAPIError as exc:  # the INSERT was never sent: nothing is recorded
-            raise NodeUnavailableError(
-                f"the coordinator shard {coordinator_name!r} could not record the two-phase "
-                f"commit decision: {exc.orig}; nothing was committed",
-                node=coordinator_name,
-                orig=exc,
-            ) from exc
-        try:
-            conn.execute(_INSERT_COMMIT, {"txid": txid, "shards": list(shards)})
+            try:
+                conn.execute(_INSERT_COMMIT, params)
+            except ProgrammingError as exc:
+                if sqlstate(exc) != _UNDEFINED_TABLE:
+                    raise
+                ensure_decision_table(conn)  # the first decision on this coordinator
+                conn.execute(_INSERT_COMMIT, params)
             return
         except IntegrityError:
-            pass  # recovery recorded its decision first: read it below
+            pass  # an 'abort' was recorded first: read it below
         except DBAPIError as exc:
-            lost = exc  # sent, outcome unknown: read it back (or decide 'abort' atomically)
+            lost = exc  # maybe sent, outcome unknown: read it back (or decide 'abort' atomically)
     if _read_back(coordinator, coordinator_name, txid, shards, lost) == "abort":
         raise DecidedAbort(txid)
 
@@ -234,15 +233,19 @@ class DecidedAbort(Exception):
 def aborted_error(txid: str, shards: Sequence[str]) -> CrossShardWriteError:
     """The error a committer raises after recovery rolled its transaction back."""
     return CrossShardWriteError(
-        f"two-phase transaction {txid!r} on shards {list(shards)} was rolled back: recovery "
-        "(ShardSet.recover_prepared) found it prepared for longer than its limit and decided "
-        "to abort before this process recorded its commit; nothing was committed"
+        f"two-phase transaction {txid!r} on shards {list(shards)} was rolled back: 'abort' "
+        "was recorded for it before its commit could be (by recovery, which found it prepared "
+        "for longer than its limit, or by this process after losing the coordinator "
+        "connection while recording); nothing was committed"
     )
 
 
 # -- the parts -----------------------------------------------------------------------------
 
 _UNDEFINED_OBJECT: Final = "42704"  # "prepared transaction with identifier ... does not exist"
+_UNDEFINED_TABLE: Final = "42P01"
+_OBJECT_IN_USE: Final = "55000"  # "prepared transaction with identifier ... is busy"
+_BUSY_ATTEMPTS: Final = 40  # at most about 2 s
 
 
 @dataclass(frozen=True)
@@ -273,13 +276,19 @@ def finish(engine: Engine, gid: str, decision: Decision) -> bool:
     ``engine``; False when no such prepared transaction exists (someone finished it)."""
     verb = "COMMIT PREPARED" if decision == "commit" else "ROLLBACK PREPARED"
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        try:
-            conn.execute(_gid_statement(verb, gid))
-        except DBAPIError as exc:
-            if sqlstate(exc) == _UNDEFINED_OBJECT:
-                return False
-            raise
-    return True
+        for attempt in range(_BUSY_ATTEMPTS):
+            try:
+                conn.execute(_gid_statement(verb, gid))
+                return True
+            except DBAPIError as exc:
+                code = sqlstate(exc)
+                if code == _UNDEFINED_OBJECT:
+                    return False
+                if code != _OBJECT_IN_USE or attempt == _BUSY_ATTEMPTS - 1:
+                    raise
+            # Another process is finishing it right now (by the same record): wait for it.
+            time.sleep(0.05)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def commit_parts(parts: Sequence[Part]) -> None:
