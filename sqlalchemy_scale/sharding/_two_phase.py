@@ -267,8 +267,18 @@ def prepare(conn: Connection, gid: str) -> None:
 
     The server ends the transaction there; the part survives a crash or a restart of the
     server and the loss of ``conn``, until ``COMMIT PREPARED`` or ``ROLLBACK PREPARED``.
+    The driver is then told the transaction is over (psycopg2 sends a ROLLBACK, which the
+    server answers with a "no transaction in progress" warning; psycopg 3 saw the server
+    go idle and sends nothing), so the COMMIT or ROLLBACK SQLAlchemy later asks of this
+    connection sends nothing: a shard lost after its PREPARE cannot turn them into an
+    error that would misreport the outcome. (The same round trip as the COMMIT it saves.)
     """
     conn.execute(_gid_statement("PREPARE TRANSACTION", gid))
+    try:
+        conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+    except Exception as exc:  # the part is prepared; only this connection is broken
+        log.debug("connection lost after PREPARE TRANSACTION %s: %s", gid, exc)
+        conn.invalidate(exc)
 
 
 def finish(engine: Engine, gid: str, decision: Decision) -> bool:

@@ -201,17 +201,8 @@ def recover_prepared(shard_set: ShardSet, *, older_than: float = 60.0) -> Recove
     home = shard_set.home_shard
     coordinator = shard_set.replica_set(home).primary.engine
     report = RecoveryReport()
-    try:
-        cconn = coordinator.connect().execution_options(isolation_level="AUTOCOMMIT")
-    except DBAPIError as exc:
-        raise NodeUnavailableError(
-            f"the coordinator shard {home!r} cannot be reached ({exc.orig}); no prepared "
-            "transaction was committed or rolled back",
-            node=home,
-            orig=exc,
-        ) from exc
+    cconn = _coordinator_connection(coordinator, home)
     with cconn:
-        two_phase.ensure_decision_table(cconn)
         # Records decided before this instant belong to transactions whose every part was
         # prepared before it, so the scan below sees each part still prepared.
         scan_started = cconn.scalar(text("SELECT clock_timestamp()"))
@@ -246,6 +237,30 @@ def recover_prepared(shard_set: ShardSet, *, older_than: float = 60.0) -> Recove
             f" ({action.error})" if action.error else "",
         )
     return report
+
+
+def _coordinator_connection(coordinator: Engine, home: ShardId) -> Connection:
+    """An autocommit connection to the coordinator with the decision table in place; a pooled
+    connection the server closed (a restarted home shard) is replaced once."""
+    for attempt in range(2):
+        try:
+            conn = coordinator.connect().execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                two_phase.ensure_decision_table(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        except DBAPIError as exc:
+            if exc.connection_invalidated and attempt == 0:
+                continue
+            raise NodeUnavailableError(
+                f"the coordinator shard {home!r} cannot be reached ({exc.orig}); no prepared "
+                "transaction was committed or rolled back",
+                node=home,
+                orig=exc,
+            ) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _finish(

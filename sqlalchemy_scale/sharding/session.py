@@ -646,42 +646,32 @@ def _commit_two_phase(session: ShardedSession, transaction: SessionTransaction) 
     (the protocol of :mod:`~sqlalchemy_scale.sharding._two_phase`).
 
     The session's connections stay plain transactions: ``PREPARE TRANSACTION`` ends each
-    on its server, so the COMMIT (or ROLLBACK) SQLAlchemy sends on them afterwards does
-    nothing, and phase two runs on separate autocommit connections. (The drivers' own
+    on its server (and the driver is told so), so the COMMIT (or ROLLBACK) SQLAlchemy asks
+    of them afterwards sends nothing, and phase two runs on separate autocommit connections. (The drivers' own
     two-phase API fixes the gid when the transaction begins, before the transaction that
     names it exists.)
     """
     shard_set = session.shard_set
     txid = two_phase.new_txid()
     parts: list[two_phase.Part] = []
-    connections: list[Connection] = []
-    try:
-        for shard_id in session.written_shards:
-            entry = transaction._connections.get(session._written[shard_id])
-            if entry is None:
-                continue
-            engine = shard_set.replica_set(shard_id).primary.engine
-            part = two_phase.Part(shard_id, engine, two_phase.gid_for(txid, shard_id))
-            connections.append(entry[0])
-            try:
-                two_phase.prepare(entry[0], part.gid)
-            except BaseException:
-                # Nothing is decided: roll back what was prepared (and this part, in case
-                # its PREPARE ran before the error); the session rolls back the rest.
-                two_phase.rollback_parts([*parts, part])
-                raise
-            parts.append(part)
-            two_phase._step(f"prepared:{shard_id}")
-        log.debug("prepared two-phase commit %s on shards %s", txid, session.written_shards)
-        two_phase._step("prepared")
-        _decide_and_commit(shard_set, txid, parts)
-    except BaseException:
-        # The parts' fate is settled on the servers (or by recovery), not on these
-        # connections: drop them without the ROLLBACK that a dead shard would turn into
-        # an error hiding this one.
-        for conn in connections:
-            conn.invalidate()
-        raise
+    for shard_id in session.written_shards:
+        entry = transaction._connections.get(session._written[shard_id])
+        if entry is None:
+            continue
+        engine = shard_set.replica_set(shard_id).primary.engine
+        part = two_phase.Part(shard_id, engine, two_phase.gid_for(txid, shard_id))
+        try:
+            two_phase.prepare(entry[0], part.gid)
+        except BaseException:
+            # Nothing is decided: roll back what was prepared (and this part, in case its
+            # PREPARE ran before the error); the session rolls back the rest.
+            two_phase.rollback_parts([*parts, part])
+            raise
+        parts.append(part)
+        two_phase._step(f"prepared:{shard_id}")
+    log.debug("prepared two-phase commit %s on shards %s", txid, session.written_shards)
+    two_phase._step("prepared")
+    _decide_and_commit(shard_set, txid, parts)
 
 
 def _decide_and_commit(shard_set: ShardSet, txid: str, parts: list[two_phase.Part]) -> None:
