@@ -381,6 +381,31 @@ def test_a_shard_stopped_in_phase_two_is_committed_by_recovery_when_it_returns(
 
 
 @pytest.mark.fault
+def test_a_shard_lost_after_its_commit_prepared_does_not_fail_the_commit(
+    own_cluster: tuple[LocalCluster, dict[str, str]],
+) -> None:
+    """A shard stopped right after the last COMMIT PREPARED leaves a committed transaction,
+    and commit() and the session's close say so: nothing is sent to the lost shard after it."""
+    cluster, urls = own_cluster
+    engines = _admin(urls)
+    with app.shard_set(urls) as shards:
+
+        def stop_s2(step: str) -> None:
+            if step == "committed:s2":
+                cluster.shards[2].stop("immediate")
+
+        _two_phase._step_hook = stop_s2
+        try:
+            app.transfer(shards)  # commits and closes the session without an error
+        finally:
+            _two_phase._step_hook = None
+    cluster.shards[2].start()
+    assert wait_until(lambda: _answers(engines["s2"]), timeout=30)
+    assert _state(engines) == dict.fromkeys(SHARD_IDS, "committed")
+    assert _prepared(engines) == NOTHING_PREPARED
+
+
+@pytest.mark.fault
 def test_an_unreachable_coordinator_commits_nothing(
     own_cluster: tuple[LocalCluster, dict[str, str]],
 ) -> None:
