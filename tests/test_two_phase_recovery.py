@@ -296,32 +296,46 @@ def test_concurrent_recoveries_finish_each_part_once(
 
 
 def test_a_commit_records_its_decision_then_forgets_it(shared: dict[str, str]) -> None:
-    """A cross-shard commit prepares every shard under one txid, records 'commit' before the
-    first COMMIT PREPARED, and deletes the record once every shard committed."""
+    """A cross-shard commit prepares every shard under one txid and records 'commit' before
+    the first COMMIT PREPARED; the record is deleted by the process's next decision, and
+    the last one by recovery."""
     engines = _admin(shared)
-    seen: dict[str, Any] = {}
+    seen: list[dict[str, Any]] = []
+
+    def records() -> list[tuple[Any, ...]]:
+        with engines["s0"].connect() as conn:
+            query = f"SELECT txid, decision, shards FROM {_two_phase.DECISION_TABLE}"
+            return [tuple(r) for r in conn.execute(text(query))]
+
     with app.shard_set(shared) as shards:
 
         def observe(step: str) -> None:
             if step == "decided":
-                seen["prepared"] = _prepared(engines)
-                with engines["s0"].connect() as conn:
-                    seen["record"] = conn.execute(
-                        text(f"SELECT txid, decision, shards FROM {_two_phase.DECISION_TABLE}")
-                    ).all()
+                seen.append({"prepared": _prepared(engines), "records": records()})
 
         _two_phase._step_hook = observe
         try:
             app.transfer(shards)
+            for engine in engines.values():  # reset the accounts for a second transfer
+                with engine.connect() as conn:
+                    conn.execute(text("UPDATE tpc_accounts SET balance = 100"))
+                    conn.execute(text("DELETE FROM tpc_accounts WHERE id = 2"))
+            app.transfer(shards)
         finally:
             _two_phase._step_hook = None
-    gids = [g for s in SHARD_IDS for g in seen["prepared"][s]]
-    txid = _two_phase.parse_gid(gids[0])[0]  # type: ignore[index]
-    assert gids == [f"ss2pc:{txid}:{s}" for s in SHARD_IDS]
-    assert [tuple(r) for r in seen["record"]] == [(txid, "commit", SHARD_IDS)]
+        txids = []
+        for observed in seen:
+            gids = [g for s in SHARD_IDS for g in observed["prepared"][s]]
+            txid = gids[0].split(":")[1]
+            assert gids == [f"ss2pc:{txid}:{s}" for s in SHARD_IDS]
+            txids.append(txid)
+        assert seen[0]["records"] == [(txids[0], "commit", SHARD_IDS)]
+        assert seen[1]["records"] == [(txids[1], "commit", SHARD_IDS)]  # the first one forgotten
+        assert records() == [(txids[1], "commit", SHARD_IDS)]
+        report = shards.recover_prepared(older_than=0)
+        assert report.actions == [] and report.forgotten == 1
+    assert records() == []
     assert _state(engines) == dict.fromkeys(SHARD_IDS, "committed")
-    with engines["s0"].connect() as conn:
-        assert conn.scalar(text(f"SELECT count(*) FROM {_two_phase.DECISION_TABLE}")) == 0
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ The design is *presumed abort with one atomic decision*:
 
 A transaction without a ``'commit'`` record was not committed anywhere, so recovery
 may roll its prepared parts back; one with it is committed everywhere by recovery.
-The committer deletes its record once every part is committed; ``'abort'`` records
+Once every part is committed, the committer's next decision deletes the record in the
+same statement (recovery deletes those a process leaves behind); ``'abort'`` records
 are kept (:data:`KEEP_ABORTED`) so that a committer that stalled between two PREPAREs
 while recovery rolled back its first parts cannot record ``'commit'`` afterwards.
 
@@ -38,8 +39,10 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -85,7 +88,11 @@ _CREATE = text(
     "shards text[], "
     "decided_at timestamptz NOT NULL DEFAULT clock_timestamp())"
 )
+# The records of this process's transactions committed on every shard are deleted by its
+# next decision, in the same statement (no round trip of their own).
 _INSERT_COMMIT = text(
+    f"WITH forgotten AS (DELETE FROM {DECISION_TABLE} "
+    "WHERE txid = ANY(CAST(:forget AS text[])) AND decision = 'commit') "
     f"INSERT INTO {DECISION_TABLE} (txid, decision, shards) VALUES (:txid, 'commit', :shards)"
 )
 _INSERT_ABORT = text(
@@ -93,7 +100,10 @@ _INSERT_ABORT = text(
     "ON CONFLICT (txid) DO NOTHING"
 )
 _READ = text(f"SELECT decision FROM {DECISION_TABLE} WHERE txid = :txid")
-_FORGET = text(f"DELETE FROM {DECISION_TABLE} WHERE txid = :txid AND decision = 'commit'")
+
+_FORGET: weakref.WeakKeyDictionary[Engine, list[str]] = weakref.WeakKeyDictionary()
+_FORGET_LOCK = threading.Lock()
+_FORGET_MAX: Final = 1000
 
 #: Called with each protocol step's name as it completes; for fault tests only.
 _step_hook: Callable[[str], None] | None = None
@@ -171,7 +181,8 @@ def record_commit(
             orig=exc,
         ) from exc
     lost: BaseException | None = None
-    params = {"txid": txid, "shards": list(shards)}
+    forget = _take_forgotten(coordinator)
+    params = {"txid": txid, "shards": list(shards), "forget": forget}
     with conn:
         try:
             try:
@@ -186,6 +197,7 @@ def record_commit(
             pass  # an 'abort' was recorded first: read it below
         except DBAPIError as exc:
             lost = exc  # maybe sent, outcome unknown: read it back (or decide 'abort' atomically)
+    _give_back_forgotten(coordinator, forget)
     if _read_back(coordinator, coordinator_name, txid, shards, lost) == "abort":
         raise DecidedAbort(txid)
 
@@ -213,13 +225,24 @@ def _read_back(
 
 
 def forget_commit(coordinator: Engine, txid: str) -> None:
-    """Delete the 'commit' record of a transaction committed on every shard (best effort:
-    recovery deletes what is left)."""
-    try:
-        with coordinator.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(_FORGET, {"txid": txid})
-    except DBAPIError as exc:
-        log.debug("two-phase commit %s: its record stays until recovery: %s", txid, exc)
+    """Note that ``txid`` is committed on every shard: its record is deleted by this process's
+    next decision on ``coordinator`` (or by recovery, if there is none)."""
+    with _FORGET_LOCK:
+        pending = _FORGET.setdefault(coordinator, [])
+        if len(pending) < _FORGET_MAX:  # beyond that, recovery deletes them
+            pending.append(txid)
+
+
+def _take_forgotten(coordinator: Engine) -> list[str]:
+    with _FORGET_LOCK:
+        pending = _FORGET.pop(coordinator, [])
+    return pending
+
+
+def _give_back_forgotten(coordinator: Engine, txids: list[str]) -> None:
+    with _FORGET_LOCK:
+        pending = _FORGET.setdefault(coordinator, [])
+        pending[:0] = txids[: max(0, _FORGET_MAX - len(pending))]
 
 
 class DecidedAbort(Exception):
