@@ -460,3 +460,21 @@ def _answers(engine: Engine) -> bool:
     except OperationalError:
         time.sleep(0.05)
         return False
+
+
+def test_prepared_transactions_of_others_are_listed_never_touched(shared: dict[str, str]) -> None:
+    """A prepared transaction whose gid this protocol did not make is reported as left alone,
+    stays prepared after recovery, and shows in the status line."""
+    engines = _admin(shared)
+    with engines["s1"].connect() as conn:
+        conn.execute(text("BEGIN"))
+        conn.execute(text("UPDATE tpc_accounts SET balance = 1"))
+        conn.execute(text("PREPARE TRANSACTION 'other_app_42'"))
+    with app.shard_set(shared) as shards:
+        report = shards.recover_prepared(older_than=0)
+        status = ss.sharding.prepared_status(shards, older_than=0)
+    assert report.actions == [] and report.is_complete
+    assert [(p.shard_id, p.gid, p.txid) for p in report.skipped] == [("s1", "other_app_42", None)]
+    assert "not named by this protocol" in str(report)
+    assert status.startswith("prepared transactions older than 0 s: 1 on s1")
+    assert _prepared(engines)["s1"] == ["other_app_42"]

@@ -42,9 +42,11 @@ class ShardSet:
         or a function ``(value, shard_ids) -> shard_id | None``.
     :param two_phase: allow a transaction to write to more than one shard,
         committing with PostgreSQL two-phase commit (the servers need
-        ``max_prepared_transactions > 0``). When False (the default) such a
-        transaction raises :class:`~sqlalchemy_scale.CrossShardWriteError`
-        before anything is committed.
+        ``max_prepared_transactions > 0``); the decision is recorded on the home
+        shard (the first) before the first ``COMMIT PREPARED``, and
+        :meth:`recover_prepared` finishes what a failure leaves prepared. When
+        False (the default) such a transaction raises
+        :class:`~sqlalchemy_scale.CrossShardWriteError` before anything is committed.
     :param max_workers: threads that run fan-out queries (default: two per
         shard). The pool is shared by every session of this ShardSet.
     :param engine_kwargs: passed to :func:`~sqlalchemy.create_engine` for every

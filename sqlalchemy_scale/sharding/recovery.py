@@ -27,8 +27,9 @@ record's primary key lets only one of the two exist. ``older_than`` (default 60 
 only keeps recovery from rolling back transactions that are still being committed
 (their committer then raises instead of committing). A shard that does not answer is
 reported and its parts are finished by a later run; without the coordinator nothing is
-decided. Prepared transactions whose gid was not made by sqlalchemy-scale are listed,
-never touched.
+decided. Prepared transactions whose gid this protocol did not make (another
+application's, or :meth:`~sqlalchemy_scale.DirectorySharding.move`'s, which SQLAlchemy
+names ``_sa_...``) are listed, never touched.
 
 From the command line: ``sqlalchemy-scale recover --config topology.toml``.
 """
@@ -124,7 +125,7 @@ class RecoveryReport:
         ]
         lines += [
             f"{p.gid} on {p.shard_id}: left alone ("
-            + ("not made by sqlalchemy-scale" if p.txid is None else f"{p.age_seconds:.0f} s old")
+            + ("not named by this protocol" if p.txid is None else f"{p.age_seconds:.0f} s old")
             + ")"
             for p in self.skipped
         ]
