@@ -647,9 +647,9 @@ def _commit_two_phase(session: ShardedSession, transaction: SessionTransaction) 
 
     The session's connections stay plain transactions: ``PREPARE TRANSACTION`` ends each
     on its server (and the driver is told so), so the COMMIT (or ROLLBACK) SQLAlchemy asks
-    of them afterwards sends nothing, and phase two runs on separate autocommit connections. (The drivers' own
-    two-phase API fixes the gid when the transaction begins, before the transaction that
-    names it exists.)
+    of them afterwards sends nothing, and phase two runs on separate autocommit
+    connections. (The drivers' own two-phase API fixes the gid when the transaction
+    begins, before the transaction that names it exists.)
     """
     shard_set = session.shard_set
     txid = two_phase.new_txid()
