@@ -478,3 +478,26 @@ def test_prepared_transactions_of_others_are_listed_never_touched(shared: dict[s
     assert "not named by this protocol" in str(report)
     assert status.startswith("prepared transactions older than 0 s: 1 on s1")
     assert _prepared(engines)["s1"] == ["other_app_42"]
+
+
+@pytest.mark.fault
+def test_recovery_through_pgbouncer_in_transaction_mode(
+    scale_cluster: LocalCluster, shared: dict[str, str], driver: str, tmp_path: Path
+) -> None:
+    """Through PgBouncer in transaction mode, an application killed after some COMMIT PREPARED
+    is finished by recovery: every shard committed, nothing prepared or locked."""
+    bouncer = scale_cluster.pgbouncer
+    assert bouncer is not None, "the shared cluster runs PgBouncer (--scale-pgbouncer)"
+    pooled = {
+        s: bouncer.url(driver, database=scale_cluster.shards[i].name)
+        for i, s in enumerate(SHARD_IDS)
+    }
+    engines = _admin(shared)
+    _run_app_until(tmp_path, pooled, "committed:s0")
+    assert _state(engines)["s0"] == "committed" and _prepared(engines)["s1"] != []
+    with app.shard_set(pooled) as shards:
+        report = shards.recover_prepared(older_than=0)
+    assert report.is_complete, str(report)
+    assert _state(engines) == dict.fromkeys(SHARD_IDS, "committed")
+    assert _prepared(engines) == NOTHING_PREPARED
+    assert wait_until(lambda: _unlocked(engines), timeout=30)
