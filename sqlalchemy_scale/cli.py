@@ -1,4 +1,4 @@
-"""The ``sqlalchemy-scale`` command line: ``demo`` and ``status``.
+"""The ``sqlalchemy-scale`` command line: ``demo``, ``status`` and ``recover``.
 
 ``demo`` starts a real primary with two streaming replicas on 127.0.0.1 (the
 local topology, :mod:`sqlalchemy_scale.local`), runs a small ORM workload through
@@ -10,6 +10,10 @@ and stops everything it started.
 ``SQLALCHEMY_SCALE_CONFIG`` environment variable) or from ``--primary`` /
 ``--replica`` URLs, and prints each node's server-reported role, state and lag.
 Passwords are never printed.
+
+``recover`` reads a ShardSet from a TOML file (:meth:`ShardSet.from_config
+<sqlalchemy_scale.ShardSet.from_config>`) and finishes two-phase transactions left
+prepared (:mod:`sqlalchemy_scale.sharding.recovery`); ``--dry-run`` only lists them.
 """
 
 from __future__ import annotations
@@ -49,10 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--section", default=None, help="TOML table holding the ReplicaSet")
     status.add_argument("--primary", help="primary URL (instead of --config)")
     status.add_argument("--replica", action="append", default=[], help="replica URL (repeatable)")
+    _add_recover_command(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return run_demo(driver=args.driver, verbose=args.verbose)
+        if args.command == "recover":
+            return run_recover(args)
         return run_status(args)
     except ScaleError as exc:
         print(f"sqlalchemy-scale: {exc}", file=sys.stderr)
@@ -103,6 +110,59 @@ def run_status(args: argparse.Namespace) -> int:
         )
     )
     return 0 if all(h.state != "down" for h in rows) else 1
+
+
+# -- recover (two-phase commits left prepared) ------------------------------------------------
+
+
+def _add_recover_command(commands: Any) -> None:
+    recover = commands.add_parser(
+        "recover",
+        help="commit or roll back two-phase transactions left prepared on the shards",
+        description=(
+            "Finish every sqlalchemy-scale two-phase transaction with a part prepared for at "
+            "least --older-than seconds, by the decision recorded on the home shard: commit "
+            "if the application recorded 'commit', else roll back. Safe to run at any time."
+        ),
+    )
+    recover.add_argument("--config", default=os.environ.get("SQLALCHEMY_SCALE_CONFIG"))
+    recover.add_argument("--section", default=None, help="TOML table holding the ShardSet")
+    recover.add_argument(
+        "--older-than", type=float, default=60.0, help="seconds prepared (default 60)"
+    )
+    recover.add_argument(
+        "--dry-run", action="store_true", help="only list prepared transactions; change nothing"
+    )
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    from .sharding import ShardSet
+    from .sharding.recovery import prepared_status, recover_prepared
+
+    if not args.config:
+        print(
+            "sqlalchemy-scale recover: give --config FILE (or SQLALCHEMY_SCALE_CONFIG)",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.older_than >= 0:
+        print("sqlalchemy-scale recover: --older-than must be >= 0", file=sys.stderr)
+        return 2
+    with ShardSet.from_config(args.config, section=args.section) as shard_set:
+        if args.dry_run:
+            prepared = shard_set.prepared_transactions()
+            print(
+                _table(
+                    ["shard", "gid", "age s", "owner"],
+                    [[p.shard_id, p.gid, f"{p.age_seconds:.1f}", p.owner] for p in prepared],
+                )
+            )
+            print(prepared_status(shard_set, older_than=args.older_than))
+            return 0
+        report = recover_prepared(shard_set, older_than=args.older_than)
+        print(report)
+        print(prepared_status(shard_set, older_than=args.older_than))
+    return 0 if report.is_complete else 1
 
 
 # -- demo -----------------------------------------------------------------------------------

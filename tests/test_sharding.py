@@ -484,12 +484,13 @@ def test_cross_shard_write_commits_with_two_phase_commit(
     shards = make_shards(RangeSharding([0, 3, 6, 8, 10]), two_phase=True)
     prepared_seen: list[int] = []
 
-    def before_commit_prepared(conn: Any, xid: Any, is_prepared: bool) -> None:
-        prepared_seen.append(_prepared(primaries["s0"]) + _prepared(primaries["s3"]))
+    def before_commit_prepared(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("COMMIT PREPARED"):
+            prepared_seen.append(_prepared(primaries["s0"]) + _prepared(primaries["s3"]))
 
     for shard_id in ("s0", "s3"):
         engine = shards.replica_set(shard_id).primary.engine
-        event.listen(engine, "commit_twophase", before_commit_prepared)
+        event.listen(engine, "before_cursor_execute", before_commit_prepared)
     with sharded_sessionmaker(shards)() as session:
         session.add_all([Order(id=1, customer_id=1, v=1), Order(id=2, customer_id=9, v=1)])
         session.flush()

@@ -9,6 +9,14 @@ from __future__ import annotations
 from ._shard_set import ShardSet
 from .fanout import FanoutPlan, plan_fanout
 from .merge import SortKey, merge_aggregates, merge_ordered
+from .recovery import (
+    PreparedTransaction,
+    RecoveryAction,
+    RecoveryReport,
+    prepared_status,
+    prepared_transactions,
+    recover_prepared,
+)
 from .session import ShardedSession, set_shard_id, sharded_sessionmaker
 from .strategies import (
     DirectorySharding,
@@ -26,7 +34,10 @@ __all__ = [
     "FanoutPlan",
     "HashSharding",
     "JumpHashSharding",
+    "PreparedTransaction",
     "RangeSharding",
+    "RecoveryAction",
+    "RecoveryReport",
     "ShardId",
     "ShardSet",
     "ShardedSession",
@@ -36,6 +47,9 @@ __all__ = [
     "merge_aggregates",
     "merge_ordered",
     "plan_fanout",
+    "prepared_status",
+    "prepared_transactions",
+    "recover_prepared",
     "set_shard_id",
     "sharded_sessionmaker",
     "stable_hash64",

@@ -6,21 +6,23 @@ sharding session only so that the sharding work could land in one package.)
 
 from __future__ import annotations
 
-import datetime
-import decimal
 import threading
-import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Self
+from os import PathLike
+from typing import TYPE_CHECKING, Any, Self
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..errors import ConfigurationError, ShardKeyError
-from ..topology import EngineTarget, ReplicaSet
-from .strategies import ShardId, ShardingStrategy
+from ..topology import EngineTarget, ReplicaSet, _load_config
+from ._stored_key import stored_key
+from .strategies import HashSharding, JumpHashSharding, RangeSharding, ShardId, ShardingStrategy
+
+if TYPE_CHECKING:
+    from .recovery import PreparedTransaction, RecoveryReport
 
 __all__ = ["ShardRule", "ShardSet"]
 
@@ -40,9 +42,11 @@ class ShardSet:
         or a function ``(value, shard_ids) -> shard_id | None``.
     :param two_phase: allow a transaction to write to more than one shard,
         committing with PostgreSQL two-phase commit (the servers need
-        ``max_prepared_transactions > 0``). When False (the default) such a
-        transaction raises :class:`~sqlalchemy_scale.CrossShardWriteError`
-        before anything is committed.
+        ``max_prepared_transactions > 0``); the decision is recorded on the home
+        shard (the first) before the first ``COMMIT PREPARED``, and
+        :meth:`recover_prepared` finishes what a failure leaves prepared. When
+        False (the default) such a transaction raises
+        :class:`~sqlalchemy_scale.CrossShardWriteError` before anything is committed.
     :param max_workers: threads that run fan-out queries (default: two per
         shard). The pool is shared by every session of this ShardSet.
     :param engine_kwargs: passed to :func:`~sqlalchemy.create_engine` for every
@@ -73,6 +77,12 @@ class ShardSet:
                 self._sets[str(shard_id)] = ReplicaSet(
                     primary=target, name=str(shard_id), **engine_kwargs
                 )
+        for replica_set in self._sets.values():
+            if not replica_set.replicas:
+                # A shard without replicas reads from its primary by design: not a degraded
+                # state worth a WARNING per shard at its first read (which a ReplicaSet logs
+                # when it has no usable replica).
+                replica_set._fallback_logged = True
         owners: dict[int, ShardId] = {}
         for shard_id, replica_set in self._sets.items():
             other = owners.setdefault(id(replica_set.primary.engine), shard_id)
@@ -94,6 +104,67 @@ class ShardSet:
         #: Each shard database's default collation, read at the first fan-out that sorts text.
         self.collations: dict[ShardId, str] = {}
 
+    @classmethod
+    def from_config(
+        cls, source: str | PathLike[str] | Mapping[str, Any], *, section: str | None = None
+    ) -> ShardSet:
+        """Build a ShardSet from a TOML file or a mapping (the format the CLI reads).
+
+        Keys: ``shards`` (a table of shard id -> URL, or -> a table of
+        :meth:`ReplicaSet.from_config <sqlalchemy_scale.ReplicaSet.from_config>` keys for a
+        shard with replicas), ``strategy`` (``"hash"``, ``"jump_hash"`` or ``{range =
+        [bounds]}``; default ``"jump_hash"``), ``two_phase``, ``max_workers`` and an
+        ``[engine]`` table of ``create_engine`` keyword arguments. ``section`` selects a
+        nested table::
+
+            [sharding]
+            strategy = "jump_hash"
+            two_phase = true
+            [sharding.shards]
+            s0 = "postgresql+psycopg2://app:secret@db-s0/app"
+            s1 = { primary = "postgresql+psycopg2://app:secret@db-s1/app", replicas = [] }
+
+        .. versionadded:: 0.2
+        """
+        config = _load_config(source)
+        where = "configuration"
+        if section is not None:
+            where = f"[{section}]"
+            try:
+                config = config[section]
+            except KeyError:
+                raise ConfigurationError(f"configuration has no [{section}] table") from None
+        known = {"shards", "strategy", "two_phase", "max_workers", "engine"}
+        unknown = set(config) - known
+        if unknown:
+            raise ConfigurationError(
+                f"unknown ShardSet keys {sorted(unknown)} in {where}; expected {sorted(known)}"
+            )
+        shards = config.get("shards")
+        if not isinstance(shards, Mapping) or not shards:
+            raise ConfigurationError(f"{where} needs a [shards] table of shard id -> URL")
+        engine_kwargs = dict(config.get("engine", {}))
+        targets: dict[ShardId, EngineTarget | ReplicaSet] = {}
+        for shard_id, target in shards.items():
+            if isinstance(target, Mapping):
+                options = dict(target)
+                options.setdefault("name", str(shard_id))
+                options["engine"] = {**engine_kwargs, **dict(options.get("engine", {}))}
+                targets[str(shard_id)] = ReplicaSet.from_config(options)
+            elif isinstance(target, str):
+                targets[str(shard_id)] = target
+            else:
+                raise ConfigurationError(
+                    f"shard {shard_id!r} in {where} must be a URL or a table, got {target!r}"
+                )
+        return cls(
+            targets,
+            strategy=_strategy_from_config(config.get("strategy", "jump_hash")),
+            two_phase=bool(config.get("two_phase", False)),
+            max_workers=config.get("max_workers"),
+            **engine_kwargs,
+        )
+
     # -- placement ---------------------------------------------------------------------------
 
     def shard_for(
@@ -106,9 +177,12 @@ class ShardSet:
     ) -> ShardId:
         """The shard that owns shard key ``value``; :class:`ShardKeyError` if none does.
 
-        With ``key_column``, ``value`` is first converted to the column's Python type
-        (``"7"`` for an Integer column is ``7``), as PostgreSQL converts it when storing
-        or comparing, so every spelling of a key is placed on the same shard.
+        With ``key_column``, ``value`` is first converted to what PostgreSQL stores in
+        that column (``"7"`` and ``7.0`` for an integer column are ``7``; ``Decimal("1.005")``
+        for a ``numeric(10, 2)`` is ``1.01``), so a row is placed by the value it is stored
+        and found with; a value PostgreSQL would refuse, or store differently per driver
+        (``1.5`` for an integer column), raises :class:`ShardKeyError`
+        (:mod:`~sqlalchemy_scale.sharding._stored_key` lists the rules).
         """
         what = f"{model}.{column}" if model and column else "the shard key"
         if value is None:
@@ -120,10 +194,11 @@ class ShardSet:
             )
         if key_column is not None:
             try:
-                value = coerce_key(value, key_column)
+                value = stored_key(value, key_column)
             except (ValueError, TypeError, ArithmeticError) as exc:
                 raise ShardKeyError(
-                    f"{what} = {value!r} is not a valid {key_column.type}: {exc}",
+                    f"{what} = {value!r} cannot be placed as a {key_column.type} key: {exc}; "
+                    "nothing was sent to any shard",
                     model=model,
                     column=column,
                     value=value,
@@ -204,6 +279,29 @@ class ShardSet:
         if kind == "pinned" and arg not in self._sets:
             raise ConfigurationError(f"table {name!r} is pinned to unknown shard {arg!r}")
 
+    # -- two-phase commit recovery -----------------------------------------------------------
+
+    def recover_prepared(self, *, older_than: float = 60.0) -> RecoveryReport:
+        """Commit or roll back, by its recorded decision, every two-phase transaction of this
+        ShardSet left prepared for at least ``older_than`` seconds; returns what was done.
+
+        Safe at any time and from any process (see :mod:`sqlalchemy_scale.sharding.recovery`).
+
+        .. versionadded:: 0.2
+        """
+        from .recovery import recover_prepared
+
+        return recover_prepared(self, older_than=older_than)
+
+    def prepared_transactions(self, *, older_than: float = 0.0) -> list[PreparedTransaction]:
+        """The prepared transactions on the shards' primaries at least ``older_than`` seconds old.
+
+        .. versionadded:: 0.2
+        """
+        from .recovery import prepared_transactions
+
+        return prepared_transactions(self, older_than=older_than)
+
     # -- execution resources -----------------------------------------------------------------
 
     @property
@@ -241,23 +339,17 @@ class ShardSet:
         return f"<ShardSet {self.shard_ids} strategy={self.strategy!r}>"
 
 
-def coerce_key(value: Any, key_column: ColumnElement[Any]) -> Any:
-    """``value`` as the key column's Python type, converted the way PostgreSQL would."""
-    try:
-        python_type = key_column.type.python_type
-    except NotImplementedError:
-        return value
-    if isinstance(value, python_type | bool):
-        return value
-    if python_type is int and isinstance(value, float | decimal.Decimal):
-        return value  # canonical_bytes() already treats integral numbers alike
-    if python_type is decimal.Decimal and isinstance(value, float):
-        return decimal.Decimal(repr(value))  # 0.1, not its binary expansion
-    if python_type in (datetime.date, datetime.datetime, datetime.time):
-        return python_type.fromisoformat(value) if isinstance(value, str) else value
-    if python_type in (int, str, float, decimal.Decimal, uuid.UUID):
-        return python_type(value)
-    return value
+def _strategy_from_config(value: Any) -> ShardingStrategy:
+    if value == "hash":
+        return HashSharding()
+    if value == "jump_hash":
+        return JumpHashSharding()
+    if isinstance(value, Mapping) and set(value) == {"range"}:
+        return RangeSharding(value["range"])
+    raise ConfigurationError(
+        f"strategy must be 'hash', 'jump_hash' or {{range = [bounds]}}, got {value!r} "
+        "(a DirectorySharding is built in code)"
+    )
 
 
 def _rule_from_info(info: Mapping[str, Any]) -> ShardRule | None:

@@ -45,7 +45,6 @@ from typing import Any, Final
 from sqlalchemy import event, inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.engine.base import TwoPhaseTransaction
 from sqlalchemy.engine.result import Result
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, sessionmaker
@@ -59,14 +58,15 @@ from ..errors import (
     ConfigurationError,
     CrossShardQueryError,
     CrossShardWriteError,
+    NodeUnavailableError,
     ShardKeyError,
     render_url,
 )
 from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession, decide_role
 from ..topology import Role
+from . import _two_phase as two_phase
 from ._pinning import shards_for_statement
 from ._shard_set import ShardRule, ShardSet, rule_for_mapper
-from ._two_phase import commit_prepared
 from .fanout import execute_fanout
 from .strategies import ShardId
 
@@ -135,12 +135,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     @property
     def twophase(self) -> bool:
-        """True while connections begin, when the ShardSet allows 2PC: every transaction
-        starts as a two-phase one (on PostgreSQL a plain BEGIN), and ``before_commit``
-        prepares only the shards written, and only when there are several."""
-        return bool(getattr(self, "shard_set", None) and self.shard_set.two_phase) and not getattr(
-            self, "_preparing", False
-        )
+        """Always False for SQLAlchemy: transactions begin as plain ones, and when the
+        ShardSet allows 2PC, ``before_commit`` prepares the shards written (only when there
+        are several) under names it chooses, then commits them (see ``_two_phase``)."""
+        return False
 
     @twophase.setter
     def twophase(self, value: bool) -> None:
@@ -632,7 +630,7 @@ def _before_commit(session: Session) -> None:
     if transaction is None or transaction.nested or transaction.parent is not None:
         return
     session.flush()  # the last flush may write to another shard: decide after it
-    # From here SQLAlchemy must not prepare every connection itself (replicas cannot).
+    # From here writes are refused (get_bind): SQLAlchemy flushes again after this listener.
     session._preparing = True
     if len(session._written) < 2:
         return
@@ -640,63 +638,62 @@ def _before_commit(session: Session) -> None:
         raise CrossShardWriteError(
             f"the transaction wrote to shards {session.written_shards}; nothing was committed"
         )
-    prepared: list[tuple[ShardId, Any, TwoPhaseTransaction]] = []
+    _commit_two_phase(session, transaction)
+
+
+def _commit_two_phase(session: ShardedSession, transaction: SessionTransaction) -> None:
+    """PREPARE every written shard under one txid, record the decision, COMMIT PREPARED each
+    (the protocol of :mod:`~sqlalchemy_scale.sharding._two_phase`).
+
+    The session's connections stay plain transactions: ``PREPARE TRANSACTION`` ends each
+    on its server (and the driver is told so), so the COMMIT (or ROLLBACK) SQLAlchemy asks
+    of them afterwards sends nothing, and phase two runs on separate autocommit
+    connections. (The drivers' own two-phase API fixes the gid when the transaction
+    begins, before the transaction that names it exists.)
+    """
+    shard_set = session.shard_set
+    txid = two_phase.new_txid()
+    parts: list[two_phase.Part] = []
+    for shard_id in session.written_shards:
+        entry = transaction._connections.get(session._written[shard_id])
+        if entry is None:
+            continue
+        engine = shard_set.replica_set(shard_id).primary.engine
+        part = two_phase.Part(shard_id, engine, two_phase.gid_for(txid, shard_id))
+        try:
+            two_phase.prepare(entry[0], part.gid)
+        except BaseException:
+            # Nothing is decided: roll back what was prepared (and this part, in case its
+            # PREPARE ran before the error); the session rolls back the rest.
+            two_phase.rollback_parts([*parts, part])
+            raise
+        parts.append(part)
+        two_phase._step(f"prepared:{shard_id}")
+    log.debug("prepared two-phase commit %s on shards %s", txid, session.written_shards)
+    two_phase._step("prepared")
+    _decide_and_commit(shard_set, txid, parts)
+
+
+def _decide_and_commit(shard_set: ShardSet, txid: str, parts: list[two_phase.Part]) -> None:
+    coordinator = shard_set.replica_set(shard_set.home_shard).primary.engine
+    names = [part.shard_id for part in parts]
     try:
-        for shard_id in session.written_shards:
-            entry = transaction._connections.get(session._written[shard_id])
-            if entry is None:
-                continue
-            conn, trans = entry[0], entry[1]
-            if not isinstance(trans, TwoPhaseTransaction):
-                raise CrossShardWriteError(
-                    f"shard {shard_id!r}'s connection did not begin a two-phase transaction; "
-                    "nothing was committed"
-                )
-            trans.prepare()
-            prepared.append((shard_id, conn, trans))
-    except BaseException:
-        for _, _, trans in prepared:
-            trans.rollback()
+        two_phase.record_commit(coordinator, shard_set.home_shard, txid, names)
+    except two_phase.DecidedAbort:
+        two_phase.rollback_parts(parts)
+        raise two_phase.aborted_error(txid, names) from None
+    except NodeUnavailableError:
+        two_phase.rollback_parts(parts)  # nothing recorded, and only we would record 'commit'
         raise
-    log.debug("prepared two-phase commit on shards %s", session.written_shards)
-    _commit_prepared(transaction, prepared)
-
-
-def _commit_prepared(
-    transaction: SessionTransaction, prepared: list[tuple[ShardId, Any, TwoPhaseTransaction]]
-) -> None:
-    """Phase two, run here rather than in SQLAlchemy's commit loop: every prepared shard gets
-    COMMIT PREPARED even when another one fails, and a failure never becomes a ROLLBACK
-    PREPARED (which the loop's cleanup would send)."""
-    connections = {id(trans): conn for _, conn, trans in prepared}
-
-    def mark_done(trans: TwoPhaseTransaction) -> None:
-        conn = connections[id(trans)]
-        entry = transaction._connections[conn]
-        # An empty transaction in place of the committed one: if the commit fails later (a
-        # refused late write), the session's rollback ends that one; and SQLAlchemy's commit
-        # loop must skip this connection (should_commit False).
-        transaction._connections[conn] = transaction._connections[conn.engine] = (
-            entry[0],
-            conn.begin(),
-            False,
-            entry[3],
-        )
-
+    # Any other error (CommitOutcomeUnknown, an interrupt) leaves the parts prepared: recovery
+    # commits them if the 'commit' record exists and rolls them back if it does not.
+    two_phase._step("decided")
     try:
-        commit_prepared([(shard_id, trans) for shard_id, _, trans in prepared], on_commit=mark_done)
+        two_phase.commit_parts(parts)
     except CommitOutcomeUnknown as exc:
         log.error("two-phase commit: %s", exc)
-        for _, conn, trans in prepared:
-            entry = transaction._connections[conn]
-            if entry[1] is trans:  # failed: the commit loop must not touch it either
-                transaction._connections[conn] = transaction._connections[conn.engine] = (
-                    entry[0],
-                    entry[1],
-                    False,
-                    entry[3],
-                )
         raise
+    two_phase.forget_commit(coordinator, txid)
 
 
 @event.listens_for(ShardedSession, "after_transaction_end")
