@@ -49,14 +49,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--section", default=None, help="TOML table holding the ReplicaSet")
     status.add_argument("--primary", help="primary URL (instead of --config)")
     status.add_argument("--replica", action="append", default=[], help="replica URL (repeatable)")
+    _add_alembic_init(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return run_demo(driver=args.driver, verbose=args.verbose)
+        if args.command == "alembic-init":
+            return run_alembic_init(args)
         return run_status(args)
     except ScaleError as exc:
         print(f"sqlalchemy-scale: {exc}", file=sys.stderr)
         return 2
+
+
+# -- alembic-init ---------------------------------------------------------------------------
+
+
+def _add_alembic_init(commands: Any) -> None:
+    init = commands.add_parser(
+        "alembic-init",
+        help="write alembic.ini + env.py + script.py.mako that migrate every shard's primary",
+    )
+    init.add_argument("directory", help="the directory to create (like `alembic init DIR`)")
+    init.add_argument("--config", default=os.environ.get("SQLALCHEMY_SCALE_CONFIG"))
+    init.add_argument("--section", default=None, help="TOML table holding the topology")
+
+
+def run_alembic_init(args: argparse.Namespace) -> int:
+    if not args.config:
+        print(
+            "sqlalchemy-scale alembic-init: give --config FILE (or SQLALCHEMY_SCALE_CONFIG), "
+            "the topology TOML file the migrations run against",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        from .alembic import write_project
+    except ImportError as exc:
+        print(
+            f"sqlalchemy-scale alembic-init needs Alembic: pip install 'sqlalchemy-scale[alembic]' "
+            f"({exc})",
+            file=sys.stderr,
+        )
+        return 2
+    written = write_project(args.directory, args.config, section=args.section)  # ScaleError: 2
+    for path in written:
+        print(f"  created {path}")
+    print(
+        f"Edit {args.directory}/env.py to set target_metadata, add revisions "
+        f"(alembic -c {args.directory}/alembic.ini revision -m ...), then "
+        f"`alembic -c {args.directory}/alembic.ini upgrade head` migrates every shard."
+    )
+    return 0
 
 
 # -- status ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from os import PathLike
 from typing import Any, Self
 
 from sqlalchemy import Table
@@ -224,6 +225,20 @@ class ShardSet:
             executor.shutdown(wait=True)
         for replica_set in self._sets.values():
             replica_set.dispose()
+
+    @classmethod
+    def from_config(
+        cls, source: str | PathLike[str] | Mapping[str, Any], *, section: str | None = None
+    ) -> ShardSet:
+        """Build a ShardSet from a TOML file or a mapping (the format is in
+        :mod:`sqlalchemy_scale._config`): shared settings, a ``strategy`` and one
+        ``[shards.<id>]`` table per shard, each read as a ReplicaSet.
+
+        .. versionadded:: 0.1
+        """
+        from .._config import shard_set_from_config, topology_config
+
+        return shard_set_from_config(topology_config(source, section=section))
 
     def __enter__(self) -> Self:
         return self
