@@ -47,6 +47,7 @@ from .sharding import (
     set_shard_id,
     sharded_sessionmaker,
 )
+from .status import TopologyStatus, topology_status
 from .topology import Node, ReplicaSet, Role
 
 try:
@@ -86,6 +87,7 @@ __all__ = [
     "ShardSet",
     "ShardedSession",
     "ShardingStrategy",
+    "TopologyStatus",
     "TransactionPoolingError",
     "TransactionPoolingWarning",
     "__version__",
@@ -102,5 +104,6 @@ __all__ = [
     "set_shard_id",
     "sharded_sessionmaker",
     "size_pools",
+    "topology_status",
     "use_primary",
 ]

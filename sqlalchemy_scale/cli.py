@@ -1,4 +1,4 @@
-"""The ``sqlalchemy-scale`` command line: ``demo`` and ``status``.
+"""The ``sqlalchemy-scale`` command line: ``demo``, ``status`` and ``alembic-init``.
 
 ``demo`` starts a real primary with two streaming replicas on 127.0.0.1 (the
 local topology, :mod:`sqlalchemy_scale.local`), runs a small ORM workload through
@@ -6,15 +6,20 @@ a :class:`~sqlalchemy_scale.RoutingSession`, prints which server answered each
 step (asked of the server itself: ``inet_server_port()``, ``pg_is_in_recovery()``),
 and stops everything it started.
 
-``status`` reads a topology from a TOML file (``--config``, or the
-``SQLALCHEMY_SCALE_CONFIG`` environment variable) or from ``--primary`` /
-``--replica`` URLs, and prints each node's server-reported role, state and lag.
-Passwords are never printed.
+``status`` reads a ReplicaSet or ShardSet topology from a TOML file (``--config``,
+or the ``SQLALCHEMY_SCALE_CONFIG`` environment variable) or from ``--primary`` /
+``--replica`` URLs, and prints each node's server-reported role, state, lag and
+connections, and PgBouncer's pools (:mod:`sqlalchemy_scale.status`); ``--json``,
+``--watch``; the exit code is 1 when something is wrong. Passwords are never printed.
+
+``alembic-init DIR`` writes an Alembic project that migrates every shard's primary
+(:mod:`sqlalchemy_scale.alembic`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -46,9 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--verbose", action="store_true", help="log every routing decision")
     status = commands.add_parser("status", help="show each node's role, state and lag")
     status.add_argument("--config", default=os.environ.get("SQLALCHEMY_SCALE_CONFIG"))
-    status.add_argument("--section", default=None, help="TOML table holding the ReplicaSet")
+    status.add_argument("--section", default=None, help="TOML table holding the topology")
     status.add_argument("--primary", help="primary URL (instead of --config)")
     status.add_argument("--replica", action="append", default=[], help="replica URL (repeatable)")
+    _add_status_options(status)
     _add_alembic_init(commands)
     args = parser.parse_args(argv)
     try:
@@ -106,11 +112,35 @@ def run_alembic_init(args: argparse.Namespace) -> int:
 # -- status ---------------------------------------------------------------------------------
 
 
+def _add_status_options(status: argparse.ArgumentParser) -> None:
+    status.add_argument("--json", action="store_true", help="print JSON (one object per refresh)")
+    status.add_argument(
+        "--watch", type=float, default=None, metavar="SECONDS", help="refresh every SECONDS"
+    )
+    status.add_argument(
+        "--count", type=int, default=None, help="with --watch: stop after this many refreshes"
+    )
+
+
 def run_status(args: argparse.Namespace) -> int:
+    """Print the topology's status; exit 1 when a node is down, lagging beyond its limits
+    or not in the role configured (or PgBouncer cannot be asked), 0 when all is well.
+
+    The PgBouncer admin URL comes from ``pgbouncer_admin`` in the file's ``[status]``
+    table or ``SQLALCHEMY_SCALE_PGBOUNCER_ADMIN``; passwords come from the file, the
+    environment or libpq's ``PGPASSWORD`` / ``~/.pgpass``, never need the command line.
+    """
+    from ._config import load_topology
+    from .status import render_status, topology_status
+
+    admin = os.environ.get(PGBOUNCER_ADMIN_ENV)
+    topology: Any
     if args.primary:
-        replica_set = ReplicaSet(primary=args.primary, replicas=args.replica, monitor=False)
+        topology = ReplicaSet(primary=args.primary, replicas=args.replica, monitor=False)
     elif args.config:
-        replica_set = ReplicaSet.from_config(args.config, section=args.section)
+        topology = load_topology(args.config, section=args.section)
+        if admin is None:
+            admin = _status_table(args.config).get("pgbouncer_admin")
     else:
         print(
             "sqlalchemy-scale status: give --config FILE (or SQLALCHEMY_SCALE_CONFIG) "
@@ -118,35 +148,36 @@ def run_status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    with replica_set:
-        rows = replica_set.health()
-        urls = {node.name: node.url for node in replica_set.nodes}
-    print(
-        _table(
-            [
-                "node",
-                "configured",
-                "server says",
-                "state",
-                "lag bytes",
-                "lag s",
-                "url / last error",
-            ],
-            [
-                [
-                    h.name,
-                    h.configured_role,
-                    h.server_role or "?",
-                    h.state,
-                    "" if h.lag_bytes is None else str(h.lag_bytes),
-                    "" if h.lag_seconds is None else f"{h.lag_seconds:.2f}",
-                    h.last_error or urls[h.name],
-                ]
-                for h in rows
-            ],
-        )
-    )
-    return 0 if all(h.state != "down" for h in rows) else 1
+    refreshes = 0
+    healthy = False
+    with topology:
+        while True:
+            status = topology_status(topology, pgbouncer_admin=admin)
+            healthy = status.is_healthy
+            if args.json:
+                print(json.dumps(status.as_dict()), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\033[H\033[J", end="")  # clear the terminal between refreshes
+                print(render_status(status), flush=True)
+            refreshes += 1
+            if not args.watch or (args.count is not None and refreshes >= args.count):
+                break
+            try:
+                time.sleep(args.watch)
+            except KeyboardInterrupt:
+                break
+    return 0 if healthy else 1
+
+
+PGBOUNCER_ADMIN_ENV = "SQLALCHEMY_SCALE_PGBOUNCER_ADMIN"
+
+
+def _status_table(path: str) -> dict[str, Any]:
+    from .topology import _load_config
+
+    table = _load_config(path).get("status", {})
+    return dict(table) if isinstance(table, dict) else {}
 
 
 # -- demo -----------------------------------------------------------------------------------
