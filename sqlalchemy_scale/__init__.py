@@ -8,6 +8,7 @@ from .consistency import (
     current_causal_context,
     newer_token,
 )
+from .decisions import DecisionListener, RoutingDecision
 from .errors import (
     CommitOutcomeUnknown,
     ConfigurationError,
@@ -62,6 +63,7 @@ __all__ = [
     "ConfigurationError",
     "CrossShardQueryError",
     "CrossShardWriteError",
+    "DecisionListener",
     "DirectorySharding",
     "HashSharding",
     "HealthMonitor",
@@ -80,6 +82,7 @@ __all__ = [
     "ReplicaWriteError",
     "Role",
     "RoundRobin",
+    "RoutingDecision",
     "RoutingSession",
     "ScaleError",
     "ShardId",

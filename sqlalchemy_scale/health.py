@@ -336,6 +336,7 @@ class HealthMonitor:
         probe.retry_at = now + probe.backoff
         probe.checked_at = now
         if probe.state != "down":
+            probe.node.count_breaker_opening()
             log.warning(
                 "%s: node %s is down (%s); next probe in %.1f s",
                 self.name,
