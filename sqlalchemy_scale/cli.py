@@ -45,10 +45,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="start a local primary + 2 replicas, run an ORM workload, report, stop"
+        "demo",
+        help="start a local primary + 2 replicas + 2 shards, run routing and sharding, report, stop",
     )
     demo.add_argument("--driver", default="psycopg2", choices=["psycopg2", "psycopg"])
     demo.add_argument("--verbose", action="store_true", help="log every routing decision")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the servers running and write a topology file (stop: sqlalchemy-scale stop DIR)",
+    )
     status = commands.add_parser("status", help="show each node's role, state and lag")
     status.add_argument("--config", default=os.environ.get("SQLALCHEMY_SCALE_CONFIG"))
     status.add_argument("--section", default=None, help="TOML table holding the topology")
@@ -56,10 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--replica", action="append", default=[], help="replica URL (repeatable)")
     _add_status_options(status)
     _add_alembic_init(commands)
+    _add_stop(commands)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            return run_demo(driver=args.driver, verbose=args.verbose)
+            return run_demo(driver=args.driver, verbose=args.verbose, keep=args.keep)
+        if args.command == "stop":
+            return run_stop(args)
         if args.command == "alembic-init":
             return run_alembic_init(args)
         return run_status(args)
@@ -105,6 +114,28 @@ def run_alembic_init(args: argparse.Namespace) -> int:
         f"Edit {args.directory}/env.py to set target_metadata, add revisions "
         f"(alembic -c {args.directory}/alembic.ini revision -m ...), then "
         f"`alembic -c {args.directory}/alembic.ini upgrade head` migrates every shard."
+    )
+    return 0
+
+
+# -- stop -----------------------------------------------------------------------------------
+
+
+def _add_stop(commands: Any) -> None:
+    stop = commands.add_parser("stop", help="stop a topology left running by `demo --keep`")
+    stop.add_argument("directory", help="the cluster directory `demo --keep` printed")
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    from ._demo import stop_kept
+
+    try:
+        stopped = stop_kept(args.directory)
+    except FileNotFoundError as exc:
+        print(f"sqlalchemy-scale stop: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"stopped {', '.join(stopped) or 'nothing (no server was running)'}; removed {args.directory}"
     )
     return 0
 
@@ -201,8 +232,9 @@ class DemoUser(_Base):
 _WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
 
 
-def run_demo(*, driver: str = "psycopg2", verbose: bool = False) -> int:
-    from .local import LocalCluster
+def run_demo(*, driver: str = "psycopg2", verbose: bool = False, keep: bool = False) -> int:
+    from . import _demo
+    from .local import LocalCluster, find_pgbouncer
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
@@ -210,9 +242,18 @@ def run_demo(*, driver: str = "psycopg2", verbose: bool = False) -> int:
     )
     if verbose:
         logging.getLogger("sqlalchemy_scale.routing").setLevel(logging.DEBUG)
-    print("Starting a PostgreSQL primary and two streaming replicas on 127.0.0.1 ...")
+    pgbouncer = find_pgbouncer() is not None
+    print(
+        "Starting a PostgreSQL primary with two streaming replicas and two shard servers"
+        + (" behind PgBouncer" if pgbouncer else "")
+        + " on 127.0.0.1 ..."
+    )
     started = time.monotonic()
-    with LocalCluster(replicas=2, shards=0, pgbouncer=False) as cluster:
+    cluster = LocalCluster(
+        replicas=2, shards=2, pgbouncer="transaction" if pgbouncer else False
+    ).start()
+    kept = False
+    try:
         print(f"  ready in {time.monotonic() - started:.1f} s\n")
         print(cluster.describe())
         names = {node.port: node.name for node in cluster.nodes}
@@ -221,22 +262,40 @@ def run_demo(*, driver: str = "psycopg2", verbose: bool = False) -> int:
             replicas=[r.url(driver) for r in cluster.replicas],
             monitor_interval=0.1,
         )
+        reasons: list[str] = []
+        replica_set.on_decision(lambda decision: reasons.append(decision.reason))
         with replica_set:
-            report = _workload(replica_set, names)
+            report = _workload(replica_set, names, reasons)
+            wrong = [f"{row[0]}: served by {row[1]}" for row in report if not _as_expected(row)]
+            print("\nWhich server answered each step (asked of the server, not our bookkeeping):")
+            print(
+                _table(["step", "served by", "in recovery", "expected", "why (decision)"], report)
+            )
+            wrong += _demo.causal_act(cluster, replica_set, DemoUser, print)
+            with replica_set.primary.engine.begin() as conn:
+                _Base.metadata.drop_all(conn)
             stats = replica_set.stats()
-    print("\nWhich server answered each step (asked of the server, not our bookkeeping):")
-    print(_table(["step", "served by", "in recovery", "expected"], report))
-    print("\nStatements routed per node (ReplicaSet.stats()):")
-    print(
-        _table(
-            ["node", "statements", "fallbacks"],
-            [[n, str(s["statements"]), str(s["fallbacks"])] for n, s in stats.items()],
+        print("\nStatements routed per node (ReplicaSet.stats()):")
+        print(
+            _table(
+                ["node", "statements", "fallbacks"],
+                [[n, str(s["statements"]), str(s["fallbacks"])] for n, s in stats.items()],
+            )
         )
-    )
-    wrong = [row for row in report if not _as_expected(row)]
-    print("\nAll servers stopped.", "Every step went where expected." if not wrong else "")
+        wrong += _demo.shard_act(cluster, driver, print)
+        _demo.status_act(cluster, driver, print)
+        if keep:
+            _demo.keep_cluster(cluster, driver, print)
+            kept = True
+    finally:
+        if not kept:
+            cluster.stop()
+    if not kept:
+        print("\nAll servers stopped.", "Every step went where expected." if not wrong else "")
+    elif not wrong:
+        print("\nEvery step went where expected.")
     if wrong:
-        print(f"UNEXPECTED routing in {len(wrong)} step(s): {wrong}", file=sys.stderr)
+        print(f"UNEXPECTED results in {len(wrong)} step(s): {wrong}", file=sys.stderr)
         return 1
     return 0
 
@@ -246,14 +305,18 @@ def _as_expected(row: Sequence[str]) -> bool:
     return expected == "any" or served.startswith(expected)
 
 
-def _workload(replica_set: ReplicaSet, names: dict[int, str]) -> list[list[str]]:
+def _workload(
+    replica_set: ReplicaSet, names: dict[int, str], reasons: list[str]
+) -> list[list[str]]:
     Session = routing_sessionmaker(replica_set, expire_on_commit=False)
     rows: list[list[str]] = []
 
-    def record(step: str, port: Any, in_recovery: Any, expected: str) -> None:
+    def record(
+        step: str, port: Any, in_recovery: Any, expected: str, why: str | None = None
+    ) -> None:
         name = names.get(port, str(port))
         recovery = str(name != "primary") if in_recovery == "?" else str(bool(in_recovery))
-        rows.append([step, name, recovery, expected])
+        rows.append([step, name, recovery, expected, why or (reasons[-1] if reasons else "")])
 
     # Every step runs in one causal context, as a web request would: each read sees the
     # writes committed before it (exact read-your-writes by WAL position), served by a
@@ -263,11 +326,14 @@ def _workload(replica_set: ReplicaSet, names: dict[int, str]) -> list[list[str]]
             _Base.metadata.create_all(session.connection())
             session.add_all([DemoUser(id=i, name=f"user{i}") for i in range(1, 21)])
             session.commit()
+        insert_reason = reasons[-1] if reasons else ""  # the flush's decision
         with Session() as session:
             user = session.scalars(
                 select(DemoUser).where(DemoUser.id == 1), execution_options={"use_primary": True}
             ).one()
-            record("INSERT 20 users (flush, commit)", user.written_on, False, "primary")
+            record(
+                "INSERT 20 users (flush, commit)", user.written_on, False, "primary", insert_reason
+            )
         print(f"\n  causal token after the insert: {ctx.token}")
         _wait_for_replay(replica_set, ctx.token)
         for i in range(2):
@@ -321,8 +387,6 @@ def _workload(replica_set: ReplicaSet, names: dict[int, str]) -> list[list[str]]
             renamed = session.get(DemoUser, 7)
             assert renamed is not None and renamed.name == "renamed"
             record("get(DemoUser, 7) once replicas replayed it", renamed.read_on, True, "replica")
-    with replica_set.primary.engine.begin() as conn:
-        _Base.metadata.drop_all(conn)
     return rows
 
 
