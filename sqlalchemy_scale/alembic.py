@@ -211,7 +211,10 @@ class _ShardRunner:
 
     def run(self, concurrency: int) -> dict[str, Heads]:
         self._refuse_replicas()
-        if concurrency > 1 and len(self.targets) > 1:
+        # `check` and `revision --autogenerate` collect each shard's differences in the
+        # command's own objects: they must stay in this process, so shards run in turn.
+        autogenerate = self._revision_context() is not None
+        if concurrency > 1 and len(self.targets) > 1 and not autogenerate:
             results, failure = self._run_forked(concurrency)
         else:
             results, failure = self._run_sequential()
@@ -233,6 +236,8 @@ class _ShardRunner:
             _say(message)
             raise MigrationError(message, shard=shard, revisions=revisions)
         after = {name: results[name][1] for name in self.targets}
+        if autogenerate:
+            self._report_model_differences()
         if len(set(after.values())) > 1:
             _say(
                 "shards disagree: "
@@ -243,12 +248,35 @@ class _ShardRunner:
             _say(f"{len(after)} shard(s) at {_describe(heads)}")
         return after
 
+    def _revision_context(self) -> Any:
+        """The autogenerate RevisionContext of `check` / `revision --autogenerate`, else None."""
+        migration_context = context.get_context()
+        environment = migration_context.environment_context
+        return None if environment is None else environment.context_opts.get("revision_context")
+
+    def _report_model_differences(self) -> None:
+        """Say which shards differ from the models (autogenerate keeps one list per shard)."""
+        revision_context = self._revision_context()
+        generated = getattr(revision_context, "generated_revisions", None)
+        if not generated:
+            return
+        per_shard = generated[-1].upgrade_ops_list
+        if len(per_shard) != len(self.targets):
+            return
+        for name, upgrade_ops in zip(self.targets, per_shard, strict=True):
+            diffs = upgrade_ops.as_diffs()
+            if diffs:
+                _say(f"shard {name}: {len(diffs)} difference(s) from the models: {diffs}")
+            else:
+                _say(f"shard {name}: matches the models")
+
     def _refuse_replicas(self) -> None:
         """Refuse, before any shard is migrated, a primary URL that reaches a replica."""
         for name, engine in self.targets.items():
             try:
                 with engine.connect() as conn:
                     in_recovery = conn.scalar(text("SELECT pg_is_in_recovery()"))
+                    self._configure(conn)  # so that the command's options can be read
             except Exception as exc:
                 raise MigrationError(
                     f"shard {name!r} ({render_url(engine)}) cannot be reached: "
@@ -418,8 +446,8 @@ def write_project(
     load_topology(topology_path, section=section).dispose()
     files = {
         directory / "alembic.ini": _ini_text(directory, topology_path, section),
-        directory / "env.py": _ENV_PY,
-        directory / "script.py.mako": _SCRIPT_MAKO,
+        directory / "env.py": ENV_TEMPLATE,
+        directory / "script.py.mako": SCRIPT_TEMPLATE,
     }
     existing = [str(path) for path in files if path.exists()]
     if existing:
@@ -484,7 +512,7 @@ def _ini_text(directory: Path, topology: Path, section: str | None) -> str:
     return "\n".join(lines)
 
 
-_ENV_PY = '''\
+ENV_TEMPLATE = '''\
 """Alembic environment for a sqlalchemy-scale topology (written by `sqlalchemy-scale alembic-init`).
 
 Every command runs on each shard's primary (never a replica), one shard after another:
@@ -515,7 +543,7 @@ target_metadata = None
 run_migrations(target_metadata=target_metadata)
 '''
 
-_SCRIPT_MAKO = '''\
+SCRIPT_TEMPLATE = '''\
 """${message}
 
 Revision ID: ${up_revision}
