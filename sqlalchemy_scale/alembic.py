@@ -48,8 +48,13 @@ from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from alembic import context
-from alembic.util import CommandError
+try:
+    from alembic import context
+    from alembic.util import CommandError
+except ImportError as exc:  # the extra is optional
+    raise ImportError(
+        "sqlalchemy_scale.alembic needs Alembic: pip install 'sqlalchemy-scale[alembic]'"
+    ) from exc
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import Engine
 
@@ -505,8 +510,8 @@ def _ini_text(directory: Path, topology: Path, section: str | None) -> str:
         "formatter = generic",
         "",
         "[formatter_generic]",
-        "format = %%(levelname)-5.5s [%%(name)s] %%(message)s",
-        "datefmt = %%H:%%M:%%S",
+        "format = %(levelname)-5.5s [%(name)s] %(message)s",
+        "datefmt = %H:%M:%S",
         "",
     ]
     return "\n".join(lines)
