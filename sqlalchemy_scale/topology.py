@@ -25,7 +25,7 @@ import tomllib
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -43,6 +43,8 @@ Role = Literal["primary", "replica"]
 EngineTarget = str | URL | Engine
 
 log = logging.getLogger("sqlalchemy_scale.topology")
+
+_Listener = TypeVar("_Listener", bound=DecisionListener)
 
 # SQLSTATE 25006: read_only_sql_transaction ("cannot execute INSERT in a read-only transaction").
 _READ_ONLY_SQLSTATE = "25006"
@@ -485,7 +487,7 @@ class ReplicaSet:
                     stats[node.name]["lag_ms"] = round(health.lag_seconds * 1000)
         return stats
 
-    def on_decision(self, listener: DecisionListener) -> DecisionListener:
+    def on_decision(self, listener: _Listener) -> _Listener:
         """Call ``listener`` with every routing decision made over this replica set (a
         :class:`~sqlalchemy_scale.RoutingDecision`); returns it, so it works as a decorator.
         Remove it with :meth:`remove_decision_listener`. See :mod:`sqlalchemy_scale.decisions`.
