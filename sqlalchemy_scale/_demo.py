@@ -20,7 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_colu
 
 from .consistency import causal_context
 from .decisions import RoutingDecision
-from .errors import CrossShardWriteError
+from .errors import CrossShardWriteError, render_url
 from .routing import routing_sessionmaker
 from .sharding import HashSharding, ShardSet, sharded_sessionmaker
 from .status import render_status, table, topology_status
@@ -270,6 +270,11 @@ def keep_cluster(cluster: LocalCluster, driver: str, say: Say) -> Path:
     path.chmod(0o600)  # it holds the password
     say("\nThe topology is left running (--keep):")
     say(cluster.describe())
+    say("\n  URLs (the password is in the topology file):")
+    for node in cluster.nodes:
+        say(f"    {node.name:<16} {render_url(node.url(driver))}")
+    if cluster.pgbouncer is not None:
+        say(f"    {'pgbouncer':<16} {render_url(cluster.pgbouncer.url(driver))}")
     say(f"\n  topology file (URLs with the password): {path}")
     say(f"  sqlalchemy-scale status --config {path} --section replica_set")
     say(f"  sqlalchemy-scale status --config {path} --section shard_set")

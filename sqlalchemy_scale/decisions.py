@@ -51,7 +51,8 @@ class RoutingDecision:
     .. versionadded:: 0.1
     """
 
-    #: The session that routed the statement.
+    #: The session that routed the statement (in a sharded session: the RoutingSession
+    #: that routes inside this shard).
     session: Session
     #: The replica set it was routed within (a shard's, for a sharded session).
     replica_set: ReplicaSet
