@@ -306,17 +306,17 @@ class RoutingSession(Session):
             elif self.default_role == "primary":
                 role, reason = "primary", "session default_role"
         node = self._node_for(role)
-        if role == "replica" and node.role == "primary":
-            reason = self._fallback_reason
         self._txn_statements += 1
         self._last_node = node
-        if log.isEnabledFor(logging.DEBUG):
+        listeners = self.replica_set.decision_listeners
+        if listeners or log.isEnabledFor(logging.DEBUG):  # nobody watching: nothing more
+            if role == "replica" and node.role == "primary":
+                reason = self._fallback_reason
             log.debug("[%s] %s: %s", node.name, self.replica_set.name, reason)
-        if self.replica_set.decision_listeners:
-            notify(
-                self.replica_set.decision_listeners,
-                RoutingDecision(self, self.replica_set, node, reason, kind, clause),
-            )
+            if listeners:
+                notify(
+                    listeners, RoutingDecision(self, self.replica_set, node, reason, kind, clause)
+                )
         return node.engine
 
     def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Connection:
