@@ -52,8 +52,11 @@ NodeState = Literal["up", "lagging", "down", "unknown"]
 # inserted under synchronous_commit = off. An unflushed insert position would count as lag
 # that no replica can make up until the next flush, and a page-header offset as lag that
 # never ends on an idle primary (see consistency.reachable_position).
+# A "primary" that is in recovery (a failover nobody told us about) answers with its replay
+# position rather than failing, so that it is reported as the replica it is, not as down.
 _PRIMARY_PROBE = text(
-    "SELECT CASE WHEN current_setting('synchronous_commit') = 'off'"
+    "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+    " WHEN current_setting('synchronous_commit') = 'off'"
     " THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END::text,"
     " pg_is_in_recovery(), current_setting('wal_block_size')::int"
 )

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy_scale as ss
 from sqlalchemy_scale._config import load_topology
 from sqlalchemy_scale.local import LocalCluster
+from sqlalchemy_scale.local._process import free_ports
 from sqlalchemy_scale.status import topology_status
 
 
@@ -99,6 +100,36 @@ def test_status_takes_the_password_from_the_environment(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All nodes healthy." in result.stdout
+
+
+def test_status_fails_when_a_server_is_not_in_its_configured_role(
+    scale_cluster: LocalCluster, driver: str
+) -> None:
+    """A replica configured as the primary (as after an unnoticed failover) makes status exit
+    1 and say which role the server reports."""
+    result = run("status", "--primary", scale_cluster.replicas[0].url(driver), "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["nodes"][0]["server_role"] == "replica"
+    assert report["problems"] == ["primary is configured as primary but the server reports replica"]
+
+
+def test_status_fails_when_pgbouncer_cannot_be_asked(
+    scale_cluster: LocalCluster, driver: str, tmp_path: Path
+) -> None:
+    """A configured PgBouncer admin URL that does not answer is a problem (exit 1), named
+    with its password masked."""
+    (dead_port,) = free_ports(1)
+    admin = scale_cluster.primary.sa_url(driver, database="pgbouncer").set(port=dead_port)
+    config = tmp_path / "topology.toml"
+    config.write_text(
+        f'[status]\npgbouncer_admin = "{admin.render_as_string(hide_password=False)}"\n'
+        f'[replica_set]\nprimary = "{scale_cluster.primary.url(driver)}"\n'
+    )
+    result = run("status", "--config", str(config))
+    assert result.returncode == 1
+    assert f"pgbouncer postgresql+{driver}://scale:***@127.0.0.1:{dead_port}" in result.stdout
+    assert scale_cluster.password not in result.stdout + result.stderr
 
 
 @pytest.mark.fault
