@@ -64,6 +64,11 @@ def topology_config(source: ConfigSource, *, section: str | None = None) -> Mapp
     if len(found) == 1:
         found_table: Mapping[str, Any] = config[found[0]]
         return found_table
+    if found:
+        raise ConfigurationError(
+            "configuration holds both a [replica_set] and a [shard_set] table: choose one "
+            "with section= (--section on the command line)"
+        )
     raise ConfigurationError(
         "configuration holds no topology: expected 'primary' (a ReplicaSet), a [shards] "
         "table (a ShardSet), or one [replica_set] / [shard_set] table (or pass section=)"

@@ -229,10 +229,11 @@ def test_load_topology_tells_replica_sets_from_shard_sets() -> None:
         ({"strategy": "hash", "shards": {}}, r"needs a \[shards\] table"),
         ({"strategy": "hash", "shard": {}, "shards": {"s0": "postgresql://u@h/a"}}, "unknown"),
         ({"strategy": "hash", "shards": {"s0": {"replicas": []}}}, "needs a 'primary'"),
+        ({"replica_set": {"primary": "postgresql://u@h/a"}, "shard_set": {}}, "holds both"),
     ],
 )
 def test_bad_shard_set_configuration_is_refused(config: dict[str, Any], message: str) -> None:
-    """A ShardSet configuration missing a strategy or shards, or with unknown keys, raises
-    ConfigurationError saying which."""
+    """A ShardSet configuration missing a strategy, shards or a primary, with unknown keys, or
+    holding two topologies raises ConfigurationError saying which."""
     with pytest.raises(ss.ConfigurationError, match=message):
         ss.ShardSet.from_config(config)
