@@ -8,6 +8,7 @@ from .consistency import (
     current_causal_context,
     newer_token,
 )
+from .decisions import DecisionListener, RoutingDecision
 from .errors import (
     CommitOutcomeUnknown,
     ConfigurationError,
@@ -47,6 +48,7 @@ from .sharding import (
     set_shard_id,
     sharded_sessionmaker,
 )
+from .status import TopologyStatus, topology_status
 from .topology import Node, ReplicaSet, Role
 
 try:
@@ -61,6 +63,7 @@ __all__ = [
     "ConfigurationError",
     "CrossShardQueryError",
     "CrossShardWriteError",
+    "DecisionListener",
     "DirectorySharding",
     "HashSharding",
     "HealthMonitor",
@@ -79,6 +82,7 @@ __all__ = [
     "ReplicaWriteError",
     "Role",
     "RoundRobin",
+    "RoutingDecision",
     "RoutingSession",
     "ScaleError",
     "ShardId",
@@ -86,6 +90,7 @@ __all__ = [
     "ShardSet",
     "ShardedSession",
     "ShardingStrategy",
+    "TopologyStatus",
     "TransactionPoolingError",
     "TransactionPoolingWarning",
     "__version__",
@@ -102,5 +107,6 @@ __all__ = [
     "set_shard_id",
     "sharded_sessionmaker",
     "size_pools",
+    "topology_status",
     "use_primary",
 ]

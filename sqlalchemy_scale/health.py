@@ -71,6 +71,8 @@ _SERVER_ID = "concat_ws(' ', inet_server_addr(), inet_server_port(), pg_postmast
 # inserted under synchronous_commit = off. An unflushed insert position would count as lag
 # that no replica can make up until the next flush, and a page-header offset as lag that
 # never ends on an idle primary (see consistency.reachable_position).
+# A "primary" that is in recovery (a failover nobody told us about) answers with its replay
+# position rather than failing, so that it is reported as the replica it is, not as down.
 _PRIMARY_PROBE = text(
     "SELECT CASE WHEN pg_is_in_recovery() THEN coalesce(pg_last_wal_replay_lsn(), '0/0')"
     " WHEN current_setting('synchronous_commit') = 'off'"
@@ -508,6 +510,7 @@ class HealthMonitor:
             return  # the same outage, already counted
         probe.retry_at = now + probe.backoff
         if probe.state != "down":
+            probe.node.count_breaker_opening()
             log.warning(
                 "%s: node %s is down (%s); next probe in %.1f s",
                 self.name,

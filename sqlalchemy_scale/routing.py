@@ -39,6 +39,7 @@ from .consistency import (
     current_causal_context,
     format_lsn,
 )
+from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import ConfigurationError, NodeUnavailableError, ReplicaWriteError
 from .topology import Node, ReplicaSet, Role, _sqlstate
 
@@ -215,6 +216,8 @@ class RoutingSession(Session):
         self._last_node: Node | None = None
         self._primary_connection: Connection | None = None
         self._committing: Token[Connection | None] | None = None
+        #: Why this transaction's reads fell back to the primary (for logs and listeners).
+        self._fallback_reason = "fallback: no usable replica"
 
     # -- public state ------------------------------------------------------------------
 
@@ -273,6 +276,7 @@ class RoutingSession(Session):
             # pins the transaction itself, since it hands out something to write through.
             return self.replica_set.primary.engine
         role, reason = decide_role(clause, flushing=self._flushing)
+        kind = reason
         options = kw.get(_CALL_OPTIONS)
         stmt_options: Mapping[str, Any] | None = getattr(clause, "_execution_options", None)
         if stmt_options:
@@ -304,8 +308,15 @@ class RoutingSession(Session):
         node = self._node_for(role)
         self._txn_statements += 1
         self._last_node = node
-        if log.isEnabledFor(logging.DEBUG):
+        listeners = self.replica_set.decision_listeners
+        if listeners or log.isEnabledFor(logging.DEBUG):  # nobody watching: nothing more
+            if role == "replica" and node.role == "primary":
+                reason = self._fallback_reason
             log.debug("[%s] %s: %s", node.name, self.replica_set.name, reason)
+            if listeners:
+                notify(
+                    listeners, RoutingDecision(self, self.replica_set, node, reason, kind, clause)
+                )
         return node.engine
 
     def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Connection:
@@ -333,10 +344,12 @@ class RoutingSession(Session):
             return replica_set.primary
         node = self._txn_replica
         if node is None:
-            node = replica_set.choose_replica(self._causal_position())
+            position = self._causal_position()
+            node = replica_set.choose_replica(position)
             if node is None:
                 # The rest of this transaction reads from the primary too: no second
                 # choice (and no second wait for a caught-up replica) per statement.
+                self._fallback_reason = fallback_reason(replica_set, position)
                 self._txn_replica = node = replica_set.primary
                 node.count(fallback=True)
                 return node
@@ -421,6 +434,7 @@ class RoutingSession(Session):
             node.name,
             type(exc.orig).__name__,
         )
+        node.count_retry()
         self.rollback()
 
 

@@ -28,13 +28,14 @@ import tomllib
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.engine.interfaces import ExceptionContext
 
 from .consistency import install_primary_hooks
+from .decisions import DecisionListener
 from .errors import ConfigurationError, ReplicaWriteError, render_url
 from .health import PROBING, HealthMonitor, NodeHealth
 from .policies import PolicyName, ReplicaPolicy, make_policy
@@ -45,6 +46,8 @@ Role = Literal["primary", "replica"]
 EngineTarget = str | URL | Engine
 
 log = logging.getLogger("sqlalchemy_scale.topology")
+
+_Listener = TypeVar("_Listener", bound=DecisionListener)
 
 # SQLSTATE 25006: read_only_sql_transaction ("cannot execute INSERT in a read-only transaction").
 _READ_ONLY_SQLSTATE = "25006"
@@ -74,6 +77,8 @@ class Node:
         # The DB-API connections opened to this node (its pool's and the monitor's), weakly,
         # so that abort_connections() can free the threads a frozen server holds.
         self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._retries = 0
+        self._breaker_openings = 0
 
     @property
     def is_replica(self) -> bool:
@@ -116,13 +121,28 @@ class Node:
             if fallback:
                 self._fallbacks += 1
 
+    def count_retry(self) -> None:
+        """A read that failed on this node was run again on another."""
+        with self._lock:
+            self._retries += 1
+
+    def count_breaker_opening(self) -> None:
+        """The health monitor's circuit breaker opened for this node (it went down)."""
+        with self._lock:
+            self._breaker_openings += 1
+
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"statements": self._statements, "fallbacks": self._fallbacks}
+            return {
+                "statements": self._statements,
+                "fallbacks": self._fallbacks,
+                "retries": self._retries,
+                "breaker_openings": self._breaker_openings,
+            }
 
     def reset_stats(self) -> None:
         with self._lock:
-            self._statements = self._fallbacks = 0
+            self._statements = self._fallbacks = self._retries = self._breaker_openings = 0
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.role} {self.url}>"
@@ -274,6 +294,9 @@ class ReplicaSet:
         # earliest of them may be tried again (None: nothing to re-admit; the fast path).
         self._failed: set[str] = set()
         self._retry_at: float | None = None
+        #: Listeners called with every routing decision (see :meth:`on_decision`); a tuple,
+        #: so routing reads it without a lock and an empty one costs a truth test.
+        self.decision_listeners: tuple[DecisionListener, ...] = ()
         _REPLICA_SETS.add(self)
         if self.monitor is not None:
             # Dropped without dispose(): stop the monitor thread and close its connections
@@ -547,9 +570,41 @@ class ReplicaSet:
     # -- observability and lifecycle -----------------------------------------------------
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Per node: ``statements`` routed to it and, on the primary, ``fallbacks``
-        (reads it served because no replica was usable)."""
-        return {node.name: node.stats() for node in self.nodes}
+        """Counters per node.
+
+        ``statements`` routed to it; ``fallbacks`` (on the primary): reads it served
+        because no replica was usable or caught up; ``retries``: reads that failed on this
+        replica and ran again elsewhere; ``breaker_openings``: times the circuit breaker
+        took it out as down. For replicas the monitor has measured, ``lag_bytes`` and
+        ``lag_ms`` as last seen (no query is sent).
+        """
+        stats = {node.name: node.stats() for node in self.nodes}
+        if self.monitor is not None:
+            for node in self.replicas:
+                health = self.monitor.health(node)
+                if health.lag_bytes is not None:
+                    stats[node.name]["lag_bytes"] = health.lag_bytes
+                if health.lag_seconds is not None:
+                    stats[node.name]["lag_ms"] = round(health.lag_seconds * 1000)
+        return stats
+
+    def on_decision(self, listener: _Listener) -> _Listener:
+        """Call ``listener`` with every routing decision made over this replica set (a
+        :class:`~sqlalchemy_scale.RoutingDecision`); returns it, so it works as a decorator.
+        Remove it with :meth:`remove_decision_listener`. See :mod:`sqlalchemy_scale.decisions`.
+
+        .. versionadded:: 0.1
+        """
+        with self._state_lock:
+            self.decision_listeners = (*self.decision_listeners, listener)
+        return listener
+
+    def remove_decision_listener(self, listener: DecisionListener) -> None:
+        """Stop calling ``listener``; ``ValueError`` if it was not listening."""
+        with self._state_lock:
+            listeners = list(self.decision_listeners)
+            listeners.remove(listener)
+            self.decision_listeners = tuple(listeners)
 
     def reset_stats(self) -> None:
         for node in self.nodes:

@@ -367,7 +367,12 @@ def test_no_replicas_reads_from_primary_and_logs_once(
             for _ in range(3):
                 with Session() as session:
                     assert session.execute(WHERE).one() == (primary, False)
-        assert replica_set.stats()["primary"] == {"statements": 3, "fallbacks": 3}
+        assert replica_set.stats()["primary"] == {
+            "statements": 3,
+            "fallbacks": 3,
+            "retries": 0,
+            "breaker_openings": 0,
+        }
     warnings = [r for r in caplog.records if "reads go to the primary" in r.getMessage()]
     assert len(warnings) == 1
 
@@ -476,7 +481,12 @@ def test_stats_count_statements_per_node(Session: sessionmaker, replicas: ss.Rep
         session.execute(WHERE)
         session.execute(text("SELECT 1"))
     stats = replicas.stats()
-    assert stats["primary"] == {"statements": 1, "fallbacks": 0}
+    assert stats["primary"] == {
+        "statements": 1,
+        "fallbacks": 0,
+        "retries": 0,
+        "breaker_openings": 0,
+    }
     assert sorted(s["statements"] for name, s in stats.items() if name != "primary") == [0, 2]
 
 

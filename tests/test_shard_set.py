@@ -82,9 +82,13 @@ def test_from_config_reads_shards_strategy_and_replica_sets(tmp_path: Path) -> N
     ("config", "message"),
     [
         ({}, "needs a \\[shards\\] table"),
-        ({"shards": {"s0": "postgresql://u@h/a"}, "strategy": "modulo"}, "strategy must be"),
-        ({"shards": {"s0": "postgresql://u@h/a"}, "shard_key": "x"}, "unknown ShardSet keys"),
-        ({"shards": {"s0": 5}}, "must be a URL or a table"),
+        ({"shards": {"s0": "postgresql://u@h/a"}}, "needs a 'strategy'"),
+        ({"shards": {"s0": "postgresql://u@h/a"}, "strategy": "modulo"}, "strategy"),
+        (
+            {"shards": {"s0": "postgresql://u@h/a"}, "strategy": "hash", "shard_key": "x"},
+            "unknown ShardSet configuration keys",
+        ),
+        ({"shards": {"s0": 5}, "strategy": "hash"}, "expected a URL or a table"),
     ],
 )
 def test_from_config_refuses_bad_configuration(config: dict[str, object], message: str) -> None:

@@ -17,9 +17,9 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..errors import ConfigurationError, ShardKeyError
-from ..topology import EngineTarget, ReplicaSet, _load_config
+from ..topology import EngineTarget, ReplicaSet
 from ._stored_key import stored_key
-from .strategies import HashSharding, JumpHashSharding, RangeSharding, ShardId, ShardingStrategy
+from .strategies import ShardId, ShardingStrategy
 
 if TYPE_CHECKING:
     from .recovery import PreparedTransaction, RecoveryReport
@@ -103,67 +103,6 @@ class ShardSet:
         self._rules: dict[Table, ShardRule | None] = {}
         #: Each shard database's default collation, read at the first fan-out that sorts text.
         self.collations: dict[ShardId, str] = {}
-
-    @classmethod
-    def from_config(
-        cls, source: str | PathLike[str] | Mapping[str, Any], *, section: str | None = None
-    ) -> ShardSet:
-        """Build a ShardSet from a TOML file or a mapping (the format the CLI reads).
-
-        Keys: ``shards`` (a table of shard id -> URL, or -> a table of
-        :meth:`ReplicaSet.from_config <sqlalchemy_scale.ReplicaSet.from_config>` keys for a
-        shard with replicas), ``strategy`` (``"hash"``, ``"jump_hash"`` or ``{range =
-        [bounds]}``; default ``"jump_hash"``), ``two_phase``, ``max_workers`` and an
-        ``[engine]`` table of ``create_engine`` keyword arguments. ``section`` selects a
-        nested table::
-
-            [sharding]
-            strategy = "jump_hash"
-            two_phase = true
-            [sharding.shards]
-            s0 = "postgresql+psycopg2://app:secret@db-s0/app"
-            s1 = { primary = "postgresql+psycopg2://app:secret@db-s1/app", replicas = [] }
-
-        .. versionadded:: 0.2
-        """
-        config = _load_config(source)
-        where = "configuration"
-        if section is not None:
-            where = f"[{section}]"
-            try:
-                config = config[section]
-            except KeyError:
-                raise ConfigurationError(f"configuration has no [{section}] table") from None
-        known = {"shards", "strategy", "two_phase", "max_workers", "engine"}
-        unknown = set(config) - known
-        if unknown:
-            raise ConfigurationError(
-                f"unknown ShardSet keys {sorted(unknown)} in {where}; expected {sorted(known)}"
-            )
-        shards = config.get("shards")
-        if not isinstance(shards, Mapping) or not shards:
-            raise ConfigurationError(f"{where} needs a [shards] table of shard id -> URL")
-        engine_kwargs = dict(config.get("engine", {}))
-        targets: dict[ShardId, EngineTarget | ReplicaSet] = {}
-        for shard_id, target in shards.items():
-            if isinstance(target, Mapping):
-                options = dict(target)
-                options.setdefault("name", str(shard_id))
-                options["engine"] = {**engine_kwargs, **dict(options.get("engine", {}))}
-                targets[str(shard_id)] = ReplicaSet.from_config(options)
-            elif isinstance(target, str):
-                targets[str(shard_id)] = target
-            else:
-                raise ConfigurationError(
-                    f"shard {shard_id!r} in {where} must be a URL or a table, got {target!r}"
-                )
-        return cls(
-            targets,
-            strategy=_strategy_from_config(config.get("strategy", "jump_hash")),
-            two_phase=bool(config.get("two_phase", False)),
-            max_workers=config.get("max_workers"),
-            **engine_kwargs,
-        )
 
     # -- placement ---------------------------------------------------------------------------
 
@@ -323,6 +262,20 @@ class ShardSet:
         for replica_set in self._sets.values():
             replica_set.dispose()
 
+    @classmethod
+    def from_config(
+        cls, source: str | PathLike[str] | Mapping[str, Any], *, section: str | None = None
+    ) -> ShardSet:
+        """Build a ShardSet from a TOML file or a mapping (the format is in
+        :mod:`sqlalchemy_scale._config`): shared settings, a ``strategy`` and one
+        ``[shards.<id>]`` table per shard, each read as a ReplicaSet.
+
+        .. versionadded:: 0.1
+        """
+        from .._config import shard_set_from_config, topology_config
+
+        return shard_set_from_config(topology_config(source, section=section))
+
     def __enter__(self) -> Self:
         return self
 
@@ -337,19 +290,6 @@ class ShardSet:
 
     def __repr__(self) -> str:
         return f"<ShardSet {self.shard_ids} strategy={self.strategy!r}>"
-
-
-def _strategy_from_config(value: Any) -> ShardingStrategy:
-    if value == "hash":
-        return HashSharding()
-    if value == "jump_hash":
-        return JumpHashSharding()
-    if isinstance(value, Mapping) and set(value) == {"range"}:
-        return RangeSharding(value["range"])
-    raise ConfigurationError(
-        f"strategy must be 'hash', 'jump_hash' or {{range = [bounds]}}, got {value!r} "
-        "(a DirectorySharding is built in code)"
-    )
 
 
 def _rule_from_info(info: Mapping[str, Any]) -> ShardRule | None:

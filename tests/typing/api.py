@@ -39,3 +39,18 @@ def pinned(x: int) -> str:
 
 
 text_result: str = pinned(1)
+
+
+def observed(replicas: ss.ReplicaSet, shards: ss.ShardSet) -> bool:
+    """A plain function is a DecisionListener; on_decision returns it (a decorator)."""
+
+    def listener(decision: ss.RoutingDecision) -> None:
+        reason: str = decision.reason
+        node: ss.Node = decision.node
+        assert reason and node.name
+
+    same: ss.DecisionListener = replicas.on_decision(listener)
+    replicas.remove_decision_listener(same)
+    status: ss.TopologyStatus = ss.topology_status(shards, pgbouncer_admin=None)
+    from_file: ss.ShardSet = ss.ShardSet.from_config("topology.toml", section="shard_set")
+    return status.is_healthy and bool(from_file.shard_ids)

@@ -1,0 +1,157 @@
+"""Topology files: one TOML format for a ReplicaSet or a ShardSet, read by apps and the CLI.
+
+A replica set is the table :meth:`ReplicaSet.from_config` reads (``primary``,
+``replicas``, ``policy``, ``pool``, ... and an ``[engine]`` table). A shard set is::
+
+    strategy = "hash"            # "hash", "jump_hash", {range = [0, 1000, 2000]},
+                                 # or "package.module:attribute" (a strategy object)
+    two_phase = false
+    pool = "pgbouncer-transaction"   # ReplicaSet settings shared by every shard ...
+    max_lag_seconds = 5
+    [engine]                     # ... and create_engine() keyword arguments
+    pool_size = 5
+    [shards.s0]                  # one table per shard, in shard order: a ReplicaSet table
+    primary = "postgresql+psycopg2://app:secret@db0/app"
+    replicas = ["postgresql+psycopg2://app:secret@db0r/app"]
+    [shards.s1]                  # its keys override the shared ones
+    primary = "postgresql+psycopg2://app:secret@db1/app"
+
+A shard may also be a bare URL (``s2 = "postgresql://..."``). Either shape may sit
+under a table (``[shard_set]``, ``[replica_set]``) chosen with ``section=``, next to
+tables the CLI reads (``[status]``), which the constructors never see.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from os import PathLike
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError
+from .topology import _CONFIG_KEYS, ReplicaSet, _load_config
+
+if TYPE_CHECKING:
+    from .sharding import ShardingStrategy, ShardSet
+
+__all__ = ["load_topology", "shard_set_from_config", "topology_config"]
+
+ConfigSource = str | PathLike[str] | Mapping[str, Any]
+
+# ShardSet keyword arguments a configuration file may set; the ReplicaSet keys (but not
+# `primary`/`replicas`/`name`) are shared defaults for every shard.
+_SHARD_SET_KEYS = frozenset({"shards", "strategy", "two_phase", "max_workers", "engine"})
+_SHARED_KEYS = _CONFIG_KEYS - {"primary", "replicas", "name"}
+#: Tables that may sit beside a topology in one file; no constructor reads them.
+SIDE_TABLES = frozenset({"status", "alembic"})
+
+
+def topology_config(source: ConfigSource, *, section: str | None = None) -> Mapping[str, Any]:
+    """The topology table of a file or mapping: ``section`` if given, else the root (minus
+    :data:`SIDE_TABLES`), else the only ``[replica_set]`` or ``[shard_set]`` table."""
+    config = _load_config(source)
+    if section is not None:
+        try:
+            table: Any = config[section]
+        except KeyError:
+            raise ConfigurationError(f"configuration has no [{section}] table") from None
+        if not isinstance(table, Mapping):
+            raise ConfigurationError(f"configuration [{section}] is not a table")
+        return table
+    if "shards" in config or "primary" in config:
+        return {k: v for k, v in config.items() if k not in SIDE_TABLES}
+    found = [name for name in ("replica_set", "shard_set") if isinstance(config.get(name), Mapping)]
+    if len(found) == 1:
+        found_table: Mapping[str, Any] = config[found[0]]
+        return found_table
+    if found:
+        raise ConfigurationError(
+            "configuration holds both a [replica_set] and a [shard_set] table: choose one "
+            "with section= (--section on the command line)"
+        )
+    raise ConfigurationError(
+        "configuration holds no topology: expected 'primary' (a ReplicaSet), a [shards] "
+        "table (a ShardSet), or one [replica_set] / [shard_set] table (or pass section=)"
+    )
+
+
+def load_topology(source: ConfigSource, *, section: str | None = None) -> ReplicaSet | ShardSet:
+    """A :class:`ReplicaSet` or :class:`~sqlalchemy_scale.ShardSet`, whichever the
+    configuration describes (a ``shards`` table makes it a ShardSet)."""
+    config = topology_config(source, section=section)
+    if "shards" in config:
+        return shard_set_from_config(config)
+    return ReplicaSet.from_config(config)
+
+
+def shard_set_from_config(config: Mapping[str, Any]) -> ShardSet:
+    """Build a ShardSet from a mapping in the format of this module's docstring."""
+    from .sharding import ShardSet
+
+    unknown = set(config) - _SHARD_SET_KEYS - _SHARED_KEYS
+    if unknown:
+        raise ConfigurationError(
+            f"unknown ShardSet configuration keys {sorted(unknown)}; expected "
+            f"{sorted(_SHARD_SET_KEYS | _SHARED_KEYS)}"
+        )
+    shards = config.get("shards")
+    if not isinstance(shards, Mapping) or not shards:
+        raise ConfigurationError("ShardSet configuration needs a [shards] table with a shard")
+    if "strategy" not in config:
+        raise ConfigurationError(
+            "ShardSet configuration needs a 'strategy' ('hash', 'jump_hash', "
+            "{range = [...]} or 'package.module:attribute')"
+        )
+    strategy = _strategy(config["strategy"])
+    shared = {k: v for k, v in config.items() if k in _SHARED_KEYS}
+    engine = dict(config.get("engine", {}))
+    sets: dict[str, ReplicaSet] = {}
+    try:
+        for shard_id, shard in shards.items():
+            if isinstance(shard, str):
+                shard = {"primary": shard}
+            if not isinstance(shard, Mapping):
+                raise ConfigurationError(
+                    f"shard {shard_id!r}: expected a URL or a table with 'primary', "
+                    f"got {type(shard).__name__}"
+                )
+            merged = {**shared, "name": str(shard_id), **shard}
+            merged["engine"] = {**engine, **dict(shard.get("engine", {}))}
+            sets[str(shard_id)] = ReplicaSet.from_config(merged)
+        return ShardSet(
+            sets,
+            strategy=strategy,
+            two_phase=bool(config.get("two_phase", False)),
+            max_workers=config.get("max_workers"),
+        )
+    except BaseException:
+        for replica_set in sets.values():
+            replica_set.dispose()
+        raise
+
+
+def _strategy(value: Any) -> ShardingStrategy:
+    from .sharding import HashSharding, JumpHashSharding, RangeSharding
+
+    if value == "hash":
+        return HashSharding()
+    if value == "jump_hash":
+        return JumpHashSharding()
+    if isinstance(value, Mapping) and set(value) == {"range"}:
+        return RangeSharding(value["range"])
+    if isinstance(value, str) and ":" in value:
+        module_name, _, attribute = value.partition(":")
+        try:
+            found: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigurationError(f"strategy {value!r} cannot be imported: {exc}") from exc
+        if not callable(found):
+            raise ConfigurationError(f"strategy {value!r} is not callable")
+        strategy: ShardingStrategy = found
+        return strategy
+    raise ConfigurationError(
+        f"unknown strategy {value!r}: expected 'hash', 'jump_hash', {{range = [...]}} "
+        "or 'package.module:attribute'"
+    )
