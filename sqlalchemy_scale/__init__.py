@@ -48,6 +48,7 @@ from .sharding import (
     sharded_sessionmaker,
 )
 from .topology import Node, ReplicaSet, Role
+from .web import TokenCarrier, role_for_method
 
 try:
     __version__ = version("sqlalchemy-scale")
@@ -86,6 +87,7 @@ __all__ = [
     "ShardSet",
     "ShardedSession",
     "ShardingStrategy",
+    "TokenCarrier",
     "TransactionPoolingError",
     "TransactionPoolingWarning",
     "__version__",
@@ -98,6 +100,7 @@ __all__ = [
     "newer_token",
     "pool_preset",
     "preset_needs_guard",
+    "role_for_method",
     "routing_sessionmaker",
     "set_shard_id",
     "sharded_sessionmaker",

@@ -1,0 +1,85 @@
+"""The framework-free web pieces: the token carrier and the per-method resolver (pure logic)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import sqlalchemy_scale as ss
+from sqlalchemy_scale.web import TokenCarrier, role_for_method
+
+
+def test_read_methods_use_replicas_and_the_rest_the_primary() -> None:
+    """GET, HEAD and OPTIONS (any case) resolve to replica; every other method to primary."""
+    assert [role_for_method(m) for m in ("GET", "head", "Options")] == ["replica"] * 3
+    assert [role_for_method(m) for m in ("POST", "PUT", "PATCH", "DELETE", "TRACE")] == [
+        "primary"
+    ] * 5
+
+
+def test_the_newest_valid_token_wins_across_carriers() -> None:
+    """Between a cookie and a header the later WAL position is used, whichever carries it."""
+    carrier = TokenCarrier()
+    assert carrier.read(cookies=["0/20"], headers=["0/10"]) == "0/20"
+    assert carrier.read(cookies=["0/10"], headers=["1/0"]) == "1/0"
+    assert carrier.read(cookies=["0/10", "0/30"]) == "0/30"
+    assert carrier.read() is None
+
+
+def test_invalid_values_are_ignored_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A malformed value is logged and ignored; a valid token in the other carrier applies."""
+    carrier = TokenCarrier()
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_scale.web"):
+        assert carrier.read(cookies=["nope"], headers=["0/AB"]) == "0/AB"
+        assert carrier.read(cookies=["0/1\r\nX: y"], headers=["", "1/2/3"]) is None
+    assert caplog.text.count("ignored the causal token") == 3
+    assert "\\r\\n" in caplog.text  # control characters are escaped in the log
+
+
+def test_signed_tokens_reject_forgeries() -> None:
+    """With a secret_key, tokens go out signed and only values signed with that key are read."""
+    carrier = TokenCarrier(secret_key="k1")
+    value = carrier.encode("0/16B3748")
+    assert value.startswith("0/16B3748.") and carrier.decode(value) == "0/16B3748"
+    assert carrier.decode("0/16B3748") is None  # unsigned
+    assert carrier.decode(TokenCarrier(secret_key="k2").encode("0/16B3748")) is None
+    forged = value.replace("0/16B3748", "FFFFFFFF/FFFFFFFF")
+    assert carrier.decode(forged) is None
+    assert TokenCarrier().decode(value) is None  # signed, but this carrier has no key
+
+
+def test_set_cookie_attributes() -> None:
+    """The cookie is HttpOnly, SameSite=Lax, on the configured path, Secure only over https."""
+    carrier = TokenCarrier(cookie_name="tok", header_name="X-Tok", cookie_max_age=600)
+    assert carrier.set_cookie_header("0/AB", secure=False) == (
+        "tok=0/AB; Path=/; Max-Age=600; HttpOnly; SameSite=Lax"
+    )
+    assert carrier.set_cookie_header("0/AB", secure=True).endswith("; Secure")
+    assert carrier.response_headers("0/AB", secure=False)[1] == ("X-Tok", "0/AB")
+    with pytest.raises(ss.ConfigurationError, match="not a causal token"):
+        carrier.encode("0/AB; Domain=evil")
+
+
+def test_cookie_header_parsing_finds_every_value_of_the_name() -> None:
+    """Only this carrier's cookie is read from a Cookie header, every occurrence, unquoted."""
+    carrier = TokenCarrier()
+    header = 'a=1; scale_token=0/1;scale_token="0/2"; xscale_token=0/9; scale_token'
+    assert carrier.read_cookie_header(header) == ["0/1", "0/2"]
+    assert carrier.read_cookie_header(None) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cookie_name": "bad name"}, "cookie_name must be an HTTP token"),
+        ({"header_name": "X-Tok:"}, "header_name must be an HTTP token"),
+        ({"cookie_path": "relative"}, "cookie_path must be an absolute path"),
+        ({"cookie_max_age": 0}, "cookie_max_age must be positive"),
+        ({"secret_key": ""}, "secret_key must not be empty"),
+    ],
+)
+def test_bad_carrier_configuration_is_refused(kwargs: dict[str, object], match: str) -> None:
+    """Names that cannot be cookies or headers, and other bad settings, raise at construction."""
+    with pytest.raises(ss.ConfigurationError, match=match):
+        TokenCarrier(**kwargs)  # type: ignore[arg-type]
