@@ -317,3 +317,42 @@ def test_session_dependency_refuses_a_non_routing_sessionmaker(
         session_dependency(async_sessionmaker())
     with pytest.raises(ss.ConfigurationError, match="got str"):
         session_dependency("Session")  # type: ignore[arg-type]
+
+
+def test_the_middleware_works_in_a_plain_starlette_app(
+    replicas: ss.ReplicaSet, notes_table: None, paused_replicas: LocalCluster
+) -> None:
+    """In a Starlette app (no FastAPI), a note written in one request is read in the next."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    Session = ss.routing_sessionmaker(replicas, expire_on_commit=False)
+
+    def create(request: Request) -> JSONResponse:
+        with Session() as session:
+            note = WebNote(body="starlette")
+            session.add(note)
+            session.commit()
+            return JSONResponse({"id": note.id})
+
+    def read(request: Request) -> JSONResponse:
+        with Session() as session:
+            found = session.get(WebNote, int(request.path_params["id"])) is not None
+            return JSONResponse({"found": found, **where_row(session.execute(WHERE).one())})
+
+    app = Starlette(
+        routes=[Route("/notes", create, methods=["POST"]), Route("/notes/{id}", read)],
+        middleware=[Middleware(CausalTokenMiddleware, cookie_name="tok", header_name="X-Tok")],
+    )
+    with TestClient(app) as client:
+        created = client.post("/notes")
+        answer = client.get(f"/notes/{created.json()['id']}").json()
+    assert created.headers["x-tok"] and created.headers["set-cookie"].startswith("tok=")
+    assert answer == {"found": True, "port": paused_replicas.primary.port, "replica": False}
+
+
+def where_row(row: Any) -> dict[str, Any]:
+    return {"port": row[0], "replica": row[1]}

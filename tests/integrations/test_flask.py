@@ -260,13 +260,17 @@ def test_nothing_is_committed_or_left_open_by_the_extension(
     ) == [(0,)]
 
 
+@pytest.mark.parametrize("given", ["replica_set", "sessionmaker"])
 def test_plain_flask_with_a_replica_set(
-    replicas: ss.ReplicaSet, paused_replicas: LocalCluster, tables: None
+    replicas: ss.ReplicaSet, paused_replicas: LocalCluster, tables: None, given: str
 ) -> None:
     """Without Flask-SQLAlchemy, scale.session routes by method and a posted form is seen on
     the redirect; the session is closed when the request ends."""
     app = Flask(__name__)
-    scale = Scale(app, replica_set=replicas)
+    if given == "replica_set":
+        scale = Scale(app, replica_set=replicas)
+    else:
+        scale = Scale(app, sessionmaker=ss.routing_sessionmaker(replicas, expire_on_commit=False))
     opened: list[ss.RoutingSession] = []
 
     @app.post("/notes")
