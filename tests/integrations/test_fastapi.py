@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Response
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -29,6 +29,7 @@ from sqlalchemy_scale.sqlmodel import AsyncRoutingSQLModelSession, RoutingSQLMod
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
 MODES = ("sync", "async")
+METHODS = ["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"]
 _bodies = itertools.count(1)
 
 
@@ -66,6 +67,11 @@ def make_app(replicas: ss.ReplicaSet, async_replicas: ss.ReplicaSet, **middlewar
     def where(row: Any) -> dict[str, Any]:
         return {"port": row[0], "replica": row[1]}
 
+    def served_by(response: Response, row: Any) -> dict[str, Any]:
+        # In a header too, so that HEAD (which has no body) tells where it ran.
+        response.headers["X-Served-By"] = f"{row[0]} {row[1]}"
+        return where(row)
+
     @app.post("/sync/notes")
     def sync_create(body: str, session: SyncDep) -> dict[str, Any]:
         note = WebNote(body=body)
@@ -78,10 +84,10 @@ def make_app(replicas: ss.ReplicaSet, async_replicas: ss.ReplicaSet, **middlewar
         note = session.get(WebNote, note_id)
         return {"found": note is not None, **where(session.exec(WHERE).one())}
 
-    @app.api_route("/sync/where", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-    def sync_where(session: SyncDep, use_replica: bool = False) -> dict[str, Any]:
+    @app.api_route("/sync/where", methods=METHODS)
+    def sync_where(response: Response, session: SyncDep, use_replica: bool = False) -> Any:
         stmt = WHERE.execution_options(use_replica=True) if use_replica else WHERE
-        return where(session.exec(stmt).one())
+        return served_by(response, session.exec(stmt).one())
 
     @app.post("/sync/uncommitted")
     def sync_uncommitted(body: str, session: SyncDep) -> dict[str, Any]:
@@ -101,10 +107,10 @@ def make_app(replicas: ss.ReplicaSet, async_replicas: ss.ReplicaSet, **middlewar
         note = await session.get(WebNote, note_id)
         return {"found": note is not None, **where((await session.exec(WHERE)).one())}
 
-    @app.api_route("/async/where", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-    async def async_where(session: AsyncDep, use_replica: bool = False) -> dict[str, Any]:
+    @app.api_route("/async/where", methods=METHODS)
+    async def async_where(response: Response, session: AsyncDep, use_replica: bool = False) -> Any:
         stmt = WHERE.execution_options(use_replica=True) if use_replica else WHERE
-        return where((await session.exec(stmt)).one())
+        return served_by(response, (await session.exec(stmt)).one())
 
     @app.post("/async/uncommitted")
     async def async_uncommitted(body: str, session: AsyncDep) -> dict[str, Any]:
@@ -269,19 +275,19 @@ def test_forged_tokens_are_ignored_when_tokens_are_signed(
 def test_statements_land_where_the_method_says(
     app: FastAPI, scale_cluster: LocalCluster, mode: str
 ) -> None:
-    """GET and OPTIONS read from a replica; POST, PUT, PATCH and DELETE from the primary,
-    unless the statement says use_replica=True."""
+    """GET, HEAD and OPTIONS read from a replica; POST, PUT, PATCH and DELETE from the
+    primary, unless the statement says use_replica=True."""
     with TestClient(app) as client:
         answers = {
-            method: client.request(method, f"/{mode}/where").json()
-            for method in ("GET", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+            method: client.request(method, f"/{mode}/where").headers["X-Served-By"]
+            for method in METHODS
         }
         opted_in = client.post(f"/{mode}/where", params={"use_replica": True}).json()
-    for method in ("GET", "OPTIONS"):
-        assert answers[method]["replica"], method
-        assert answers[method]["port"] in replica_ports(scale_cluster)
+    for method in ("GET", "HEAD", "OPTIONS"):
+        port, in_recovery = answers[method].split()
+        assert int(port) in replica_ports(scale_cluster) and in_recovery == "True", method
     for method in ("POST", "PUT", "PATCH", "DELETE"):
-        assert answers[method] == {"port": scale_cluster.primary.port, "replica": False}
+        assert answers[method] == f"{scale_cluster.primary.port} False", method
     assert opted_in["replica"] and opted_in["port"] in replica_ports(scale_cluster)
 
 

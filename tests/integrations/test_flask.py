@@ -24,6 +24,7 @@ from sqlalchemy_scale.local import LocalCluster
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
 _bodies = itertools.count(1)
+METHODS = ["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"]
 
 db = SQLAlchemy(session_options=session_options(expire_on_commit=False))
 
@@ -90,10 +91,12 @@ def make_app(cluster: LocalCluster, driver: str, **config: Any) -> tuple[Flask, 
         note = db.session.get(FlaskNote, note_id)
         return {"found": note is not None, **where(db.session.execute(WHERE).one())}
 
-    @app.route("/where", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
-    def whereabouts() -> dict[str, Any]:
+    @app.route("/where", methods=METHODS)
+    def whereabouts() -> Any:
         stmt = WHERE.execution_options(use_replica=True) if "use_replica" in request.args else WHERE
-        return where(db.session.execute(stmt).one())
+        row = db.session.execute(stmt).one()
+        # In a header too, so that HEAD (which has no body) tells where it ran.
+        return where(row), {"X-Served-By": f"{row[0]} {row[1]}"}
 
     @app.post("/uncommitted")
     def uncommitted() -> dict[str, Any]:
@@ -217,18 +220,18 @@ def test_forged_and_malformed_tokens_are_ignored(
 
 
 def test_statements_land_where_the_method_says(app: Flask, scale_cluster: LocalCluster) -> None:
-    """GET and OPTIONS read from a replica; POST, PUT, PATCH and DELETE from the primary,
-    unless the statement says use_replica=True."""
+    """GET, HEAD and OPTIONS read from a replica; POST, PUT, PATCH and DELETE from the
+    primary, unless the statement says use_replica=True."""
     client = app.test_client()
     answers = {
-        method: client.open("/where", method=method).json
-        for method in ("GET", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+        method: client.open("/where", method=method).headers["X-Served-By"] for method in METHODS
     }
     opted_in = client.post("/where?use_replica=1").json
-    for method in ("GET", "OPTIONS"):
-        assert answers[method]["port"] in replica_ports(scale_cluster), method
+    for method in ("GET", "HEAD", "OPTIONS"):
+        port, in_recovery = answers[method].split()
+        assert int(port) in replica_ports(scale_cluster) and in_recovery == "True", method
     for method in ("POST", "PUT", "PATCH", "DELETE"):
-        assert answers[method] == {"port": scale_cluster.primary.port, "replica": False}
+        assert answers[method] == f"{scale_cluster.primary.port} False", method
     assert opted_in["replica"] and opted_in["port"] in replica_ports(scale_cluster)
 
 
