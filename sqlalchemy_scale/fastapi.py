@@ -45,6 +45,7 @@ from .web import (
     RoleResolver,
     TokenCarrier,
     make_carrier,
+    resolve_role,
     role_for_method,
 )
 
@@ -173,7 +174,7 @@ def session_dependency(
     def get_session(request: Request) -> Iterator[orm.Session]:
         _warn_without_context()
         with maker() as session:
-            session.default_role = resolver(request.method)
+            session.default_role = resolve_role(resolver, request.method)
             yield session
 
     return get_session
@@ -196,7 +197,7 @@ def _async_dependency(
     async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         _warn_without_context()
         async with maker() as session:
-            session.sync_session.default_role = resolver(request.method)
+            session.sync_session.default_role = resolve_role(resolver, request.method)
             yield session
 
     return get_session

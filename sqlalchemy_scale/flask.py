@@ -48,7 +48,7 @@ from .consistency import CausalContext, causal_context
 from .errors import ConfigurationError
 from .routing import RoutingSession, routing_sessionmaker
 from .topology import ReplicaSet, Role
-from .web import RoleResolver, TokenCarrier, make_carrier, role_for_method
+from .web import RoleResolver, TokenCarrier, make_carrier, resolve_role, role_for_method
 
 __all__ = ["RoutingFlaskSession", "Scale", "session_options"]
 
@@ -333,7 +333,7 @@ def _request_role(state: _AppState) -> Role:
     request_state = g.get(_G_KEY)
     if isinstance(request_state, _RequestState):
         return request_state.role
-    return state.resolver(request.method)
+    return resolve_role(state.resolver, request.method)
 
 
 def _before_request() -> None:
@@ -343,7 +343,7 @@ def _before_request() -> None:
         cookies=carrier.read_cookie_header(request.headers.get("Cookie")),
         headers=request.headers.getlist(carrier.header_name),
     )
-    role = state.resolver(request.method)
+    role = resolve_role(state.resolver, request.method)
     stack = ExitStack()
     context = stack.enter_context(causal_context(token))
     setattr(g, _G_KEY, _RequestState(token, role, context, stack))

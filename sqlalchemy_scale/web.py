@@ -76,6 +76,19 @@ def role_for_method(method: str) -> Role:
     return "replica" if method.upper() in READ_METHODS else "primary"
 
 
+def resolve_role(resolver: RoleResolver, method: str) -> Role:
+    """The resolver's role for a request, checked: anything but ``"primary"`` or
+    ``"replica"`` raises :class:`~sqlalchemy_scale.ConfigurationError` naming the resolver."""
+    role = resolver(method)
+    if role not in ("primary", "replica"):
+        name = getattr(resolver, "__qualname__", repr(resolver))
+        raise ConfigurationError(
+            f"resolver {name} returned {role!r} for a {method} request; a role is "
+            "'primary' or 'replica'"
+        )
+    return role
+
+
 class TokenCarrier:
     """Where the causal token lives between requests: a cookie and a response/request header.
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 import sqlalchemy_scale as ss
-from sqlalchemy_scale.web import TokenCarrier, role_for_method
+from sqlalchemy_scale.web import TokenCarrier, resolve_role, role_for_method
 
 
 def test_read_methods_use_replicas_and_the_rest_the_primary() -> None:
@@ -16,6 +16,13 @@ def test_read_methods_use_replicas_and_the_rest_the_primary() -> None:
     assert [role_for_method(m) for m in ("POST", "PUT", "PATCH", "DELETE", "TRACE")] == [
         "primary"
     ] * 5
+
+
+def test_a_resolver_that_returns_no_role_is_refused() -> None:
+    """A custom resolver's answer is checked: only 'primary' and 'replica' are roles."""
+    assert resolve_role(lambda method: "primary", "GET") == "primary"
+    with pytest.raises(ss.ConfigurationError, match="returned 'write' for a POST request"):
+        resolve_role(lambda method: "write", "POST")  # type: ignore[arg-type,return-value]
 
 
 def test_the_newest_valid_token_wins_across_carriers() -> None:
