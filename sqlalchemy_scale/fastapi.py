@@ -21,7 +21,9 @@ follows the HTTP method (:func:`~sqlalchemy_scale.web.role_for_method`).
 
 When *not* to use it: a streaming response that commits *after* its headers went out
 cannot hand that commit's token back (the headers are already sent); commit before
-streaming. WebSocket connections pass through without a causal context.
+streaming. An unhandled exception after a commit becomes Starlette's 500 page outside this
+middleware, without the token (an ``HTTPException`` response carries it). WebSocket
+connections pass through without a causal context.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import pytest
-from fastapi import Depends, FastAPI, Response
+from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -95,6 +95,12 @@ def make_app(replicas: ss.ReplicaSet, async_replicas: ss.ReplicaSet, **middlewar
         session.flush()
         return where(session.exec(WHERE).one())
 
+    @app.post("/sync/conflict")
+    def sync_conflict(body: str, session: SyncDep) -> None:
+        session.add(WebNote(body=body))
+        session.commit()
+        raise HTTPException(409, "committed, then refused")
+
     @app.post("/async/notes")
     async def async_create(body: str, session: AsyncDep) -> dict[str, Any]:
         note = WebNote(body=body)
@@ -117,6 +123,12 @@ def make_app(replicas: ss.ReplicaSet, async_replicas: ss.ReplicaSet, **middlewar
         session.add(WebNote(body=body))
         await session.flush()
         return where((await session.exec(WHERE)).one())
+
+    @app.post("/async/conflict")
+    async def async_conflict(body: str, session: AsyncDep) -> None:
+        session.add(WebNote(body=body))
+        await session.commit()
+        raise HTTPException(409, "committed, then refused")
 
     return app
 
@@ -172,6 +184,24 @@ def test_the_token_comes_back_in_a_cookie_and_a_header_only_after_a_write(
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
     assert ss.newer_token(token, "0/0") == token  # a real WAL position
     assert "set-cookie" not in read.headers and "x-scale-token" not in read.headers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_error_response_after_a_commit_still_carries_the_token(
+    app: FastAPI, paused_replicas: LocalCluster, mode: str
+) -> None:
+    """A route that commits and then raises HTTPException answers with the new token, so the
+    client's next read sees what was committed."""
+    body = f"conflict {next(_bodies)}"
+    with TestClient(app) as client:
+        refused = client.post(f"/{mode}/conflict", params={"body": body})
+        assert refused.status_code == 409
+        ((note_id,),) = paused_replicas.primary.execute(
+            "SELECT id FROM web_notes WHERE body = %s", [body]
+        )
+        answer = client.get(f"/{mode}/notes/{note_id}").json()
+    assert refused.headers["x-scale-token"] and "scale_token=" in refused.headers["set-cookie"]
+    assert answer["found"] and answer["port"] == paused_replicas.primary.port
 
 
 def test_the_cookie_is_secure_over_https(app: FastAPI, scale_cluster: LocalCluster) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask, redirect, request, url_for
+from flask import Flask, abort, redirect, request, url_for
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import func, select
 from sqlalchemy.orm import Mapped, mapped_column
@@ -104,6 +104,12 @@ def make_app(cluster: LocalCluster, driver: str, **config: Any) -> tuple[Flask, 
         db.session.flush()
         return where(db.session.execute(WHERE).one())
 
+    @app.post("/conflict")
+    def conflict() -> Any:
+        db.session.add(FlaskNote(body=request.form["body"]))
+        db.session.commit()
+        abort(409)
+
     @app.post("/archive")
     def archive() -> dict[str, Any]:
         note = ArchivedNote(body=request.form["body"])
@@ -169,6 +175,23 @@ def test_the_token_travels_in_a_cookie_and_a_header(
     assert "Set-Cookie" not in read.headers and "X-Scale-Token" not in read.headers
     secure = app.test_client().post("/notes", data={"body": "x"}, base_url="https://localhost")
     assert secure.headers["Set-Cookie"].endswith("; Secure")
+
+
+def test_an_error_response_after_a_commit_still_carries_the_token(
+    app: Flask, paused_replicas: LocalCluster
+) -> None:
+    """A view that commits and then aborts with 409 answers with the new token, so the
+    client's next read sees what was committed."""
+    body = f"conflict {next(_bodies)}"
+    client = app.test_client()
+    refused = client.post("/conflict", data={"body": body})
+    assert refused.status_code == 409
+    ((note_id,),) = paused_replicas.primary.execute(
+        "SELECT id FROM flask_notes WHERE body = %s", [body]
+    )
+    answer = client.get(f"/notes/{note_id}").json
+    assert refused.headers["X-Scale-Token"] and "scale_token=" in refused.headers["Set-Cookie"]
+    assert answer["found"] and answer["port"] == paused_replicas.primary.port
 
 
 def test_an_api_client_without_cookies_reads_its_writes_through_the_header(
