@@ -142,18 +142,20 @@ def session_options(**options: Any) -> dict[str, Any]:
 
 
 def _bind_key(mapper: Any, clause: Any) -> str | None:
-    """The Flask-SQLAlchemy bind key a statement names (its table's metadata), or None."""
-    table = None
+    """The Flask-SQLAlchemy bind key a statement names, or None for the default bind: the
+    mapper's table first, then a table or DML statement's table, as its Session.get_bind."""
+    tables = []
     if mapper is not None:
-        table = getattr(sa.inspect(mapper), "local_table", None)
-    if not isinstance(table, sa.Table) and clause is not None:
-        if isinstance(clause, sa.Table):
-            table = clause
-        elif isinstance(clause, sa.UpdateBase) and isinstance(clause.table, sa.Table):
-            table = clause.table
-    if isinstance(table, sa.Table):
-        key = table.metadata.info.get("bind_key")
-        return key if isinstance(key, str) else None
+        tables.append(getattr(sa.inspect(mapper), "local_table", None))
+    if isinstance(clause, sa.Table):
+        tables.append(clause)
+    elif isinstance(clause, sa.UpdateBase):
+        tables.append(clause.table)
+    for table in tables:
+        if isinstance(table, sa.Table) and "bind_key" in table.metadata.info:
+            key = table.metadata.info["bind_key"]
+            if key is not None:
+                return str(key)
     return None
 
 

@@ -357,3 +357,17 @@ def test_misconfiguration_is_refused_at_init_app(scale_cluster: LocalCluster, dr
     with pytest.raises(ss.ConfigurationError, match="RoutingFlaskSession"):
         session_options(class_=ss.RoutingSession)
     assert session_options()["class_"] is RoutingFlaskSession
+
+
+def test_a_session_shared_by_requests_follows_each_method(
+    app: Flask, scale_cluster: LocalCluster
+) -> None:
+    """Requests made inside one app context share db.session; each request still gets its
+    method's default role."""
+    client = app.test_client()
+    with app.app_context():
+        served = [client.open("/where", method=m).json for m in ("GET", "POST", "GET")]
+        assert db.session.registry.has()  # one session was shared by the three requests
+    assert served[0]["port"] in replica_ports(scale_cluster)
+    assert served[1] == {"port": scale_cluster.primary.port, "replica": False}
+    assert served[2]["port"] in replica_ports(scale_cluster)
