@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Final, Protocol
 
 from .consistency import newer_token, parse_lsn
@@ -41,6 +41,7 @@ __all__ = [
     "READ_METHODS",
     "RoleResolver",
     "TokenCarrier",
+    "resolve_role",
     "role_for_method",
 ]
 
@@ -264,10 +265,3 @@ def make_carrier(
         header_name=header_name or DEFAULT_HEADER_NAME,
         secret_key=secret_key,
     )
-
-
-def header_values(headers: Mapping[str, str] | Iterable[tuple[str, str]], name: str) -> list[str]:
-    """Every value of header ``name`` (case-insensitive) among ``(name, value)`` pairs."""
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    wanted = name.lower()
-    return [value for key, value in items if key.lower() == wanted]
