@@ -11,8 +11,10 @@ the extension; models, ``db.session`` and ``__bind_key__`` stay as they are::
 
 The primary is ``db.engine``; replicas come from ``SQLALCHEMY_SCALE_REPLICAS`` (a list of
 URLs) and :class:`~sqlalchemy_scale.ReplicaSet` options from ``SQLALCHEMY_SCALE_OPTIONS``
-(a dict: ``policy``, ``max_lag_seconds``, ``pool``, ...). Models with a ``__bind_key__``
-run on their ``SQLALCHEMY_BINDS`` engine, exactly as Flask-SQLAlchemy sends them.
+(a dict: ``policy``, ``max_lag_seconds``, ``pool``, ...); ``SQLALCHEMY_SCALE_COOKIE_NAME``,
+``SQLALCHEMY_SCALE_HEADER_NAME`` and ``SQLALCHEMY_SCALE_SECRET_KEY`` (else ``SECRET_KEY``)
+configure the token's carriers. Models with a ``__bind_key__`` run on their
+``SQLALCHEMY_BINDS`` engine, exactly as Flask-SQLAlchemy sends them.
 
 Plain Flask: ``scale = Scale(app, replica_set=replicas)`` and ``scale.session`` is a
 routing session for the current request, closed when the request ends.
@@ -59,6 +61,8 @@ EXTENSION: Final = "sqlalchemy_scale"
 REPLICAS_KEY: Final = "SQLALCHEMY_SCALE_REPLICAS"
 OPTIONS_KEY: Final = "SQLALCHEMY_SCALE_OPTIONS"
 SECRET_KEY: Final = "SQLALCHEMY_SCALE_SECRET_KEY"
+COOKIE_NAME_KEY: Final = "SQLALCHEMY_SCALE_COOKIE_NAME"
+HEADER_NAME_KEY: Final = "SQLALCHEMY_SCALE_HEADER_NAME"
 
 
 @dataclass
@@ -171,8 +175,10 @@ class Scale:
         :attr:`session` (default ``ss.routing_sessionmaker(replica_set)``).
     :param resolver: a request's default role from its method
         (:func:`~sqlalchemy_scale.web.role_for_method`).
-    :param cookie_name: the token cookie's name (``scale_token``).
-    :param header_name: the token header's name (``X-Scale-Token``).
+    :param cookie_name: the token cookie's name; by default ``SQLALCHEMY_SCALE_COOKIE_NAME``
+        or ``scale_token``.
+    :param header_name: the token header's name; by default ``SQLALCHEMY_SCALE_HEADER_NAME``
+        or ``X-Scale-Token``.
     :param secret_key: signs tokens so that forged ones are ignored; by default
         ``SQLALCHEMY_SCALE_SECRET_KEY`` or else the app's ``SECRET_KEY`` when set.
     :param carrier: a ready :class:`~sqlalchemy_scale.web.TokenCarrier` instead of the
@@ -233,8 +239,12 @@ class Scale:
                 f"Flask app {app.name!r} already has a sqlalchemy-scale extension"
             )
         options = dict(self._carrier_options)
-        if options["carrier"] is None and options["secret_key"] is None:
-            options["secret_key"] = app.config.get(SECRET_KEY) or app.config.get("SECRET_KEY")
+        if options["carrier"] is None:
+            # Keywords win over app config, as for Flask-SQLAlchemy's own settings.
+            if options["secret_key"] is None:
+                options["secret_key"] = app.config.get(SECRET_KEY) or app.config.get("SECRET_KEY")
+            options["cookie_name"] = options["cookie_name"] or app.config.get(COOKIE_NAME_KEY)
+            options["header_name"] = options["header_name"] or app.config.get(HEADER_NAME_KEY)
         carrier = make_carrier(where="Scale", **options)
         if self.db is not None:
             built = self._replica_set_for(app, self.db)

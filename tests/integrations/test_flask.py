@@ -194,6 +194,31 @@ def test_an_error_response_after_a_commit_still_carries_the_token(
     assert answer["found"] and answer["port"] == paused_replicas.primary.port
 
 
+def test_carrier_names_come_from_app_config(
+    scale_cluster: LocalCluster, driver: str, tables: None, paused_replicas: LocalCluster
+) -> None:
+    """SQLALCHEMY_SCALE_COOKIE_NAME and _HEADER_NAME rename both carriers, read and written."""
+    app, scale = make_app(
+        scale_cluster,
+        driver,
+        SQLALCHEMY_SCALE_COOKIE_NAME="db_pos",
+        SQLALCHEMY_SCALE_HEADER_NAME="X-Db-Pos",
+    )
+    try:
+        client = app.test_client(use_cookies=False)
+        wrote = client.post("/notes", data={"body": "renamed"})
+        token = wrote.headers["X-Db-Pos"]
+        by_cookie = client.get(wrote.headers["Location"], headers={"Cookie": f"db_pos={token}"})
+        by_header = client.get(wrote.headers["Location"], headers={"X-Db-Pos": token})
+        old_name = client.get(wrote.headers["Location"], headers={"X-Scale-Token": token})
+    finally:
+        scale.dispose(app)
+    assert wrote.headers["Set-Cookie"].startswith(f"db_pos={token};")
+    assert "X-Scale-Token" not in wrote.headers
+    assert by_cookie.json["found"] and by_header.json["found"]
+    assert not old_name.json["found"]  # the default name is no longer read
+
+
 def test_an_api_client_without_cookies_reads_its_writes_through_the_header(
     app: Flask, paused_replicas: LocalCluster
 ) -> None:
