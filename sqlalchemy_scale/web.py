@@ -184,7 +184,9 @@ class TokenCarrier:
         elif self._key is not None and not sep:
             why = "unsigned"
         elif self._key is not None and not hmac.compare_digest(
-            signature, self._signature(position)
+            # As bytes: compare_digest refuses non-ASCII str, and a header may hold anything.
+            signature.encode("utf-8", "surrogateescape"),
+            self._signature(position).encode(),
         ):
             why = "bad signature"
         elif self._key is None and sep:

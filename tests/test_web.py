@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.web import TokenCarrier, resolve_role, role_for_method
@@ -54,6 +56,7 @@ def test_signed_tokens_reject_forgeries() -> None:
     forged = value.replace("0/16B3748", "FFFFFFFF/FFFFFFFF")
     assert carrier.decode(forged) is None
     assert TokenCarrier().decode(value) is None  # signed, but this carrier has no key
+    assert carrier.decode("0/16B3748.\u00e9\u00e9") is None  # not even ASCII: still just ignored
 
 
 def test_set_cookie_attributes() -> None:
@@ -90,3 +93,20 @@ def test_bad_carrier_configuration_is_refused(kwargs: dict[str, object], match: 
     """Names that cannot be cookies or headers, and other bad settings, raise at construction."""
     with pytest.raises(ss.ConfigurationError, match=match):
         TokenCarrier(**kwargs)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cookie=st.text(max_size=80),
+    header=st.text(max_size=80),
+    signed=st.booleans(),
+)
+def test_no_carrier_value_raises(cookie: str, header: str, signed: bool) -> None:
+    """Whatever a client sends, reading the carriers never raises, and what it returns is a
+    token that one of the values held."""
+    carrier = TokenCarrier(secret_key="k" if signed else None)
+    cookies = carrier.read_cookie_header(f"scale_token={cookie}")
+    token = carrier.read(cookies=cookies, headers=[header])
+    if token is not None:
+        assert ss.newer_token(token, "0/0") == token
+        assert any(v.strip().strip('"').startswith(token) for v in [*cookies, header])
