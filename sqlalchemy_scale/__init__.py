@@ -50,6 +50,7 @@ from .sharding import (
 )
 from .status import TopologyStatus, topology_status
 from .topology import Node, ReplicaSet, Role
+from .web import TokenCarrier, role_for_method
 
 try:
     __version__ = version("sqlalchemy-scale")
@@ -91,6 +92,7 @@ __all__ = [
     "ShardedSession",
     "ShardingStrategy",
     "TopologyStatus",
+    "TokenCarrier",
     "TransactionPoolingError",
     "TransactionPoolingWarning",
     "__version__",
@@ -103,6 +105,7 @@ __all__ = [
     "newer_token",
     "pool_preset",
     "preset_needs_guard",
+    "role_for_method",
     "routing_sessionmaker",
     "set_shard_id",
     "sharded_sessionmaker",

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import String, create_engine, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlmodel import SQLModel
 
 from sqlalchemy_scale.local import LocalCluster
 
@@ -50,6 +51,7 @@ def namespace(scale_cluster: LocalCluster, driver: str) -> Iterator[dict[str, An
     for replica in scale_cluster.replicas:
         replica.wait_for_replay()
     ns: dict[str, Any] = {
+        "__name__": "readme",  # Flask(__name__) needs a module name that is not builtins
         "PRIMARY_URL": scale_cluster.primary.url(driver),
         "R1_URL": scale_cluster.replicas[0].url(driver),
         "R2_URL": scale_cluster.replicas[1].url(driver),
@@ -70,6 +72,14 @@ def namespace(scale_cluster: LocalCluster, driver: str) -> Iterator[dict[str, An
         for shard_id in ns["shards"]:
             ShardBase.metadata.drop_all(ns["shards"].replica_set(shard_id).primary.engine)
         ns["shards"].dispose()
+    if "replica_set" in ns:  # the FastAPI app's
+        ns["replica_set"].dispose()
+    if "scale" in ns:  # the Flask app's
+        ns["scale"].dispose(ns["app"])
+    with engine.begin() as conn:  # the web apps' tables
+        conn.exec_driver_sql("DROP TABLE IF EXISTS note, post")
+    if "Note" in ns:  # SQLModel's metadata is process-wide: let the README declare it again
+        SQLModel.metadata.remove(ns["Note"].__table__)
     Base.metadata.drop_all(engine)
     engine.dispose()
 
