@@ -2,6 +2,12 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .aio import (
+    AsyncRoutingSession,
+    AsyncShardedSession,
+    async_routing_sessionmaker,
+    async_sharded_sessionmaker,
+)
 from .consistency import (
     CausalContext,
     causal_context,
@@ -56,6 +62,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "PRESET_NAMES",
+    "AsyncRoutingSession",
+    "AsyncShardedSession",
     "CausalContext",
     "CommitOutcomeUnknown",
     "ConfigurationError",
@@ -89,6 +97,8 @@ __all__ = [
     "TransactionPoolingError",
     "TransactionPoolingWarning",
     "__version__",
+    "async_routing_sessionmaker",
+    "async_sharded_sessionmaker",
     "causal_context",
     "check_transaction_pooling",
     "current_causal_context",

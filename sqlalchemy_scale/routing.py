@@ -35,7 +35,6 @@ from sqlalchemy.sql.functions import FunctionElement
 from .consistency import (
     _COMMITTING,
     CausalContext,
-    commit_position,
     current_causal_context,
     format_lsn,
 )
@@ -321,6 +320,9 @@ class RoutingSession(Session):
 
     def _causal_position(self) -> int | None:
         own = self._causal.position
+        process = self.replica_set.process_position  # read_your_writes="process"
+        if process is not None and process.position is not None:
+            own = process.position if own is None else max(own, process.position)
         ctx = current_causal_context()
         if ctx is None or ctx.position is None:
             return own
@@ -476,7 +478,7 @@ def _after_commit(session: Session) -> None:
         or session.get_nested_transaction() is not None
     ):
         return
-    position = commit_position(session._primary_connection)
+    position = session.replica_set.position_after_commit(session._primary_connection)
     if position is not None:
         session._record_commit(position)
 
@@ -500,6 +502,11 @@ def routing_sessionmaker(
 
     .. versionadded:: 0.1
     """
+    if isinstance(replica_set, ReplicaSet) and replica_set.is_async:
+        raise ConfigurationError(
+            f"ReplicaSet {replica_set.name!r} has async engines; use "
+            "ss.async_routing_sessionmaker() for it"
+        )
     return sessionmaker(
         class_=RoutingSession, replica_set=replica_set, default_role=default_role, **kw
     )

@@ -82,6 +82,8 @@ class ShardSet:
                     "ReplicaSet); each shard needs its own database, or rows of one shard "
                     "would be read as another's"
                 )
+        #: True when the shards are asyncio engines (use async_sharded_sessionmaker).
+        self.is_async: bool = _same_kind(self._sets)
         validate = getattr(strategy, "validate", None)
         if callable(validate):
             validate(self.shard_ids)
@@ -225,6 +227,15 @@ class ShardSet:
         for replica_set in self._sets.values():
             replica_set.dispose()
 
+    async def adispose(self) -> None:
+        """:meth:`dispose` for async shards, awaited on the loop that used their engines."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+        for replica_set in self._sets.values():
+            await replica_set.adispose()
+
     def __enter__(self) -> Self:
         return self
 
@@ -239,6 +250,19 @@ class ShardSet:
 
     def __repr__(self) -> str:
         return f"<ShardSet {self.shard_ids} strategy={self.strategy!r}>"
+
+
+def _same_kind(sets: Mapping[ShardId, ReplicaSet]) -> bool:
+    """Whether the shards are async; mixing sync and async shards is refused."""
+    kinds = {shard_id: replica_set.is_async for shard_id, replica_set in sets.items()}
+    if len(set(kinds.values())) > 1:
+        sync = [s for s, is_async in kinds.items() if not is_async]
+        async_ = [s for s, is_async in kinds.items() if is_async]
+        raise ConfigurationError(
+            f"ShardSet mixes sync shards {sync} and async shards {async_}; give every shard "
+            "the same kind of URL or engine"
+        )
+    return next(iter(kinds.values()))
 
 
 def coerce_key(value: Any, key_column: ColumnElement[Any]) -> Any:

@@ -1,0 +1,373 @@
+"""Asyncio sessions (AsyncRoutingSession, AsyncShardedSession) on asyncpg and psycopg 3 async.
+
+Every test runs its coroutine with ``asyncio.run()`` against the real topology and
+asks the servers where statements ran (``inet_server_port()``,
+``pg_is_in_recovery()``). Lag is made with ``pg_wal_replay_pause()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, literal_column, select, text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import sqlalchemy_scale as ss
+from sqlalchemy_scale.local import LocalCluster, PgNode
+from sqlalchemy_scale.testing import wait_until
+
+ASYNC_DRIVERS = ("asyncpg", "psycopg_async")
+_ids = itertools.count(1)
+
+WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Event(Base):
+    __tablename__ = "aio_events"
+    __shard_key__ = "tenant"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    tenant: Mapped[int]
+
+
+@pytest.fixture(params=ASYNC_DRIVERS)
+def async_driver(request: pytest.FixtureRequest) -> str:
+    """Each test runs on asyncpg and on psycopg 3's async driver."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """The shared topology with an aio_items table on the primary, replicated."""
+    scale_cluster.primary.execute(
+        "DROP TABLE IF EXISTS aio_items; CREATE TABLE aio_items (id int PRIMARY KEY)"
+    )
+    for replica in scale_cluster.replicas:
+        replica.wait_for_replay()
+    yield scale_cluster
+    scale_cluster.primary.execute("DROP TABLE IF EXISTS aio_items")
+
+
+@pytest.fixture
+def paused(cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
+    """pause(node) pauses WAL replay on a replica; every paused replica resumes and catches up."""
+    nodes: list[PgNode] = []
+
+    def pause(node: PgNode) -> None:
+        node.pause_replay()
+        nodes.append(node)
+
+    yield pause
+    for node in nodes:
+        node.resume_replay()
+        node.wait_for_replay()
+
+
+def async_set(cluster: LocalCluster, driver: str, **kw: Any) -> ss.ReplicaSet:
+    return ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        monitor_interval=0.05,
+        **kw,
+    )
+
+
+def test_reads_go_to_replicas_and_writes_to_the_primary(
+    cluster: LocalCluster, async_driver: str
+) -> None:
+    """An AsyncRoutingSession sends a SELECT to a replica and an INSERT, and the rest of
+    its transaction, to the primary, as the servers report."""
+
+    async def main() -> list[tuple[int, bool]]:
+        async with async_set(cluster, async_driver) as replica_set:
+            Session = ss.async_routing_sessionmaker(replica_set)
+            async with Session() as session:
+                first = (await session.execute(WHERE)).one()
+                await session.commit()
+                await session.execute(
+                    text("INSERT INTO aio_items VALUES (:id)"), {"id": next(_ids)}
+                )
+                assert session.has_written
+                after_write = (await session.execute(WHERE)).one()
+                await session.commit()
+                assert session.causal_token is not None
+            return [tuple(first), tuple(after_write)]
+
+    (read_port, read_recovery), (write_port, write_recovery) = asyncio.run(main())
+    assert read_recovery is True
+    assert read_port in {r.port for r in cluster.replicas}
+    assert (write_port, write_recovery) == (cluster.primary.port, False)
+
+
+def test_own_commit_is_read_back_with_replay_paused(
+    cluster: LocalCluster, async_driver: str, paused: Callable[[PgNode], None]
+) -> None:
+    """With replay paused on both replicas, a session's read after its own commit, and a
+    session given its token, see the row (served by the primary)."""
+    for replica in cluster.replicas:
+        paused(replica)
+
+    async def main() -> list[tuple[int, int]]:
+        async with async_set(cluster, async_driver, max_wait=0.05) as replica_set:
+            Session = ss.async_routing_sessionmaker(replica_set)
+            row_id = next(_ids)
+            read = select(func.inet_server_port(), func.count()).select_from(
+                text("aio_items WHERE id = :id")
+            )
+            async with Session() as session:
+                await session.execute(text("INSERT INTO aio_items VALUES (:id)"), {"id": row_id})
+                await session.commit()
+                own = (await session.execute(read, {"id": row_id})).one()
+                token = session.causal_token
+            async with Session(causal_token=token) as session:
+                other = (await session.execute(read, {"id": row_id})).one()
+            return [tuple(own), tuple(other)]
+
+    for port, count in asyncio.run(main()):
+        assert count == 1
+        assert port == cluster.primary.port
+
+
+def test_use_primary_pins_an_async_session(cluster: LocalCluster, async_driver: str) -> None:
+    """``with session.use_primary():`` sends the session's reads to the primary, and only
+    inside the block."""
+
+    async def main() -> tuple[bool, bool]:
+        async with async_set(cluster, async_driver) as replica_set:
+            async with ss.async_routing_sessionmaker(replica_set)() as session:
+                with session.use_primary():
+                    pinned = (await session.execute(WHERE)).one()[1]
+                await session.commit()
+                unpinned = (await session.execute(WHERE)).one()[1]
+            return pinned, unpinned
+
+    assert asyncio.run(main()) == (False, True)
+
+
+def test_the_health_monitor_sees_async_nodes_up(cluster: LocalCluster, async_driver: str) -> None:
+    """The monitor probes async nodes from its thread (with a sync driver) and reports them up,
+    with the roles the servers report."""
+
+    async def main() -> list[ss.NodeHealth]:
+        async with async_set(cluster, async_driver) as replica_set:
+            async with ss.async_routing_sessionmaker(replica_set)() as session:
+                await session.execute(WHERE)  # starts the monitor thread
+            assert wait_until(lambda: all(r.replay_lsn is not None for r in replica_set.replicas))
+            return replica_set.health()
+
+    health = asyncio.run(main())
+    assert [h.state for h in health] == ["up", "up", "up"]
+    assert [h.server_role for h in health] == ["primary", "replica", "replica"]
+
+
+def test_async_engines_are_accepted(cluster: LocalCluster) -> None:
+    """AsyncEngines, including create_async_engine over a postgresql+psycopg URL, make an
+    async ReplicaSet whose replicas are read-only views."""
+    primary = create_async_engine(cluster.primary.url("psycopg"))
+    replica = create_async_engine(cluster.replicas[0].url("asyncpg"))
+
+    async def main() -> tuple[bool, str]:
+        async with ss.ReplicaSet(primary=primary, replicas=[replica]) as replica_set:
+            assert replica_set.is_async
+            async with ss.async_routing_sessionmaker(replica_set)() as session:
+                in_recovery = (await session.execute(WHERE)).one()[1]
+                read_only = await session.scalar(
+                    select(func.current_setting("transaction_read_only"))
+                )
+        await primary.dispose()
+        await replica.dispose()
+        return in_recovery, str(read_only)
+
+    assert asyncio.run(main()) == (True, "on")
+
+
+@pytest.mark.parametrize("preset", ["direct", "pgbouncer-transaction", "external-pooler-null"])
+def test_pool_presets_build_async_engines(
+    cluster: LocalCluster, async_driver: str, preset: str
+) -> None:
+    """Each pool preset builds working async engines (AsyncAdaptedQueuePool or NullPool)."""
+
+    async def main() -> tuple[str, bool]:
+        async with async_set(cluster, async_driver, pool=preset) as replica_set:
+            async with ss.async_routing_sessionmaker(replica_set)() as session:
+                in_recovery = (await session.execute(WHERE)).one()[1]
+            return type(replica_set.primary.engine.pool).__name__, in_recovery
+
+    pool_class, in_recovery = asyncio.run(main())
+    assert in_recovery is True
+    assert pool_class == (
+        "NullPool" if preset == "external-pooler-null" else "AsyncAdaptedQueuePool"
+    )
+
+
+def test_mixing_sync_and_async_nodes_is_refused(cluster: LocalCluster) -> None:
+    """A set with a sync primary and an async replica, a ShardSet mixing sync and async
+    shards, and a session factory of the wrong kind raise ConfigurationError at once."""
+    with pytest.raises(ss.ConfigurationError, match=r"replica 'replica1'.* is async"):
+        ss.ReplicaSet(
+            primary=cluster.primary.url("psycopg2"), replicas=[cluster.replicas[0].url("asyncpg")]
+        )
+    with pytest.raises(ss.ConfigurationError, match="mixes sync shards"):
+        ss.ShardSet(
+            {"a": cluster.shards[0].url("psycopg2"), "b": cluster.shards[1].url("asyncpg")},
+            strategy=ss.HashSharding(),
+        )
+    sync_set = ss.ReplicaSet(primary=cluster.primary.url("psycopg2"))
+    with pytest.raises(ss.ConfigurationError, match="has sync engines"):
+        ss.async_routing_sessionmaker(sync_set)
+    sync_set.dispose()
+    async_only = ss.ReplicaSet(primary=cluster.primary.url("asyncpg"))
+    with pytest.raises(ss.ConfigurationError, match="async_routing_sessionmaker"):
+        ss.routing_sessionmaker(async_only)
+    asyncio.run(async_only.adispose())
+
+
+def test_the_caught_up_wait_does_not_block_the_event_loop(
+    cluster: LocalCluster, async_driver: str, paused: Callable[[PgNode], None]
+) -> None:
+    """While a read waits (max_wait) for a replica to replay its token, other tasks on the
+    loop keep running; then the read goes to the primary."""
+    for replica in cluster.replicas:
+        paused(replica)
+
+    async def main() -> tuple[int, int, int]:
+        async with async_set(cluster, async_driver, max_wait=0.3) as replica_set:
+            Session = ss.async_routing_sessionmaker(replica_set)
+            async with Session() as session:
+                await session.execute(
+                    text("INSERT INTO aio_items VALUES (:id)"), {"id": next(_ids)}
+                )
+                await session.commit()
+                token = session.causal_token
+            ticks = 0
+            reading = True
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while reading:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            task = asyncio.create_task(ticker())
+            await asyncio.sleep(0)  # the ticker's first tick happens before the read starts
+            before = ticks
+            async with Session(causal_token=token) as session:
+                port = (await session.execute(WHERE)).one()[0]
+            reading = False
+            await task
+            return port, before, ticks
+
+    port, before, after = asyncio.run(main())
+    print(f"\nticks while the read waited for a caught-up replica: {after - before}")
+    assert port == cluster.primary.port
+    assert after > before + 1
+
+
+@pytest.fixture
+def async_shards(cluster: LocalCluster, async_driver: str) -> Iterator[Callable[[], ss.ShardSet]]:
+    """make() builds a ShardSet over the four shard servers with async URLs (the test disposes
+    it on its own loop); each shard holds an empty aio_events table."""
+    for shard in cluster.shards:
+        shard.execute(
+            "DROP TABLE IF EXISTS aio_events; "
+            "CREATE TABLE aio_events (id int PRIMARY KEY, tenant int NOT NULL)"
+        )
+
+    def make() -> ss.ShardSet:
+        return ss.ShardSet(
+            {f"s{i}": shard.url(async_driver) for i, shard in enumerate(cluster.shards)},
+            strategy=ss.HashSharding(),
+        )
+
+    yield make
+    for shard in cluster.shards:
+        shard.execute("DROP TABLE IF EXISTS aio_events")
+
+
+def test_async_fan_out_merges_every_shard(
+    cluster: LocalCluster, async_shards: Callable[[], ss.ShardSet]
+) -> None:
+    """Inserts route by shard key; an ordered, limited fan-out and a count across shards
+    equal one database's answer, and a keyed get reads one shard."""
+
+    async def main() -> tuple[list[int], int, int | None]:
+        shard_set = async_shards()
+        try:
+            Session = ss.async_sharded_sessionmaker(shard_set, expire_on_commit=False)
+            for i in range(1, 41):  # one transaction per row: each writes one shard
+                async with Session() as session:
+                    session.add(Event(id=i, tenant=i % 7))
+                    await session.commit()
+            async with Session() as session:
+                query = select(Event.id).order_by(Event.id.desc()).limit(5)
+                ids = list((await session.scalars(query)).all())
+                count = (
+                    await session.execute(select(func.count()).select_from(Event))
+                ).scalar_one()
+                event = await session.get(Event, 12, shard_key=12 % 7)
+                tenant = event.tenant if event is not None else None
+        finally:
+            await shard_set.adispose()
+        return ids, count, tenant
+
+    ids, count, tenant = asyncio.run(main())
+    per_shard = [int(s.execute("SELECT count(*) FROM aio_events")[0][0]) for s in cluster.shards]
+    assert ids == [40, 39, 38, 37, 36]
+    assert count == 40
+    assert tenant == 12 % 7
+    assert sum(per_shard) == 40
+    assert sum(1 for n in per_shard if n) > 1
+
+
+def test_async_fan_out_runs_on_all_shards_at_once(
+    cluster: LocalCluster, async_shards: Callable[[], ss.ShardSet]
+) -> None:
+    """A fan-out's statements are in progress on every shard at the same moment (seen in
+    each shard's pg_stat_activity), and the connections go back to the pools afterwards."""
+
+    def watch() -> list[int]:
+        for _ in range(400):  # bounded: at most ~4 s
+            counts = [
+                int(
+                    shard.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(0.5)%'"
+                        " AND pid <> pg_backend_pid()"
+                    )[0][0]
+                )
+                for shard in cluster.shards
+            ]
+            if all(counts):
+                return counts
+            time.sleep(0.01)
+        return counts
+
+    for index, shard in enumerate(cluster.shards):  # one row per shard: one sleep each
+        shard.execute(f"INSERT INTO aio_events VALUES ({index}, {index})")
+
+    async def main() -> tuple[list[int], list[int]]:
+        shard_set = async_shards()
+        try:
+            async with ss.async_sharded_sessionmaker(shard_set)() as session:
+                watcher = asyncio.create_task(asyncio.to_thread(watch))
+                await session.execute(select(Event.id, func.pg_sleep(literal_column("0.5"))))
+                seen = await watcher
+            checked_out = [
+                shard_set.replica_set(s).primary.checked_out() for s in shard_set.shard_ids
+            ]
+        finally:
+            await shard_set.adispose()
+        return seen, checked_out
+
+    seen, checked_out = asyncio.run(main())
+    assert seen == [1, 1, 1, 1]
+    assert checked_out == [0, 0, 0, 0]
