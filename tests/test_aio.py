@@ -371,3 +371,49 @@ def test_async_fan_out_runs_on_all_shards_at_once(
     seen, checked_out = asyncio.run(main())
     assert seen == [1, 1, 1, 1]
     assert checked_out == [0, 0, 0, 0]
+
+
+@pytest.mark.fault
+def test_reads_survive_a_replica_killed_under_async_load(
+    scale_cluster_factory: Callable[..., LocalCluster], async_driver: str
+) -> None:
+    """Four tasks reading concurrently lose no read while a replica is killed; the replica
+    leaves the rotation, and reads after the kill are served by the other replica."""
+    cluster = scale_cluster_factory(replicas=2, shards=0, pgbouncer=False)
+    victim, survivor = cluster.replicas
+
+    async def main() -> tuple[int, int, list[int], bool, str]:
+        async with async_set(cluster, async_driver) as replica_set:
+            Session = ss.async_routing_sessionmaker(replica_set)
+            ports: list[int] = []
+            errors: list[str] = []
+            failed = 0
+
+            async def reader(count: int) -> None:
+                nonlocal failed
+                for _ in range(count):  # bounded
+                    try:
+                        async with Session() as session:
+                            ports.append((await session.execute(WHERE)).one()[0])
+                    except Exception as exc:
+                        failed += 1
+                        errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+            await asyncio.gather(*(reader(20) for _ in range(4)))
+            load = asyncio.gather(*(reader(40) for _ in range(4)))
+            await asyncio.sleep(0.02)
+            await asyncio.to_thread(victim.kill)
+            await load
+            after = len(ports)
+            await asyncio.gather(*(reader(10) for _ in range(4)))
+            node = replica_set.node("replica1")
+            state = next(h.state for h in replica_set.health() if h.name == "replica1")
+            print(*sorted(set(errors)), sep="\n")
+            return failed, len(ports), ports[after:], node.is_usable, state
+
+    failed, served, after_kill, usable, state = asyncio.run(main())
+    print(f"\nasync reads: {served + failed}, failed: {failed}, victim state: {state}")
+    assert failed == 0
+    assert set(after_kill) == {survivor.port}
+    assert usable is False
+    assert state == "down"
