@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, literal_column, select, text
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -417,3 +418,40 @@ def test_reads_survive_a_replica_killed_under_async_load(
     assert set(after_kill) == {survivor.port}
     assert usable is False
     assert state == "down"
+
+
+def test_a_failing_shard_cancels_the_async_fan_out(
+    cluster: LocalCluster, async_shards: Callable[[], ss.ShardSet]
+) -> None:
+    """When one shard fails, the error names it, the other shards' statements are cancelled
+    (none is still running on any server), and every connection goes back to its pool."""
+    for index, shard in enumerate(cluster.shards):
+        shard.execute(f"INSERT INTO aio_events VALUES ({index}, {index})")
+    cluster.shards[2].execute("DROP TABLE aio_events")
+
+    def running() -> list[int]:
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(5)%'"
+            " AND pid <> pg_backend_pid()"
+        )
+        return [int(shard.execute(sql)[0][0]) for shard in cluster.shards]
+
+    async def main() -> tuple[str | None, str, list[int]]:
+        shard_set = async_shards()
+        try:
+            async with ss.async_sharded_sessionmaker(shard_set)() as session:
+                with pytest.raises(ProgrammingError) as caught:
+                    await session.execute(select(Event.id, func.pg_sleep(literal_column("5"))))
+                await session.rollback()
+            checked_out = [
+                shard_set.replica_set(s).primary.checked_out() for s in shard_set.shard_ids
+            ]
+        finally:
+            await shard_set.adispose()
+        return getattr(caught.value, "shard_id", None), str(caught.value), checked_out
+
+    shard_id, message, checked_out = asyncio.run(main())
+    assert wait_until(lambda: running() == [0, 0, 0, 0], timeout=4)
+    assert shard_id == "s2"
+    assert "shard 's2'" in message
+    assert checked_out == [0, 0, 0, 0]
