@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, literal_column, select, text
 from sqlalchemy.exc import ProgrammingError
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_scale as ss
@@ -24,6 +25,8 @@ from sqlalchemy_scale.local import LocalCluster, PgNode
 from sqlalchemy_scale.testing import wait_until
 
 ASYNC_DRIVERS = ("asyncpg", "psycopg_async")
+# A statement in the server log: simple protocol ("statement: ...") or extended ("execute x: ...").
+LOGGED_SQL = re.compile(r"LOG:  (?:statement|execute [^:]*): (.*)")
 _ids = itertools.count(1)
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
@@ -39,6 +42,12 @@ class Event(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     tenant: Mapped[int]
+
+
+class Item(Base):
+    __tablename__ = "aio_items"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
 
 
 @pytest.fixture(params=ASYNC_DRIVERS)
@@ -455,3 +464,51 @@ def test_a_failing_shard_cancels_the_async_fan_out(
     assert shard_id == "s2"
     assert "shard 's2'" in message
     assert checked_out == [0, 0, 0, 0]
+
+
+def test_an_async_routed_get_sends_what_a_plain_async_session_sends(
+    cluster: LocalCluster, async_driver: str
+) -> None:
+    """A primary-key get through AsyncRoutingSession sends the replica the same statements
+    as a plain AsyncSession on that replica does (counted in the replica's statement log),
+    apart from BEGIN READ ONLY: routing adds no round trip."""
+    replica = cluster.replicas[0]
+    item_id = next(_ids)
+    cluster.primary.execute(f"INSERT INTO aio_items VALUES ({item_id})")
+    replica.wait_for_replay()
+    if async_driver == "asyncpg":
+        logged: dict[str, Any] = {"server_settings": {"log_statement": "all"}}
+    else:
+        logged = {"options": "-c log_statement=all"}
+
+    def statements(work: Callable[[], Any]) -> list[str]:
+        start = replica.log_file.stat().st_size
+        asyncio.run(work())
+        with replica.log_file.open() as fh:
+            fh.seek(start)
+            found = [LOGGED_SQL.search(line) for line in fh]
+        # Prepared statement names differ between engines; the SQL must not.
+        return [m.group(1).strip().replace("BEGIN READ ONLY", "BEGIN") for m in found if m]
+
+    async def routed() -> None:
+        async with ss.ReplicaSet(
+            primary=cluster.primary.url(async_driver),
+            replicas=[replica.url(async_driver)],
+            monitor=False,
+            connect_args=logged,
+        ) as replica_set:
+            for _ in range(2):  # the second get runs on a warm connection
+                async with ss.async_routing_sessionmaker(replica_set)() as session:
+                    assert (await session.get(Item, item_id)) is not None
+
+    async def plain() -> None:
+        engine = create_async_engine(replica.url(async_driver), connect_args=logged)
+        for _ in range(2):
+            async with AsyncSession(engine) as session:
+                assert (await session.get(Item, item_id)) is not None
+        await engine.dispose()
+
+    routed_statements, plain_statements = statements(routed), statements(plain)
+    print(f"\nrouted: {routed_statements}\nplain: {plain_statements}")
+    assert routed_statements == plain_statements
+    assert routed_statements
