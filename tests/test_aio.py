@@ -19,6 +19,7 @@ from sqlalchemy import func, literal_column, select, text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.local import LocalCluster, PgNode
@@ -512,3 +513,78 @@ def test_an_async_routed_get_sends_what_a_plain_async_session_sends(
     print(f"\nrouted: {routed_statements}\nplain: {plain_statements}")
     assert routed_statements == plain_statements
     assert routed_statements
+
+
+def test_pool_presets_pick_the_asyncio_pool_class() -> None:
+    """pool_preset() gives AsyncAdaptedQueuePool for asyncpg and psycopg_async, QueuePool for
+    sync drivers, and keeps NullPool for the external-pooler preset."""
+    for driver in ("asyncpg", "psycopg_async"):
+        assert ss.pool_preset("direct", driver=driver)["poolclass"] is AsyncAdaptedQueuePool
+        assert ss.pool_preset("pgbouncer-session", driver=driver)["poolclass"] is (
+            AsyncAdaptedQueuePool
+        )
+        assert ss.pool_preset("external-pooler-null", driver=driver)["poolclass"] is NullPool
+    assert ss.pool_preset("direct", driver="psycopg")["poolclass"] is QueuePool
+
+
+def test_async_sessions_through_transaction_pgbouncer(
+    cluster: LocalCluster, async_driver: str
+) -> None:
+    """Through PgBouncer in transaction mode with the pgbouncer-transaction preset, four
+    tasks' write-and-read transactions all succeed (no prepared-statement clashes on shared
+    server connections), reach the primary, and the guard refuses a session-level SET."""
+    assert cluster.pgbouncer is not None and cluster.pgbouncer.mode == "transaction"
+
+    async def main() -> tuple[set[int], int]:
+        async with ss.ReplicaSet(
+            primary=cluster.pgbouncer.url(async_driver), pool="pgbouncer-transaction"
+        ) as replica_set:
+            Session = ss.async_routing_sessionmaker(replica_set)
+            ports: set[int] = set()
+
+            async def work() -> None:
+                for _ in range(15):  # bounded
+                    async with Session() as session:
+                        await session.execute(
+                            text("INSERT INTO aio_items VALUES (:id)"), {"id": next(_ids)}
+                        )
+                        ports.add((await session.execute(WHERE)).one()[0])
+                        await session.commit()
+
+            await asyncio.gather(*(work() for _ in range(4)))
+            async with Session() as session:
+                with pytest.raises(ss.TransactionPoolingError):
+                    await session.execute(text("SET statement_timeout = 1000"))
+            return ports, len(ports)
+
+    ports, _ = asyncio.run(main())
+    assert ports == {cluster.primary.port}
+
+
+def test_use_primary_pins_only_its_own_task(cluster: LocalCluster, async_driver: str) -> None:
+    """Two tasks interleaved on one loop: the one inside ``with ss.use_primary():`` (nested
+    twice) reads from the primary, the other at the same moment from a replica."""
+
+    async def main() -> dict[str, list[bool]]:
+        async with async_set(cluster, async_driver) as replica_set:
+            Session = ss.async_routing_sessionmaker(replica_set)
+            seen: dict[str, list[bool]] = {"pinned": [], "free": []}
+            turn = asyncio.Event()
+
+            async def pinned() -> None:
+                with ss.use_primary(), ss.use_primary():
+                    async with Session() as session:
+                        seen["pinned"].append((await session.execute(WHERE)).one()[1])
+                        turn.set()  # the other task reads while this block is open
+                        await asyncio.sleep(0.05)
+                        seen["pinned"].append((await session.execute(WHERE)).one()[1])
+
+            async def free() -> None:
+                await turn.wait()
+                async with Session() as session:
+                    seen["free"].append((await session.execute(WHERE)).one()[1])
+
+            await asyncio.gather(pinned(), free())
+            return seen
+
+    assert asyncio.run(main()) == {"pinned": [False, False], "free": [True]}
