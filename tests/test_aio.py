@@ -588,3 +588,38 @@ def test_use_primary_pins_only_its_own_task(cluster: LocalCluster, async_driver:
             return seen
 
     assert asyncio.run(main()) == {"pinned": [False, False], "free": [True]}
+
+
+def test_async_shard_with_a_replica_routes_inside_the_shard(
+    cluster: LocalCluster, async_driver: str
+) -> None:
+    """In an async ShardSet whose shard s0 is a ReplicaSet, a read on s0 goes to its replica
+    and a read after a write in the same transaction to its primary (asked of the servers)."""
+    shard0, replica0 = cluster.shards[0], cluster.shard_replicas[0][0]
+
+    async def main() -> tuple[tuple[int, bool], tuple[int, bool]]:
+        shard_set = ss.ShardSet(
+            {
+                "s0": ss.ReplicaSet(
+                    primary=shard0.url(async_driver), replicas=[replica0.url(async_driver)]
+                ),
+                "s1": cluster.shards[1].url(async_driver),
+            },
+            strategy=ss.HashSharding(),
+        )
+        try:
+            async with ss.async_sharded_sessionmaker(shard_set)() as session:
+                on_s0 = WHERE.execution_options(shard_id="s0")
+                port, in_recovery = (await session.execute(on_s0)).one()
+                await session.execute(
+                    text("SELECT pg_advisory_xact_lock(1)"), bind_arguments={"shard_id": "s0"}
+                )
+                port_after, in_recovery_after = (await session.execute(on_s0)).one()
+                await session.rollback()
+        finally:
+            await shard_set.adispose()
+        return (port, in_recovery), (port_after, in_recovery_after)
+
+    read, after_write = asyncio.run(main())
+    assert read == (replica0.port, True)
+    assert after_write == (shard0.port, False)
