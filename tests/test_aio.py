@@ -181,20 +181,34 @@ def test_the_health_monitor_sees_async_nodes_up(cluster: LocalCluster, async_dri
     assert [h.server_role for h in health] == ["primary", "replica", "replica"]
 
 
-def test_async_engines_are_accepted(cluster: LocalCluster) -> None:
+@pytest.mark.parametrize(
+    ("primary_driver", "replica_driver"), [("psycopg", "asyncpg"), ("asyncpg", "psycopg")]
+)
+def test_async_engines_are_accepted(
+    cluster: LocalCluster, primary_driver: str, replica_driver: str
+) -> None:
     """AsyncEngines, including create_async_engine over a postgresql+psycopg URL, make an
-    async ReplicaSet whose replicas are read-only views."""
-    primary = create_async_engine(cluster.primary.url("psycopg"))
-    replica = create_async_engine(cluster.replicas[0].url("asyncpg"))
+    async ReplicaSet whose replicas are read-only views; the user's replica engine is left
+    read-write for the user's own sessions."""
+    primary = create_async_engine(cluster.primary.url(primary_driver))
+    replica = create_async_engine(cluster.replicas[0].url(replica_driver))
 
     async def main() -> tuple[bool, str]:
         async with ss.ReplicaSet(primary=primary, replicas=[replica]) as replica_set:
             assert replica_set.is_async
-            async with ss.async_routing_sessionmaker(replica_set)() as session:
-                in_recovery = (await session.execute(WHERE)).one()[1]
-                read_only = await session.scalar(
-                    select(func.current_setting("transaction_read_only"))
+            for _ in range(2):  # the second session reuses the pooled connection
+                async with ss.async_routing_sessionmaker(replica_set)() as session:
+                    in_recovery = (await session.execute(WHERE)).one()[1]
+                    read_only = await session.scalar(
+                        select(func.current_setting("transaction_read_only"))
+                    )
+            async with AsyncSession(replica) as own:  # the same pool, the user's own engine
+                own_flag = await own.run_sync(
+                    lambda s: replica.dialect.get_readonly(
+                        s.connection().connection.dbapi_connection
+                    )
                 )
+            assert not own_flag  # the driver's read-only flag was put back at checkin
         await primary.dispose()
         await replica.dispose()
         return in_recovery, str(read_only)
