@@ -86,7 +86,7 @@ class ProcessPosition:
         self.observe(position)
 
 
-def _writes(context: Any) -> bool:
+def _writes(context: Any, decide_role: Any) -> bool:
     if context is None:
         return True
     if context.isinsert or context.isupdate or context.isdelete or context.isddl:
@@ -94,13 +94,13 @@ def _writes(context: Any) -> bool:
     compiled = context.compiled
     if compiled is None:  # exec_driver_sql(): any SQL at all
         return True
-    from .routing import decide_role  # routing imports topology, which imports us
-
-    return decide_role(compiled.statement)[0] == "primary"
+    return bool(decide_role(compiled.statement)[0] == "primary")
 
 
 def install_process_position(engine: Engine) -> ProcessPosition:
     """Track commits that wrote through ``engine`` (a primary's) into a new ProcessPosition."""
+    from .routing import decide_role  # routing imports topology, which imports this module
+
     tracker = ProcessPosition()
 
     def before_cursor_execute(
@@ -111,7 +111,7 @@ def install_process_position(engine: Engine) -> ProcessPosition:
         context: Any,
         executemany: bool,
     ) -> None:
-        if _writes(context):
+        if _writes(context, decide_role):
             tracker._mark(conn.connection.dbapi_connection)
 
     def on_rollback(conn: Connection) -> None:

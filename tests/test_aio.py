@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, literal_column, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
 
 import sqlalchemy_scale as ss
+from sqlalchemy_scale._async_bridge import sync_url
 from sqlalchemy_scale.local import LocalCluster, PgNode
 from sqlalchemy_scale.testing import wait_until
 
@@ -637,3 +639,18 @@ def test_async_shard_with_a_replica_routes_inside_the_shard(
     read, after_write = asyncio.run(main())
     assert read == (replica0.port, True)
     assert after_write == (shard0.port, False)
+
+
+def test_the_monitor_probes_async_nodes_with_a_sync_driver_on_the_same_url() -> None:
+    """sync_url() keeps host, port, database and credentials, maps asyncpg to psycopg2 (ssl
+    becoming sslmode, asyncpg-only keys dropped) and psycopg async to psycopg."""
+    url = make_url(
+        "postgresql+asyncpg://app:s3cret@db1:6543/app?ssl=require&prepared_statement_cache_size=0"
+    )
+    assert sync_url(url).render_as_string(hide_password=False) == (
+        "postgresql+psycopg2://app:s3cret@db1:6543/app?sslmode=require"
+    )
+    psycopg = make_url("postgresql+psycopg_async://app:s3cret@db1/app?connect_timeout=3")
+    assert sync_url(psycopg).render_as_string(hide_password=False) == (
+        "postgresql+psycopg://app:s3cret@db1/app?connect_timeout=3"
+    )
