@@ -654,3 +654,53 @@ def test_the_monitor_probes_async_nodes_with_a_sync_driver_on_the_same_url() -> 
     assert sync_url(psycopg).render_as_string(hide_password=False) == (
         "postgresql+psycopg://app:s3cret@db1/app?connect_timeout=3"
     )
+
+
+def test_causal_context_is_per_task(
+    cluster: LocalCluster, async_driver: str, paused: Callable[[PgNode], None]
+) -> None:
+    """Each task's ``causal_context`` collects its own sessions' commits: a task that wrote
+    reads its row back in a new session (replicas paused), a concurrent task that did not
+    write keeps no token and reads from a replica."""
+    for replica in cluster.replicas:
+        paused(replica)
+
+    async def main() -> tuple[tuple[str | None, int, int], tuple[str | None, bool]]:
+        async with async_set(cluster, async_driver, max_wait=0.02) as replica_set:
+            Session = ss.async_routing_sessionmaker(replica_set)
+            wrote = asyncio.Event()
+
+            async def writer() -> tuple[str | None, int, int]:
+                row_id = next(_ids)
+                with ss.causal_context() as ctx:
+                    async with Session() as session:
+                        await session.execute(
+                            text("INSERT INTO aio_items VALUES (:id)"), {"id": row_id}
+                        )
+                        await session.commit()
+                    wrote.set()
+                    async with Session() as session:  # a new session, no token of its own
+                        port, count = (
+                            await session.execute(
+                                select(func.inet_server_port(), func.count()).select_from(
+                                    text("aio_items WHERE id = :id")
+                                ),
+                                {"id": row_id},
+                            )
+                        ).one()
+                return ctx.token, port, count
+
+            async def bystander() -> tuple[str | None, bool]:
+                with ss.causal_context() as ctx:
+                    await wrote.wait()
+                    async with Session() as session:
+                        in_recovery = (await session.execute(WHERE)).one()[1]
+                return ctx.token, in_recovery
+
+            return await asyncio.gather(writer(), bystander())
+
+    (token, port, count), (other_token, other_in_recovery) = asyncio.run(main())
+    assert token is not None
+    assert (port, count) == (cluster.primary.port, 1)
+    assert other_token is None
+    assert other_in_recovery is True

@@ -242,6 +242,12 @@ class ShardSet:
     def __exit__(self, *exc: object) -> None:
         self.dispose()
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.adispose()
+
     def __iter__(self) -> Iterator[ShardId]:
         return iter(self.shard_ids)
 
