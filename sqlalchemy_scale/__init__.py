@@ -2,6 +2,12 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .aio import (
+    AsyncRoutingSession,
+    AsyncShardedSession,
+    async_routing_sessionmaker,
+    async_sharded_sessionmaker,
+)
 from .consistency import (
     CausalContext,
     causal_context,
@@ -59,6 +65,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "PRESET_NAMES",
+    "AsyncRoutingSession",
+    "AsyncShardedSession",
     "CausalContext",
     "CommitOutcomeUnknown",
     "ConfigurationError",
@@ -91,11 +99,13 @@ __all__ = [
     "ShardSet",
     "ShardedSession",
     "ShardingStrategy",
-    "TopologyStatus",
     "TokenCarrier",
+    "TopologyStatus",
     "TransactionPoolingError",
     "TransactionPoolingWarning",
     "__version__",
+    "async_routing_sessionmaker",
+    "async_sharded_sessionmaker",
     "causal_context",
     "check_transaction_pooling",
     "current_causal_context",

@@ -45,9 +45,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from ._async_bridge import is_async_engine, probe_engine
 from .consistency import format_lsn, reachable_position
 from .errors import mask_secrets
 
@@ -141,7 +142,9 @@ class _Probe:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.engine: Engine = create_engine(node.engine.url, pool=node.engine.pool.recreate())
+        # An async node's engine cannot run on the monitor's threads: probe_engine() gives
+        # them a sync-driver engine on the same server instead.
+        self.engine: Engine = probe_engine(node.engine)
         self.lock = threading.Lock()
         self.state: NodeState = "unknown"
         self.server_role: Literal["primary", "replica"] | None = None
@@ -530,7 +533,8 @@ class HealthMonitor:
             # let the first reads after the node's return find out (and take it down again).
             # Only for engines we made: a user's engine (and its pool) is theirs to manage.
             if probe.node.owns_engine:
-                probe.node.engine.dispose()
+                # An async pool's connections can only be closed on their event loop.
+                probe.node.engine.dispose(close=not is_async_engine(probe.node.engine))
         probe.state = state
         probe.backoff = 0.0
         probe.checked_at = now

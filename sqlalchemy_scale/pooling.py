@@ -55,7 +55,7 @@ from typing import Any, Final, Literal, get_args
 
 from sqlalchemy import event
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, QueuePool
 
 from .errors import ConfigurationError, TransactionPoolingError, render_url
 
@@ -233,6 +233,9 @@ _PRESETS: Final[Mapping[str, _Preset]] = {
 #: Names accepted by :func:`pool_preset` (and ``ReplicaSet(pool=...)``).
 PRESET_NAMES: Final[tuple[str, ...]] = tuple(_PRESETS)
 
+# Drivers whose engines are asyncio engines (create_async_engine).
+_ASYNC_DRIVERS: Final = frozenset({"asyncpg", "psycopg_async"})
+
 # NullPool accepts none of these; passing one makes create_engine fail with a TypeError.
 _QUEUE_POOL_ONLY: Final = frozenset({"pool_size", "max_overflow", "pool_timeout", "pool_use_lifo"})
 
@@ -261,7 +264,10 @@ def pool_preset(name: str, *, driver: str | None = None, **overrides: Any) -> di
         * ``"external-pooler-null"``: ``NullPool`` for serverless and short-lived
           processes behind an external pooler, assumed to pool transactions.
     :param driver: the URL's driver name (``url.get_driver_name()``: ``"psycopg2"``,
-        ``"psycopg"``, ``"asyncpg"``). Transaction-pooled presets then add the
+        ``"psycopg"``, ``"asyncpg"``, ``"psycopg_async"``). For asyncpg and
+        psycopg_async, ``QueuePool`` becomes ``AsyncAdaptedQueuePool`` (for
+        ``create_async_engine("postgresql+psycopg://...")`` pass
+        ``driver="psycopg_async"``). Transaction-pooled presets then add the
         ``connect_args`` that driver needs (psycopg 3: ``prepare_threshold=None``;
         asyncpg: no statement caches and unique prepared statement names). ``None``
         means unknown: no driver-specific arguments.
@@ -275,6 +281,9 @@ def pool_preset(name: str, *, driver: str | None = None, **overrides: Any) -> di
     .. versionadded:: 0.1
     """
     options = _preset(name).build(driver)
+    if driver in _ASYNC_DRIVERS and options.get("poolclass") is QueuePool:
+        # QueuePool refuses asyncio engines; its asyncio twin takes the same arguments.
+        options["poolclass"] = AsyncAdaptedQueuePool
     connect_args = overrides.pop("connect_args", None)
     options.update(overrides)
     if connect_args is not None:

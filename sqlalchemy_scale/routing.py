@@ -17,6 +17,7 @@ the primary) or :meth:`RoutingSession.use_primary`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -35,7 +36,6 @@ from sqlalchemy.sql.functions import FunctionElement
 from .consistency import (
     _COMMITTING,
     CausalContext,
-    commit_position,
     current_causal_context,
     format_lsn,
 )
@@ -319,6 +319,23 @@ class RoutingSession(Session):
                 )
         return node.engine
 
+    def close(self) -> None:
+        """Close the session; a server lost while its transaction is being discarded (the
+        ROLLBACK fails as a disconnect) is logged, not raised: an open transaction dies with
+        its connection, so nothing is lost, and the connection has been invalidated."""
+        try:
+            super().close()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            self._end_transaction()
+            log.warning(
+                "%s: a connection was lost while the session closed (%s); its transaction was "
+                "discarded with it",
+                self.replica_set.name,
+                type(exc.orig).__name__,
+            )
+
     def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Connection:
         """The transaction's connection for a bind (the primary unless ``bind_arguments``
         say otherwise). A connection to the primary may be written through, so the rest of
@@ -332,6 +349,9 @@ class RoutingSession(Session):
 
     def _causal_position(self) -> int | None:
         own = self._causal.position
+        process = self.replica_set.process_position  # read_your_writes="process"
+        if process is not None and process.position is not None:
+            own = process.position if own is None else max(own, process.position)
         ctx = current_causal_context()
         if ctx is None or ctx.position is None:
             return own
@@ -394,11 +414,11 @@ class RoutingSession(Session):
         kw = _with_call_options(kw)
         try:
             return method(statement, params, **kw)
-        except DBAPIError as exc:
+        except (DBAPIError, OSError) as exc:  # OSError: asyncpg's refused connect, unwrapped
             self._after_failure(exc)  # raises unless the statement may run once more
         return method(statement, params, **kw)
 
-    def _after_failure(self, exc: DBAPIError) -> None:
+    def _after_failure(self, exc: DBAPIError | OSError) -> None:
         """Return to retry the statement once; raise otherwise.
 
         Only a *replica that failed as a node* (lost or refused connection) is handled: it
@@ -410,6 +430,11 @@ class RoutingSession(Session):
         if node is None or not node.is_replica or not _is_node_failure(exc):
             raise exc
         self.replica_set.mark_down(node, exc)
+        if isinstance(exc, DBAPIError) and not exc.connection_invalidated:
+            # The server reported its own shutdown (57P0x) and SQLAlchemy kept the connection:
+            # drop it, so that the rollback below (or the caller's) sends nothing on it.
+            with contextlib.suppress(DBAPIError, OSError):  # already gone: nothing to drop
+                self.connection(bind_arguments={"bind": node.engine}).invalidate()
         transaction = self.get_transaction()
         retryable = (
             self._txn_statements == 1
@@ -426,25 +451,37 @@ class RoutingSession(Session):
                 f"transaction ({self._txn_statements} statements in); it is out of rotation. "
                 "Roll back and run the unit of work again.",
                 node=node.name,
-                orig=exc.orig,
+                orig=getattr(exc, "orig", exc),
             ) from exc
         log.warning(
             "%s: replica %s failed a read (%s); retrying it once on another node",
             self.replica_set.name,
             node.name,
-            type(exc.orig).__name__,
+            type(getattr(exc, "orig", exc)).__name__,
         )
         node.count_retry()
         self.rollback()
 
 
-def _is_node_failure(exc: DBAPIError) -> bool:
+def _is_node_failure(exc: DBAPIError | OSError) -> bool:
     # A disconnect SQLAlchemy detected, or an OperationalError without a SQLSTATE: libpq's
     # own "could not connect" / "server closed the connection" errors. Errors the server
     # reports (syntax, conflicts with recovery, ...) carry a SQLSTATE and are not node failures.
+    # asyncpg's connect() raises OSError (refused, unreachable), which SQLAlchemy passes on.
+    if isinstance(exc, OSError):
+        return True
     if exc.connection_invalidated:
         return True
-    return isinstance(exc, OperationalError) and _sqlstate(exc.orig) is None
+    sqlstate = _sqlstate(exc.orig)
+    # 57P01-57P03: the server is shutting down, crashed, or not accepting connections (a
+    # query in flight when its server dies gets 57P01 "unexpected postmaster exit").
+    # asyncpg reports it as a plain DBAPIError, psycopg as an OperationalError.
+    if sqlstate in _DOWN_SQLSTATES:
+        return True
+    return isinstance(exc, OperationalError) and sqlstate is None
+
+
+_DOWN_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
 
 
 def _with_call_options(kw: dict[str, Any]) -> dict[str, Any]:
@@ -490,7 +527,7 @@ def _after_commit(session: Session) -> None:
         or session.get_nested_transaction() is not None
     ):
         return
-    position = commit_position(session._primary_connection)
+    position = session.replica_set.position_after_commit(session._primary_connection)
     if position is not None:
         session._record_commit(position)
 
@@ -514,6 +551,11 @@ def routing_sessionmaker(
 
     .. versionadded:: 0.1
     """
+    if isinstance(replica_set, ReplicaSet) and replica_set.is_async:
+        raise ConfigurationError(
+            f"ReplicaSet {replica_set.name!r} has async engines; use "
+            "ss.async_routing_sessionmaker() for it"
+        )
     return sessionmaker(
         class_=RoutingSession, replica_set=replica_set, default_role=default_role, **kw
     )

@@ -17,6 +17,7 @@ naming the node.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -33,8 +34,12 @@ from typing import Any, Literal, Self, TypeVar
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.engine.interfaces import ExceptionContext
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.util.concurrency import greenlet_spawn
 
-from .consistency import install_primary_hooks
+from ._async_bridge import pause, run_blocking
+from ._process_position import ProcessPosition, ReadYourWrites, install_process_position
+from .consistency import commit_position, install_primary_hooks
 from .decisions import DecisionListener
 from .errors import ConfigurationError, ReplicaWriteError, render_url
 from .health import PROBING, HealthMonitor, NodeHealth
@@ -43,7 +48,7 @@ from .policies import PolicyName, ReplicaPolicy, make_policy
 __all__ = ["EngineTarget", "Node", "ReplicaSet", "Role"]
 
 Role = Literal["primary", "replica"]
-EngineTarget = str | URL | Engine
+EngineTarget = str | URL | Engine | AsyncEngine
 
 log = logging.getLogger("sqlalchemy_scale.topology")
 
@@ -164,6 +169,7 @@ _CONFIG_KEYS = frozenset(
         "max_wait",
         "read_timeout",
         "allow_writable_replicas",
+        "read_your_writes",
     }
 )
 
@@ -206,8 +212,19 @@ class ReplicaSet:
         primary): it stays in rotation with a WARNING, and its transactions still run
         ``READ ONLY``. By default such a replica is taken out of rotation with an ERROR log,
         at first use and by every probe, and nothing is sent to it.
+    :param read_your_writes: how reads see this process's commits: ``"session"``
+        (default) a routing session reads its own commits and honours causal tokens;
+        ``"process"`` additionally no read in this process goes to a replica behind
+        the newest commit made through the primary engine by any session or
+        connection of this process; ``"off"`` records no commit positions at all
+        (tokens given to a session are still honoured). See the README for the costs.
     :param engine_kwargs: passed to :func:`~sqlalchemy.create_engine` for every
         URL given (ignored for ready-made engines).
+
+    Async URLs (``postgresql+asyncpg://``, ``postgresql+psycopg_async://``) and
+    :class:`~sqlalchemy.ext.asyncio.AsyncEngine` objects make an async ReplicaSet
+    (:attr:`is_async`), for :func:`~sqlalchemy_scale.async_routing_sessionmaker`;
+    mixing sync and async nodes raises :class:`~sqlalchemy_scale.ConfigurationError`.
 
     Misconfiguration (an unparsable URL, a non-PostgreSQL URL, a duplicate node
     name, an unknown policy, a negative, NaN or infinite number) raises
@@ -216,6 +233,7 @@ class ReplicaSet:
     every replica's server role first (one short query per node).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 async URLs and engines; ``read_your_writes``.
     """
 
     def __init__(
@@ -234,10 +252,17 @@ class ReplicaSet:
         pooling_guard: Literal["raise", "warn", "off"] = "raise",
         read_timeout: float | None = 5.0,
         allow_writable_replicas: bool = False,
+        read_your_writes: ReadYourWrites = "session",
         **engine_kwargs: Any,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"ReplicaSet name must be a non-empty string, got {name!r}")
+        if read_your_writes not in ("session", "process", "off"):
+            raise ConfigurationError(
+                f"ReplicaSet {name!r}: read_your_writes must be 'session', 'process' or "
+                f"'off', got {read_your_writes!r}"
+            )
+        self.read_your_writes: ReadYourWrites = read_your_writes
         if pooling_guard not in ("raise", "warn", "off"):
             raise ConfigurationError(
                 f"ReplicaSet {name!r}: pooling_guard must be 'raise', 'warn' or 'off', "
@@ -271,6 +296,21 @@ class ReplicaSet:
         if "primary" in names or len(set(names)) != len(names):
             raise ConfigurationError(f"ReplicaSet {name!r}: node names must be unique, got {names}")
         self.replicas: list[Node] = [self._make_node(n, t, role="replica") for n, t in named]
+        #: True when the nodes are asyncio engines (use the async session factories).
+        self.is_async: bool = self.primary.engine.dialect.is_async
+        for node in self.replicas:
+            if node.engine.dialect.is_async != self.is_async:
+                kinds = ("async", "sync") if self.is_async else ("sync", "async")
+                raise ConfigurationError(
+                    f"ReplicaSet {name!r}: the primary is {kinds[0]} but replica "
+                    f"{node.name!r} ({node.url}) is {kinds[1]}; give every node of a set "
+                    "the same kind of URL or engine"
+                )
+        #: ``read_your_writes="process"``: the newest WAL position this process committed
+        #: through the primary engine, a floor for every read (None in the other modes).
+        self.process_position: ProcessPosition | None = None
+        if read_your_writes == "process":
+            self.process_position = install_process_position(self.primary.engine)
         self._usable: tuple[Node, ...] = tuple(self.replicas)
         self._fallback_logged = False
         self._state_lock = threading.Lock()
@@ -333,7 +373,11 @@ class ReplicaSet:
 
     def _make_node(self, node_name: str, target: EngineTarget, *, role: Role) -> Node:
         where = f"ReplicaSet {self.name!r}, node {node_name!r}"
-        if isinstance(target, Engine):
+        if isinstance(target, AsyncEngine):
+            # The session's sync side (AsyncSession's sync_session_class) runs on the
+            # AsyncEngine's sync facade, in SQLAlchemy's greenlet.
+            engine, owns = target.sync_engine, False
+        elif isinstance(target, Engine):
             engine, owns = target, False
         elif isinstance(target, str | URL):
             try:
@@ -352,7 +396,10 @@ class ReplicaSet:
             if role == "replica":
                 options = self._replica_connect_timeout(url, options)
             try:
-                engine = create_engine(url, **options)
+                if url.get_dialect().is_async:
+                    engine = create_async_engine(url, **options).sync_engine
+                else:
+                    engine = create_engine(url, **options)
             except ConfigurationError:
                 raise
             except Exception as exc:
@@ -367,7 +414,7 @@ class ReplicaSet:
                     guard_transaction_pooling(engine, self._pooling_guard)
         else:
             raise ConfigurationError(
-                f"{where}: expected a URL string, sqlalchemy URL or Engine, got {type(target).__name__}"
+                f"{where}: expected a URL string, sqlalchemy URL, Engine or AsyncEngine, got {type(target).__name__}"
             )
         if engine.dialect.name != "postgresql":
             raise ConfigurationError(f"{where}: {render_url(engine)} is not a PostgreSQL engine")
@@ -492,13 +539,31 @@ class ReplicaSet:
             return None
         candidate = self.policy(usable) if len(usable) > 1 else usable[0]
         deadline = time.monotonic() + self.max_wait
+        # run_blocking()/pause() await on an asyncio session's event loop instead of blocking it.
         while True:
-            lsn = monitor.refresh(candidate, wait=max(0.0, deadline - time.monotonic()))
+            lsn = run_blocking(
+                monitor.refresh, candidate, wait=max(0.0, deadline - time.monotonic())
+            )
             if lsn is not None and lsn >= position:
                 return candidate
             if lsn is None or time.monotonic() >= deadline:
                 return None
-            time.sleep(min(0.001, max(0.0, deadline - time.monotonic())))
+            pause(min(0.001, max(0.0, deadline - time.monotonic())))
+
+    def position_after_commit(self, connection: Connection | None) -> int | None:
+        """The primary's WAL position after a routing session's write transaction committed
+        on ``connection``, by this set's ``read_your_writes`` mode (None: not recorded)."""
+        if self.read_your_writes == "off":
+            return None
+        if self.process_position is not None and connection is not None:
+            dbapi_connection = None if connection.invalidated else connection.connection
+            if dbapi_connection is not None:
+                taken = self.process_position.take_commit_position(
+                    dbapi_connection.dbapi_connection
+                )
+                if taken is not None:
+                    return taken
+        return commit_position(connection)
 
     def _check_roles(self) -> None:
         # First use: one round of probes before the first read goes to a replica, so a replica
@@ -620,11 +685,27 @@ class ReplicaSet:
             if node.owns_engine:
                 node.engine.dispose()
 
+    async def adispose(self) -> None:
+        """:meth:`dispose` for an async ReplicaSet, awaited on the event loop that used its
+        engines (an asyncio connection can only be closed on its own loop)."""
+        self._monitor_wanted = False
+        if self.monitor is not None:
+            await asyncio.to_thread(self.monitor.stop)  # joins the monitor thread
+        for node in self.nodes:
+            if node.owns_engine:
+                await greenlet_spawn(node.engine.dispose)
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.adispose()
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes)

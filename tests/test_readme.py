@@ -55,6 +55,15 @@ def namespace(scale_cluster: LocalCluster, driver: str) -> Iterator[dict[str, An
         "PRIMARY_URL": scale_cluster.primary.url(driver),
         "R1_URL": scale_cluster.replicas[0].url(driver),
         "R2_URL": scale_cluster.replicas[1].url(driver),
+        # The asyncio example's async URLs: asyncpg beside psycopg2, psycopg async beside psycopg.
+        **{
+            f"ASYNC_{name}_URL": node.url("asyncpg" if driver == "psycopg2" else "psycopg_async")
+            for name, node in zip(
+                ("PRIMARY", "R1", "R2"),
+                [scale_cluster.primary, *scale_cluster.replicas],
+                strict=False,
+            )
+        },
         "select": select,
         "text": text,
         "User": User,

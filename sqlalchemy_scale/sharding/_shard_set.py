@@ -92,6 +92,8 @@ class ShardSet:
                     "ReplicaSet); each shard needs its own database, or rows of one shard "
                     "would be read as another's"
                 )
+        #: True when the shards are asyncio engines (use async_sharded_sessionmaker).
+        self.is_async: bool = _same_kind(self._sets)
         validate = getattr(strategy, "validate", None)
         if callable(validate):
             validate(self.shard_ids)
@@ -276,11 +278,26 @@ class ShardSet:
 
         return shard_set_from_config(topology_config(source, section=section))
 
+    async def adispose(self) -> None:
+        """:meth:`dispose` for async shards, awaited on the loop that used their engines."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+        for replica_set in self._sets.values():
+            await replica_set.adispose()
+
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.adispose()
 
     def __iter__(self) -> Iterator[ShardId]:
         return iter(self.shard_ids)
@@ -290,6 +307,19 @@ class ShardSet:
 
     def __repr__(self) -> str:
         return f"<ShardSet {self.shard_ids} strategy={self.strategy!r}>"
+
+
+def _same_kind(sets: Mapping[ShardId, ReplicaSet]) -> bool:
+    """Whether the shards are async; mixing sync and async shards is refused."""
+    kinds = {shard_id: replica_set.is_async for shard_id, replica_set in sets.items()}
+    if len(set(kinds.values())) > 1:
+        sync = [s for s, is_async in kinds.items() if not is_async]
+        async_ = [s for s, is_async in kinds.items() if is_async]
+        raise ConfigurationError(
+            f"ShardSet mixes sync shards {sync} and async shards {async_}; give every shard "
+            "the same kind of URL or engine"
+        )
+    return next(iter(kinds.values()))
 
 
 def _rule_from_info(info: Mapping[str, Any]) -> ShardRule | None:

@@ -69,6 +69,7 @@ from sqlalchemy.sql.selectable import FromClause, Select
 from sqlalchemy.sql.visitors import iterate
 
 from ..errors import CrossShardQueryError
+from ._async_fanout import is_async_connection, run_concurrently_on_loop
 from ._shard_set import ShardSet
 from .merge import (
     AggregateKind,
@@ -627,7 +628,10 @@ def execute_fanout(
         # Here, before any job is submitted: a refused statement runs nowhere.
         for shard_id, conn, _ in jobs:
             _check_collation(shard_set, shard_id, conn)
-    results = run_concurrently(shard_set.executor, jobs)
+    if is_async_connection(jobs[0][1]):  # AsyncShardedSession: tasks on the event loop
+        results = run_concurrently_on_loop(jobs, _with_shard)
+    else:
+        results = run_concurrently(shard_set.executor, jobs)
     if plan.kind == "aggregate":
         partials = [row for s in shard_ids for row in results[s][1]]
         return plan.aggregate_result(plan.merge_aggregate_rows(partials))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import sqlalchemy_scale as ss
@@ -54,3 +55,26 @@ def observed(replicas: ss.ReplicaSet, shards: ss.ShardSet) -> bool:
     status: ss.TopologyStatus = ss.topology_status(shards, pgbouncer_admin=None)
     from_file: ss.ShardSet = ss.ShardSet.from_config("topology.toml", section="shard_set")
     return status.is_healthy and bool(from_file.shard_ids)
+
+
+async def async_routing(primary_url: str, replica_urls: list[str]) -> list[User]:
+    replicas = ss.ReplicaSet(primary=primary_url, replicas=replica_urls, read_your_writes="process")
+    Session: async_sessionmaker[ss.AsyncRoutingSession] = ss.async_routing_sessionmaker(
+        replicas, expire_on_commit=False
+    )
+    async with Session(causal_token=None) as session:
+        with session.use_primary():
+            users = list((await session.scalars(select(User))).all())
+        written: bool = session.has_written
+        token: str | None = session.causal_token
+    assert written or token is None
+    await replicas.adispose()
+    return users
+
+
+async def async_sharding(shards: ss.ShardSet) -> User | None:
+    Session: async_sessionmaker[ss.AsyncShardedSession] = ss.async_sharded_sessionmaker(shards)
+    async with Session() as session:
+        user: User | None = await session.get(User, 1, shard_key=1)
+    await shards.adispose()
+    return user

@@ -1,0 +1,138 @@
+"""``read_your_writes="process"``: the newest commit this process made through a primary engine.
+
+Every transaction that wrote through the primary :class:`~sqlalchemy.engine.Engine`
+(a routing session, a plain ``Session(bind=replica_set.primary.engine)``, a
+``Connection``) is followed by one query for the primary's WAL position
+(:func:`~sqlalchemy_scale.consistency.read_commit_lsn`) before ``commit()``
+returns, and the newest such position becomes the floor for every read routed
+by that ReplicaSet in this process: a replica that has not replayed it is
+passed over (the monitor's replay LSNs, else one bounded on-demand check), else
+the read goes to the primary. Reads pay no round trip for the bookkeeping.
+
+How a transaction is known to have written: a ``before_cursor_execute`` listener
+on the primary engine marks the connection for INSERT/UPDATE/DELETE, DDL,
+``text()``/driver SQL, and the SELECTs :func:`~sqlalchemy_scale.decide_role`
+sends to the primary (locking reads, ``nextval()``...). A plain SELECT marks
+nothing, so a read-only transaction's COMMIT costs nothing extra.
+The position is read after the DBAPI commit by wrapping the engine dialect's
+``do_commit`` (SQLAlchemy's ``commit`` event fires *before* COMMIT is sent).
+Two-phase commits (sharding's ``two_phase=True``) are not tracked.
+
+When *not* to use it: many processes (each has its own floor; carry causal tokens
+between them), or write-heavy processes whose reads should keep using replicas:
+every write moves the floor past what replicas have replayed, so reads soon after
+any write in the process go to the primary (see ``benchmarks/bench_async.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Literal
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+from .consistency import read_commit_lsn
+
+__all__ = ["ProcessPosition", "ReadYourWrites", "install_process_position"]
+
+log = logging.getLogger("sqlalchemy_scale.consistency")
+
+ReadYourWrites = Literal["session", "process", "off"]
+
+
+class ProcessPosition:
+    """The newest WAL position committed through one primary engine by this process."""
+
+    def __init__(self) -> None:
+        #: The newest position, or None before the first tracked commit.
+        self.position: int | None = None
+        self._lock = threading.Lock()
+        # id() of DBAPI connections whose current transaction wrote.
+        self._wrote: set[int] = set()
+        # Position of the latest commit on a DBAPI connection, for the routing session
+        # whose commit it was (so it does not ask the primary a second time).
+        self._last: dict[int, int] = {}
+
+    def observe(self, position: int) -> None:
+        with self._lock:
+            if self.position is None or position > self.position:
+                self.position = position
+
+    def take_commit_position(self, dbapi_connection: Any) -> int | None:
+        """The position read after the commit just made on ``dbapi_connection``, once."""
+        return self._last.pop(id(dbapi_connection), None)
+
+    def _mark(self, dbapi_connection: Any) -> None:
+        self._wrote.add(id(dbapi_connection))
+
+    def _forget(self, dbapi_connection: Any) -> None:
+        self._wrote.discard(id(dbapi_connection))
+
+    def _after_commit(self, dbapi_connection: Any) -> None:
+        key = id(dbapi_connection)
+        if key not in self._wrote:
+            return
+        self._wrote.discard(key)
+        try:
+            position = read_commit_lsn(dbapi_connection)
+        except Exception as exc:  # committed; only the position is lost
+            log.warning(
+                "could not read the primary's WAL position after commit: %s", type(exc).__name__
+            )
+            return
+        self._last[key] = position
+        self.observe(position)
+
+
+def _writes(context: Any, decide_role: Any) -> bool:
+    if context is None:
+        return True
+    if context.isinsert or context.isupdate or context.isdelete or context.isddl:
+        return True
+    compiled = context.compiled
+    if compiled is None:  # exec_driver_sql(): any SQL at all
+        return True
+    return bool(decide_role(compiled.statement)[0] == "primary")
+
+
+def install_process_position(engine: Engine) -> ProcessPosition:
+    """Track commits that wrote through ``engine`` (a primary's) into a new ProcessPosition."""
+    from .routing import decide_role  # routing imports topology, which imports this module
+
+    tracker = ProcessPosition()
+
+    def before_cursor_execute(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        if _writes(context, decide_role):
+            tracker._mark(conn.connection.dbapi_connection)
+
+    def on_rollback(conn: Connection) -> None:
+        if not conn.invalidated:
+            tracker._forget(conn.connection.dbapi_connection)
+
+    def on_reset(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
+        tracker._forget(dbapi_connection)
+
+    event.listen(engine, "before_cursor_execute", before_cursor_execute)
+    event.listen(engine, "rollback", on_rollback)
+    event.listen(engine.pool, "reset", on_reset)
+    # SQLAlchemy has no event after COMMIT; wrap this engine's dialect instance (every
+    # create_engine() has its own) so the position is known before commit() returns.
+    dialect: Any = engine.dialect
+    do_commit = dialect.do_commit
+
+    def do_commit_and_track(connection: Any) -> None:
+        do_commit(connection)
+        # SQLAlchemy passes the pool's proxy; the bookkeeping is by DBAPI connection.
+        tracker._after_commit(getattr(connection, "dbapi_connection", connection))
+
+    dialect.do_commit = do_commit_and_track
+    return tracker

@@ -1,0 +1,188 @@
+"""``ReplicaSet(read_your_writes=...)``: "session" (default), "process" and "off".
+
+Lag is made with ``pg_wal_replay_pause()`` on both replicas; which server answered is
+asked of the server (``inet_server_port()``); round trips are counted in the primary's
+own statement log, for the connections of one engine only (``log_statement`` set per
+connection through libpq's ``options``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+import sqlalchemy_scale as ss
+from sqlalchemy_scale.consistency import WAL_POSITION_SQL
+from sqlalchemy_scale.local import LocalCluster, PgNode
+from sqlalchemy_scale.testing import wait_until
+
+_ids = itertools.count(1)
+
+READ = select(func.inet_server_port(), func.count()).select_from(text("ryw_items WHERE id = :id"))
+LOGGED = {"options": "-c log_statement=all"}
+
+
+@pytest.fixture(scope="module")
+def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
+    """The shared topology with a ryw_items table on the primary, replicated."""
+    scale_cluster.primary.execute(
+        "DROP TABLE IF EXISTS ryw_items; CREATE TABLE ryw_items (id int PRIMARY KEY)"
+    )
+    for replica in scale_cluster.replicas:
+        replica.wait_for_replay()
+    yield scale_cluster
+    scale_cluster.primary.execute("DROP TABLE IF EXISTS ryw_items")
+
+
+@pytest.fixture
+def replay_paused(cluster: LocalCluster) -> Iterator[None]:
+    """WAL replay paused on every replica for the test; resumed and caught up afterwards."""
+    paused: list[PgNode] = []
+    try:
+        for replica in cluster.replicas:
+            replica.pause_replay()
+            paused.append(replica)
+        yield
+    finally:
+        for replica in paused:
+            replica.resume_replay()
+            replica.wait_for_replay()
+
+
+def make_set(cluster: LocalCluster, driver: str, mode: Any, **kw: Any) -> ss.ReplicaSet:
+    return ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        read_your_writes=mode,
+        max_wait=0.02,
+        monitor_interval=0.05,
+        **kw,
+    )
+
+
+def plain_insert(replica_set: ss.ReplicaSet) -> int:
+    """Insert a row with a plain Session on the primary engine (no routing session)."""
+    row_id = next(_ids)
+    with Session(bind=replica_set.primary.engine) as session:
+        session.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+        session.commit()
+    return row_id
+
+
+def routed_read(replica_set: ss.ReplicaSet, row_id: int) -> tuple[int, int]:
+    with ss.routing_sessionmaker(replica_set)() as session:
+        port, count = session.execute(READ, {"id": row_id}).one()
+    return int(port), int(count)
+
+
+def test_process_mode_reads_a_plain_sessions_commit(
+    cluster: LocalCluster, driver: str, replay_paused: None
+) -> None:
+    """In "process" mode a plain Session's commit on the primary engine is seen by the next
+    routing-session read (from the primary, the replicas being paused); in "session" mode the
+    same read goes to a paused replica and misses the row."""
+    with make_set(cluster, driver, "process") as replica_set:
+        process_port, process_count = routed_read(replica_set, plain_insert(replica_set))
+        with replica_set.primary.engine.begin() as conn:  # a plain Connection too
+            row_id = next(_ids)
+            conn.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+        connection_port, connection_count = routed_read(replica_set, row_id)
+    with make_set(cluster, driver, "session") as replica_set:
+        session_port, session_count = routed_read(replica_set, plain_insert(replica_set))
+    print(
+        f"\nprocess: port {process_port} saw {process_count}; session: port {session_port} "
+        f"saw {session_count}"
+    )
+    assert (process_port, process_count) == (cluster.primary.port, 1)
+    assert (connection_port, connection_count) == (cluster.primary.port, 1)
+    assert session_port in {r.port for r in cluster.replicas}
+    assert session_count == 0
+
+
+def test_process_mode_uses_replicas_once_they_caught_up(cluster: LocalCluster, driver: str) -> None:
+    """After a commit in "process" mode, reads return to the replicas once they have
+    replayed it, and a read-only transaction does not move the floor."""
+    with make_set(cluster, driver, "process") as replica_set:
+        row_id = plain_insert(replica_set)
+        position = replica_set.process_position
+        assert position is not None and position.position is not None
+        floor = position.position
+        for replica in cluster.replicas:
+            replica.wait_for_replay()
+        routed_read(replica_set, row_id)  # starts the monitor (this read may be the primary's)
+        assert wait_until(lambda: all((r.replay_lsn or 0) >= floor for r in replica_set.replicas))
+        ports = {routed_read(replica_set, row_id) for _ in range(20)}
+        with Session(bind=replica_set.primary.engine) as session:
+            session.execute(select(func.count()).select_from(text("ryw_items")))
+            session.commit()
+        assert position.position == floor
+    assert ports <= {(r.port, 1) for r in cluster.replicas}
+
+
+def test_process_mode_with_async_sessions(cluster: LocalCluster, replay_paused: None) -> None:
+    """An async ReplicaSet in "process" mode: a plain AsyncSession commit on the primary
+    engine is read back by an AsyncRoutingSession (from the primary, replicas paused)."""
+
+    async def main() -> tuple[int, int]:
+        async with make_set(cluster, "asyncpg", "process") as replica_set:
+            row_id = next(_ids)
+            async with AsyncSession(AsyncEngine(replica_set.primary.engine)) as session:
+                await session.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+                await session.commit()
+            async with ss.async_routing_sessionmaker(replica_set)() as routed:
+                port, count = (await routed.execute(READ, {"id": row_id})).one()
+            return int(port), int(count)
+
+    assert asyncio.run(main()) == (cluster.primary.port, 1)
+
+
+def statements_logged(node: PgNode, work: Callable[[], None]) -> list[str]:
+    start = node.log_file.stat().st_size
+    work()
+    with node.log_file.open() as fh:
+        fh.seek(start)
+        return [line.split("statement: ", 1)[1].strip() for line in fh if "statement: " in line]
+
+
+def write_then_read(replica_set: ss.ReplicaSet) -> Callable[[], None]:
+    def work() -> None:
+        with ss.routing_sessionmaker(replica_set)() as session:
+            session.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": next(_ids)})
+            session.commit()
+        with Session(bind=replica_set.primary.engine) as session:  # read-only transaction
+            session.execute(select(func.count()).select_from(text("ryw_items")))
+            session.commit()
+
+    return work
+
+
+@pytest.mark.parametrize(("mode", "position_queries"), [("off", 0), ("session", 1), ("process", 1)])
+def test_position_queries_per_mode(
+    cluster: LocalCluster, driver: str, mode: str, position_queries: int
+) -> None:
+    """A routing session's write transaction sends no WAL position query after COMMIT in
+    "off" mode and exactly one in "session" and "process" modes; a read-only transaction
+    sends none in any mode (counted in the primary's statement log)."""
+    with make_set(cluster, driver, mode, connect_args=LOGGED) as replica_set:
+        write_then_read(replica_set)()  # warm the pools: set-up queries are not per transaction
+        logged = statements_logged(cluster.primary, write_then_read(replica_set))
+        token = None
+        if mode == "off":
+            with ss.routing_sessionmaker(replica_set)() as session:
+                session.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": next(_ids)})
+                session.commit()
+                token = session.causal_token
+    print(f"\n{mode}: {logged}")
+    assert logged.count(WAL_POSITION_SQL) == position_queries
+    assert (
+        logged[logged.index("COMMIT") + 1 : logged.index("COMMIT") + 1 + position_queries]
+        == [WAL_POSITION_SQL] * position_queries
+    )
+    assert token is None
