@@ -100,9 +100,16 @@ class Node:
         return int(checkedout()) if checkedout is not None else 0
 
     def track_connection(self, dbapi_connection: Any) -> None:
-        """Remember a DB-API connection to this node for :meth:`abort_connections`."""
-        with self._lock:
-            self._connections.add(dbapi_connection)
+        """Remember a DB-API connection to this node for :meth:`abort_connections`.
+
+        Async drivers' adapted connections take no weak reference and expose no socket:
+        they are not tracked, so ``read_timeout`` does not cut a frozen replica's reads
+        short under asyncio (the README says so)."""
+        try:
+            with self._lock:
+                self._connections.add(dbapi_connection)
+        except TypeError:
+            return
 
     def abort_connections(self) -> int:
         """Shut down the socket of every open connection to this node; return how many.
