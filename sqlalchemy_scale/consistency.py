@@ -30,13 +30,16 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.interfaces import ExceptionContext
 
 from .errors import CommitOutcomeUnknown, ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import SessionTransaction
 
 log = logging.getLogger("sqlalchemy_scale.consistency")
 
@@ -187,36 +190,136 @@ def read_commit_lsn(dbapi_connection: Any) -> int:
 
 # -- hooks on a primary engine: commit position and commit outcome -------------------------
 
-# The primary Connection of a routing session whose commit is in progress in this context.
-# Set by the session's before_commit hook and cleared when its transaction ends; a COMMIT
-# that fails on exactly this connection is the one whose outcome may be unknown.
-_COMMITTING: ContextVar[Connection | None] = ContextVar("sqlalchemy_scale_committing", default=None)
+#: COMMIT and the position query in one simple-query message: the server finishes the
+#: COMMIT (commit record written and flushed, synchronous standbys waited for) before it
+#: runs the SELECT, so the position is read past the commit record exactly as when
+#: :data:`WAL_POSITION_SQL` is sent after the COMMIT. A COMMIT that fails stops the
+#: message there. Sent by psycopg 3 connections of primary engines the ReplicaSet built
+#: (see :func:`install_primary_hooks`); psycopg2 keeps a separate round trip, because it
+#: tracks the transaction on the client and would send its own COMMIT after ours.
+COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_POSITION_SQL
 
 
-def install_primary_hooks(engine: Engine, *, set_name: str, node_name: str) -> None:
-    """Listen on a primary's engine so that a connection lost during COMMIT raises
-    :class:`~sqlalchemy_scale.CommitOutcomeUnknown`.
+class _Committer(Protocol):
+    """What the error hook needs from the routing session whose commit is in progress."""
 
-    ``handle_error`` is a dialect event, consulted only when an error happens, so the
-    statement fast path is untouched (connection-level events would slow every statement).
+    _primary_connection: Connection | None
+
+    def get_transaction(self) -> SessionTransaction | None: ...
+
+
+# The routing session whose outermost commit is in progress in this context: set by its
+# before_commit hook (which fires before the flush that may open the primary connection),
+# cleared when its transaction ends.
+_COMMITTING: ContextVar[_Committer | None] = ContextVar("sqlalchemy_scale_committing", default=None)
+
+# SQLSTATE classes that say the connection, not the transaction, failed: 08 connection
+# exception (PgBouncer's "server conn crashed?" is 08P01), 57 operator intervention
+# (57P01 pg_terminate_backend, 57014 cancel). At COMMIT they leave the outcome unknown:
+# the commit record may already be written.
+_LOST_CLASSES: Final = ("08", "57")
+
+
+def _connection_lost(context: ExceptionContext) -> bool:
+    if context.is_disconnect:
+        return True
+    orig = context.original_exception
+    sqlstate = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    return sqlstate is None or str(sqlstate)[:2] in _LOST_CLASSES
+
+
+def _in_commit(context: ExceptionContext) -> bool:
+    """Whether an error on a primary is its routing session's COMMIT failing.
+
+    The driver's commit() fails with no statement; so does a ROLLBACK. They are told apart
+    by the session's transaction: SQLAlchemy commits connections only once the transaction
+    is prepared (flushed, no longer active), and in that state it sends nothing else on a
+    connection whose commit has not yet failed.
+    """
+    if context.statement is not None or context.connection is None:
+        return False
+    committer = _COMMITTING.get()
+    if committer is None or committer._primary_connection is not context.connection:
+        return False
+    transaction = committer.get_transaction()
+    return transaction is not None and not transaction.is_active
+
+
+def _positioned_connection_class() -> type[Any]:
+    """A psycopg 3 connection whose commit() also reads the WAL position, when asked to.
+
+    psycopg 3's own commit() asks the server's transaction status and sends nothing on an
+    idle connection, so SQLAlchemy's later bookkeeping is unchanged; errors reach
+    SQLAlchemy from commit() as the driver's own would (wrapped, handle_error, invalidation).
+    """
+    global _POSITIONED
+    if _POSITIONED is None:
+        import psycopg
+        from psycopg.pq import TransactionStatus
+
+        class PositionedConnection(psycopg.Connection[Any]):
+            # Set when a routing session's transaction begins on this connection; the
+            # position is left for the session's after_commit hook.
+            wants_position = False
+            position: int | None = None
+
+            def commit(self) -> None:
+                wanted, self.wants_position = self.wants_position, False
+                if not wanted or self.pgconn.transaction_status != TransactionStatus.INTRANS:
+                    super().commit()
+                    return
+                with psycopg.Cursor(self) as cursor:
+                    # prepare=False: a prepared statement cannot hold two commands.
+                    cursor.execute(COMMIT_AND_POSITION_SQL, prepare=False)
+                    cursor.nextset()  # the SELECT's row, after the COMMIT's empty result
+                    row = cursor.fetchone()
+                if row is not None:
+                    self.position = reachable_position(row[0], row[1])
+
+            def rollback(self) -> None:
+                self.wants_position = False
+                super().rollback()
+
+        _POSITIONED = PositionedConnection
+    return _POSITIONED
+
+
+_POSITIONED: type[Any] | None = None
+
+
+def request_commit_position(conn: Connection) -> None:
+    """Ask ``conn``'s driver connection to read the WAL position with its next COMMIT
+    (a no-op unless :func:`install_primary_hooks` gave it that ability)."""
+    dbapi_connection = conn.connection.dbapi_connection
+    if _POSITIONED is not None and isinstance(dbapi_connection, _POSITIONED):
+        dbapi_connection.wants_position = True
+        dbapi_connection.position = None
+
+
+def install_primary_hooks(
+    engine: Engine, *, set_name: str, node_name: str, owns_engine: bool = False
+) -> None:
+    """Listen on a primary's engine so that a connection lost during a routing session's
+    COMMIT raises :class:`~sqlalchemy_scale.CommitOutcomeUnknown`, and, on a psycopg 3
+    engine the ReplicaSet built itself (``owns_engine``), open connections whose COMMIT
+    carries the WAL position query (:data:`COMMIT_AND_POSITION_SQL`).
+
+    Both are dialect events (``handle_error`` runs only when an error happens,
+    ``do_connect`` only for a new connection): connection-level events would put every
+    statement on SQLAlchemy's event-dispatching path, which costs a write transaction
+    more than the round trip saved. A ``do_connect`` listener that returns a connection
+    ends the chain, so listeners added to such an engine *after* the ReplicaSet was
+    built do not run; add them to an engine you build and pass in instead.
     """
 
     def on_error(context: ExceptionContext) -> BaseException | None:
-        # A failed COMMIT reaches handle_error with no statement. A lost connection at that
-        # moment leaves the outcome unknown: the server may have committed before it went.
-        if (
-            context.engine is not engine
-            or context.statement is not None
-            or context.connection is None
-            or _COMMITTING.get() is not context.connection
-        ):
+        # A lost connection during COMMIT leaves the outcome unknown: the server may have
+        # committed before it went.
+        if context.engine is not engine or not _in_commit(context):
+            return None
+        if not _connection_lost(context):
             return None
         orig = context.original_exception
-        lost = context.is_disconnect or (
-            getattr(orig, "pgcode", None) is None and getattr(orig, "sqlstate", None) is None
-        )
-        if not lost:
-            return None
         return CommitOutcomeUnknown(
             f"the connection to primary {node_name!r} of {set_name!r} was lost during COMMIT; "
             "the transaction may or may not have committed. Read back what it wrote to "
@@ -226,6 +329,25 @@ def install_primary_hooks(engine: Engine, *, set_name: str, node_name: str) -> N
         )
 
     event.listen(engine, "handle_error", on_error)
+    if owns_engine and engine.dialect.driver == "psycopg":
+        connection_class = _positioned_connection_class()
+
+        def on_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+            return connection_class.connect(*cargs, **cparams)
+
+        event.listen(engine, "do_connect", on_connect)
+
+
+def take_commit_position(conn: Connection | None) -> int | None:
+    """The WAL position read with the COMMIT just made on ``conn``, if it was."""
+    if conn is None or conn.invalidated or conn.closed:
+        return None
+    dbapi_connection = conn.connection.dbapi_connection
+    if _POSITIONED is None or not isinstance(dbapi_connection, _POSITIONED):
+        return None
+    position: int | None = dbapi_connection.position
+    dbapi_connection.position = None
+    return position
 
 
 def commit_position(conn: Connection | None) -> int | None:

@@ -38,6 +38,8 @@ from .consistency import (
     commit_position,
     current_causal_context,
     format_lsn,
+    request_commit_position,
+    take_commit_position,
 )
 from .errors import ConfigurationError, NodeUnavailableError, ReplicaWriteError
 from .topology import Node, ReplicaSet, Role, _sqlstate
@@ -77,6 +79,11 @@ _DEFINITE_WRITES: Final = frozenset({"flush", "write", "ddl", "locking read"})
 _WRITING_REASONS: Final = frozenset(
     {"flush", "write", "ddl", "locking read", "text", "unknown statement kind"}
 )
+
+
+# Session.join_transaction_mode values under which a connection handed over inside a
+# transaction is joined without being committed (SQLAlchemy's default is the first).
+_JOINS_ROLLBACK_ONLY: Final = frozenset({"conditional_savepoint", "rollback_only"})
 
 
 # Functions that write (or need a transaction id) when selected: `SELECT nextval('s')`.
@@ -214,7 +221,12 @@ class RoutingSession(Session):
         self._txn_statements = 0
         self._last_node: Node | None = None
         self._primary_connection: Connection | None = None
-        self._committing: Token[Connection | None] | None = None
+        self._committing: Token[Any] | None = None
+        # The transaction's replica connection, joined to the session in "rollback_only"
+        # mode so that commit() never sends anything on it (see _replica_bind), and the
+        # depth of this session's own execute() calls (only they get such a connection).
+        self._replica_connection: Connection | None = None
+        self._executing = 0
 
     # -- public state ------------------------------------------------------------------
 
@@ -306,7 +318,31 @@ class RoutingSession(Session):
         self._last_node = node
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s: %s", node.name, self.replica_set.name, reason)
+        if node.is_replica and self._executing:
+            return self._replica_bind(node)
         return node.engine
+
+    def _replica_bind(self, node: Node) -> Engine | Connection:
+        """The transaction's connection to its replica, already in a transaction.
+
+        Session joins a connection handed to it inside a transaction in "rollback_only"
+        mode: its commit() commits only the primary, and close() leaves the replica's
+        read-only transaction to :meth:`_end_transaction`, which ends it and ignores a
+        failure (nothing was written there). So a replica that fails can neither decide
+        nor obscure the outcome of the primary's COMMIT, whatever order SQLAlchemy would
+        commit the session's connections in, and a read-only session does not raise at
+        close. Only for this session's own statements: a bare ``get_bind()`` has no side
+        effects, and a session that would commit joined connections (another
+        ``join_transaction_mode``) gets the engine as before.
+        """
+        conn = self._replica_connection
+        if conn is None:
+            if self.join_transaction_mode not in _JOINS_ROLLBACK_ONLY:
+                return node.engine
+            conn = node.engine.connect()
+            conn.begin()  # nothing is sent yet: the driver begins with the first statement
+            self._replica_connection = conn
+        return conn
 
     def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Connection:
         """The transaction's connection for a bind (the primary unless ``bind_arguments``
@@ -345,11 +381,36 @@ class RoutingSession(Session):
         return node
 
     def _end_transaction(self) -> None:
+        if self._replica_connection is not None:
+            conn, self._replica_connection = self._replica_connection, None
+            _end_read_only(conn, self._where(self._txn_replica))
         self._has_written = False
         self._txn_replica = None
         self._txn_statements = 0
         self._last_node = None
         self._primary_connection = None
+
+    def rollback(self) -> None:
+        """Roll back the current transaction (see :meth:`~sqlalchemy.orm.Session.rollback`).
+
+        The replica's read-only transaction is ended first, and a failure there (its
+        connection was lost) is logged and the connection discarded: rolling back a
+        transaction that wrote nothing on the replica cannot lose anything, so it does
+        not raise.
+        """
+        conn = self._replica_connection
+        if conn is not None and not conn.invalidated:
+            try:
+                # The driver's own rollback: SQLAlchemy's rollback then finds the driver
+                # idle and sends nothing.
+                conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+            except Exception as exc:
+                _log_read_only_failure(self._where(self._txn_replica), exc)
+                conn.invalidate()
+        super().rollback()
+
+    def _where(self, node: Node | None) -> str:
+        return f"replica {node.name if node is not None else '?'} of {self.replica_set.name!r}"
 
     # -- causal tokens -------------------------------------------------------------------
 
@@ -379,11 +440,15 @@ class RoutingSession(Session):
         self, method: Callable[..., Any], statement: Any, params: Any, kw: dict[str, Any]
     ) -> Any:
         kw = _with_call_options(kw)
+        self._executing += 1
         try:
+            try:
+                return method(statement, params, **kw)
+            except DBAPIError as exc:
+                self._after_failure(exc)  # raises unless the statement may run once more
             return method(statement, params, **kw)
-        except DBAPIError as exc:
-            self._after_failure(exc)  # raises unless the statement may run once more
-        return method(statement, params, **kw)
+        finally:
+            self._executing -= 1
 
     def _after_failure(self, exc: DBAPIError) -> None:
         """Return to retry the statement once; raise otherwise.
@@ -404,8 +469,8 @@ class RoutingSession(Session):
             and not (self.new or self.dirty or self.deleted)
             # Only a transaction the session began by itself may be rolled back and begun
             # again; one opened by `with session.begin():` belongs to the caller's block.
-            and transaction is not None
-            and transaction.origin is SessionTransactionOrigin.AUTOBEGIN
+            # (None: the replica's connection failed before the transaction began.)
+            and (transaction is None or transaction.origin is SessionTransactionOrigin.AUTOBEGIN)
         )
         if not retryable:
             raise NodeUnavailableError(
@@ -421,7 +486,35 @@ class RoutingSession(Session):
             node.name,
             type(exc.orig).__name__,
         )
-        self.rollback()
+        if transaction is None:
+            self._end_transaction()  # nothing began: only the routing state to reset
+        else:
+            self.rollback()
+
+
+def _end_read_only(conn: Connection, where: str) -> None:
+    """End a replica connection's read-only transaction and return it to its pool.
+
+    A ROLLBACK that fails (the replica's backend was terminated, the server went away)
+    loses nothing: the connection is discarded, the failure logged, and nothing raised.
+    """
+    try:
+        conn.close()  # ROLLBACK, then back to the pool
+    except DBAPIError as exc:
+        _log_read_only_failure(where, exc)
+        if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
+            conn.invalidate()
+            conn.close()
+
+
+def _log_read_only_failure(where: str, exc: BaseException) -> None:
+    orig = getattr(exc, "orig", None) or exc
+    log.warning(
+        "ending a read-only transaction on %s failed (%s); nothing was lost, the connection "
+        "is discarded",
+        where,
+        type(orig).__name__,
+    )
 
 
 def _is_node_failure(exc: DBAPIError) -> bool:
@@ -452,6 +545,7 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
         and connection.engine is session.replica_set.primary.engine
     ):
         session._primary_connection = connection
+        request_commit_position(connection)
 
 
 # before_commit and after_commit also fire when a savepoint is released
@@ -465,7 +559,7 @@ def _before_commit(session: Session) -> None:
         and session.get_nested_transaction() is None
         and session._committing is None
     ):
-        session._committing = _COMMITTING.set(session._primary_connection)
+        session._committing = _COMMITTING.set(session)
 
 
 @event.listens_for(RoutingSession, "after_commit")
@@ -476,7 +570,9 @@ def _after_commit(session: Session) -> None:
         or session.get_nested_transaction() is not None
     ):
         return
-    position = commit_position(session._primary_connection)
+    position = take_commit_position(session._primary_connection)
+    if position is None:  # not read with the COMMIT (psycopg2): one more round trip
+        position = commit_position(session._primary_connection)
     if position is not None:
         session._record_commit(position)
 

@@ -265,7 +265,7 @@ class ReplicaSet:
         if engine.dialect.name != "postgresql":
             raise ConfigurationError(f"{where}: {render_url(engine)} is not a PostgreSQL engine")
         if role == "primary":
-            install_primary_hooks(engine, set_name=self.name, node_name=node_name)
+            install_primary_hooks(engine, set_name=self.name, node_name=node_name, owns_engine=owns)
         elif owns:
             _make_read_only(engine)
         else:

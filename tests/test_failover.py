@@ -153,7 +153,7 @@ def test_connection_lost_during_commit_raises_outcome_unknown(
                     lambda: (
                         primary.execute(
                             "SELECT count(*) FROM pg_stat_activity "
-                            f"WHERE pid = {int(pid)} AND query = 'COMMIT'"
+                            f"WHERE pid = {int(pid)} AND wait_event = 'PgSleep'"
                         )
                         == [(1,)]
                     ),
