@@ -290,12 +290,16 @@ class HealthMonitor:
             return
         lsn, in_recovery = answer
         probe.server_role = "replica" if in_recovery else "primary"
+        advanced = node.replay_lsn is None or lsn > node.replay_lsn
         self._observe_lsn(node, probe, lsn)
         if primary_lsn is None:
             probe.lag_bytes = probe.lag_seconds = None
         else:
             probe.lag_bytes = max(0, primary_lsn - lsn)
             probe.lag_seconds = self._lag_seconds(lsn, now)
+        # Behind the primary and not replaying (paused, or stuck on a conflict): routing
+        # sends causal reads it cannot serve to the primary at once instead of waiting.
+        node.replay_stalled = bool(probe.lag_bytes) and not advanced
         too_far = self._too_far_behind(probe)
         self._recover(probe, "lagging" if too_far else "up", now)
         replica_set.set_usable(node, not too_far, reason=too_far or "")
@@ -327,6 +331,7 @@ class HealthMonitor:
         # Monotonic: a late answer must not move the position backwards.
         if node.replay_lsn is None or lsn > node.replay_lsn:
             node.replay_lsn = lsn
+            node.replay_stalled = False
 
     def _fail(self, probe: _Probe, exc: BaseException, now: float) -> None:
         probe.last_error = _describe(exc)

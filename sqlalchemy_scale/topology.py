@@ -43,6 +43,10 @@ EngineTarget = str | URL | Engine
 
 log = logging.getLogger("sqlalchemy_scale.topology")
 
+# A replica further behind a causal token than this is not waited for: replaying 16 MiB
+# of WAL takes far longer than max_wait's few milliseconds.
+_CATCH_UP_BYTES = 16 * 1024 * 1024
+
 # SQLSTATE 25006: read_only_sql_transaction ("cannot execute INSERT in a read-only transaction").
 _READ_ONLY_SQLSTATE = "25006"
 
@@ -63,6 +67,9 @@ class Node:
         self.is_usable = True
         #: The newest replay LSN the health monitor has seen (replicas), or None.
         self.replay_lsn: int | None = None
+        #: True when the monitor last saw this replica behind the primary without having
+        #: replayed anything since its previous look (replay paused or stuck).
+        self.replay_stalled = False
         self._lock = threading.Lock()
         self._statements = 0
         self._fallbacks = 0
@@ -378,7 +385,18 @@ class ReplicaSet:
         monitor = self.monitor
         if monitor is None:
             return None
-        candidate = self.policy(usable) if len(usable) > 1 else usable[0]
+        # Wait only for a replica that can plausibly replay the token within max_wait: one
+        # that was replaying when last seen and is not far behind it. Waiting for a paused
+        # one costs every such read max_wait and ends on the primary anyway.
+        hopeful = [
+            n
+            for n in usable
+            if not n.replay_stalled
+            and (n.replay_lsn is None or position - n.replay_lsn <= _CATCH_UP_BYTES)
+        ]
+        if not hopeful:
+            return None
+        candidate = self.policy(hopeful) if len(hopeful) > 1 else hopeful[0]
         deadline = time.monotonic() + self.max_wait
         while True:
             lsn = monitor.refresh(candidate, wait=max(0.0, deadline - time.monotonic()))

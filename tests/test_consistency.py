@@ -8,6 +8,7 @@ behind for as long as the test wants, and the test proves which server answered 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -330,3 +331,61 @@ def test_an_asynchronous_commit_is_still_read_back(
         f"\ntoken {token}: read back {count} row(s), on a {'replica' if in_recovery else 'primary'}"
     )
     assert count == 1
+
+
+def test_token_reads_skip_a_paused_replica_without_waiting(
+    cluster: LocalCluster, driver: str, paused: Callable[[PgNode], None]
+) -> None:
+    """With replay paused on every replica, reads carrying a token go to the primary without
+    waiting max_wait for a replica the monitor has seen stalled, and none is stale."""
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        monitor_interval=0.05,
+        max_wait=60.0,  # a read that waited for a paused replica would take a minute
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        with Session() as session:
+            session.execute(READ)  # starts the monitor
+        for replica in cluster.replicas:
+            paused(replica)
+        row_id, token = write_row(Session)
+        assert wait_until(lambda: all(n.replay_stalled for n in replica_set.replicas))
+        served: list[tuple[int, bool]] = []
+
+        def reads() -> None:
+            for _ in range(20):
+                with Session(causal_token=token) as session:
+                    served.append(read_row(session, row_id))
+
+        reader = threading.Thread(target=reads, daemon=True)
+        reader.start()
+        reader.join(20)
+    stale = sum(not visible for _, visible in served)
+    print(f"\ntoken reads with replay paused: {len(served)} of 20 done, stale: {stale}")
+    assert len(served) == 20
+    assert stale == 0
+    assert {port for port, _ in served} == {cluster.primary.port}
+
+
+def test_a_resumed_replica_serves_token_reads_again(
+    cluster: LocalCluster, replicas: ss.ReplicaSet, paused: Callable[[PgNode], None]
+) -> None:
+    """Once replay resumes, the monitor sees the replica move again and token reads it has
+    replayed are served by a replica."""
+    Session = ss.routing_sessionmaker(replicas)
+    with Session() as session:
+        session.execute(READ)  # starts the monitor
+    for replica in cluster.replicas:
+        paused(replica)
+    row_id, token = write_row(Session)
+    assert wait_until(lambda: all(n.replay_stalled for n in replicas.replicas))
+    for replica in cluster.replicas:
+        replica.resume_replay()
+    assert wait_until(lambda: not any(n.replay_stalled for n in replicas.replicas))
+    position = parse_lsn(token)
+    assert wait_until(lambda: all((n.replay_lsn or 0) >= position for n in replicas.replicas))
+    with Session(causal_token=token) as session:
+        port, visible = read_row(session, row_id)
+    assert visible
+    assert port in {r.port for r in cluster.replicas}
