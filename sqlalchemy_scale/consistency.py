@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -77,12 +78,43 @@ def format_lsn(position: int) -> str:
 
 
 def newer_token(a: str | None, b: str | None) -> str | None:
-    """The later of two tokens (None counts as older than any token)."""
-    if a is None:
+    """The later of two tokens (None counts as older than any token).
+
+    A token already found ahead of its primary (see :func:`reject_position`) counts as
+    None, so a forged token cannot outlive the real ones that follow it.
+    """
+    if a is None or (_REJECTED and parse_lsn(a) in _REJECTED):
         return b
-    if b is None:
+    if b is None or (_REJECTED and parse_lsn(b) in _REJECTED):
         return a
     return a if parse_lsn(a) >= parse_lsn(b) else b
+
+
+# Positions of tokens found ahead of their primary's own WAL position: no commit made them
+# (forged, or from another cluster). Kept, bounded, so they are ignored wherever they turn
+# up again and warned about once.
+_REJECTED: dict[int, None] = {}
+_REJECTED_MAX: Final = 1024
+_REJECTED_LOCK = threading.Lock()
+
+
+def reject_position(position: int, *, primary: int, where: str) -> None:
+    """Remember that a token's position is ahead of its primary (at ``primary``); the first
+    time, log a warning. Such a token is ignored from then on."""
+    with _REJECTED_LOCK:
+        if position in _REJECTED:
+            return
+        if len(_REJECTED) >= _REJECTED_MAX:
+            del _REJECTED[next(iter(_REJECTED))]
+        _REJECTED[position] = None
+    log.warning(
+        "ignoring causal token %s: it is ahead of the WAL position of the primary of %s (%s), "
+        "so no commit produced it (forged, or from another cluster); reads use the "
+        "primary's position instead",
+        format_lsn(position),
+        where,
+        format_lsn(primary),
+    )
 
 
 class CausalContext:
@@ -105,11 +137,21 @@ class CausalContext:
         return self._position
 
     def observe(self, token: str | None) -> None:
-        """Advance the context to ``token`` if it is newer (invalid tokens raise)."""
+        """Advance the context to ``token`` if it is newer (invalid tokens raise; a token
+        already found ahead of its primary is ignored)."""
         if token is None:
             return
         position = parse_lsn(token)
+        if _REJECTED and position in _REJECTED:
+            return
         if self._position is None or position > self._position:
+            self._position = position
+            self.token = format_lsn(position)
+
+    def cap(self, position: int) -> None:
+        """Bring the context back to ``position`` (the primary's own) if it is ahead of it:
+        its token was one no commit produced."""
+        if self._position is not None and self._position > position:
             self._position = position
             self.token = format_lsn(position)
 
@@ -166,6 +208,13 @@ def reachable_position(lsn: str, block_size: int) -> int:
     value = parse_lsn(lsn)
     offset = value % block_size
     return value - offset if offset in _PAGE_HEADERS else value
+
+
+def read_primary_position(engine: Engine) -> int:
+    """The primary's WAL position now (one round trip), as :data:`WAL_POSITION_SQL` reads it
+    after a commit: no token a commit produced can be ahead of it."""
+    with engine.connect() as conn:
+        return read_commit_lsn(conn.connection.dbapi_connection)
 
 
 def read_commit_lsn(dbapi_connection: Any) -> int:

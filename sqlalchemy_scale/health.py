@@ -246,6 +246,8 @@ class HealthMonitor:
             primary_lsn = self._apply_primary(
                 primary, self._outcome(futures[primary.node.name]), now
             )
+            if primary_lsn is not None:
+                replica_set.note_primary_position(primary_lsn)
             for node in due:
                 answer = self._outcome(futures[node.name])
                 self._apply_replica(replica_set, node, answer, primary_lsn, now)

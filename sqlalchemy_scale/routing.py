@@ -362,6 +362,18 @@ class RoutingSession(Session):
             return own
         return ctx.position if own is None else max(own, ctx.position)
 
+    def _checked_causal_position(self) -> int | None:
+        position = self._causal_position()
+        if position is None:
+            return None
+        checked = self.replica_set.check_causal_position(position)
+        if checked != position:  # a token ahead of the primary: drop it where it is kept
+            self._causal.cap(checked)
+            ctx = current_causal_context()
+            if ctx is not None:
+                ctx.cap(checked)
+        return checked
+
     def _node_for(self, role: Role) -> Node:
         replica_set = self.replica_set
         if role == "primary":
@@ -369,7 +381,7 @@ class RoutingSession(Session):
             return replica_set.primary
         node = self._txn_replica
         if node is None:
-            node = replica_set.choose_replica(self._causal_position())
+            node = replica_set.choose_replica(self._checked_causal_position())
             if node is None:
                 # The rest of this transaction reads from the primary too: no second
                 # choice (and no second wait for a caught-up replica) per statement.
@@ -574,6 +586,7 @@ def _after_commit(session: Session) -> None:
     if position is None:  # not read with the COMMIT (psycopg2): one more round trip
         position = commit_position(session._primary_connection)
     if position is not None:
+        session.replica_set.note_primary_position(position)
         session._record_commit(position)
 
 

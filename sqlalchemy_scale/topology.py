@@ -31,7 +31,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.engine.interfaces import ExceptionContext
 
-from .consistency import install_primary_hooks
+from .consistency import install_primary_hooks, read_primary_position, reject_position
 from .errors import ConfigurationError, ReplicaWriteError, render_url
 from .health import HealthMonitor, NodeHealth
 from .policies import PolicyName, ReplicaPolicy, make_policy
@@ -220,6 +220,10 @@ class ReplicaSet:
         # earliest of them may be tried again (None: nothing to re-admit; the fast path).
         self._failed: set[str] = set()
         self._retry_at: float | None = None
+        # The highest WAL position the primary is known to have reached (its monitor's
+        # samples, the commits of routing sessions, check_causal_position): a causal token
+        # up to it needs no check.
+        self._primary_position = 0
         _REPLICA_SETS.add(self)
 
     # -- construction -------------------------------------------------------------------
@@ -405,6 +409,34 @@ class ReplicaSet:
             if lsn is None or time.monotonic() >= deadline:
                 return None
             time.sleep(min(0.001, max(0.0, deadline - time.monotonic())))
+
+    def note_primary_position(self, position: int) -> None:
+        """Record that the primary has reached ``position`` (a commit's, a probe's)."""
+        if position > self._primary_position:
+            self._primary_position = position
+
+    def check_causal_position(self, position: int) -> int:
+        """``position`` if the primary may have reached it; else the primary's own position.
+
+        A causal token ahead of the primary was made by no commit (forged, or from another
+        cluster): honouring it would send every read carrying it to the primary until the
+        primary got there. It is logged once and ignored from then on
+        (:func:`~sqlalchemy_scale.consistency.reject_position`). Costs one round trip to the
+        primary only for a token ahead of every position the primary is known to have
+        reached; if the primary cannot answer, the token is kept.
+        """
+        if position <= self._primary_position:
+            return position
+        try:
+            current = read_primary_position(self.primary.engine)
+        except Exception as exc:  # cannot tell: keep the token (its reads go to the primary)
+            log.debug("%s: cannot check a causal token: %s", self.name, type(exc).__name__)
+            return position
+        self.note_primary_position(current)
+        if position <= current:
+            return position
+        reject_position(position, primary=current, where=repr(self.name))
+        return current
 
     def _start_monitor(self) -> None:
         with self._state_lock:

@@ -389,3 +389,56 @@ def test_a_resumed_replica_serves_token_reads_again(
         port, visible = read_row(session, row_id)
     assert visible
     assert port in {r.port for r in cluster.replicas}
+
+
+FORGED = "FFFFFFFF/FFFFFFFF"
+
+
+def test_a_forged_token_is_ignored_once_seen_ahead_of_the_primary(
+    cluster: LocalCluster, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token ahead of the primary's own WAL position is ignored with one warning: reads
+    carrying it are served by replicas, and real commits made after it replace it."""
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        max_wait=2.0,  # room for the on-demand probe on a busy machine
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        ports = []
+        for _ in range(4):
+            with Session(causal_token=FORGED) as session:
+                ports.append(session.execute(READ).one()[0])
+        with ss.causal_context(FORGED) as ctx:
+            row_id, token = write_row(Session)
+            with Session() as reader:
+                port, visible = read_row(reader, row_id)
+    warnings = [r.getMessage() for r in caplog.records if "ignoring causal token" in r.getMessage()]
+    print(f"\nforged-token reads served by {ports}; warnings: {warnings}")
+    assert set(ports) <= {r.port for r in cluster.replicas}
+    assert len(warnings) == 1 and FORGED in warnings[0]
+    assert ctx.token == token != FORGED
+    assert visible and port in {cluster.primary.port, *(r.port for r in cluster.replicas)}
+    assert ss.newer_token(FORGED, token) == token
+    assert ss.newer_token(token, FORGED) == token
+
+
+def test_a_real_token_from_another_process_is_honoured(
+    cluster: LocalCluster, driver: str, paused: Callable[[PgNode], None]
+) -> None:
+    """A token committed through another ReplicaSet (as another process would), ahead of
+    everything this one has seen of the primary, is checked and honoured: no stale read."""
+    for replica in cluster.replicas:
+        paused(replica)
+    with (
+        ss.ReplicaSet(primary=cluster.primary.url(driver), monitor=False) as writer,
+        ss.ReplicaSet(
+            primary=cluster.primary.url(driver),
+            replicas=[r.url(driver) for r in cluster.replicas],
+        ) as reader,
+    ):
+        row_id, token = write_row(ss.routing_sessionmaker(writer))
+        with ss.routing_sessionmaker(reader)(causal_token=token) as session:
+            port, visible = read_row(session, row_id)
+            assert session.causal_token == token
+    assert (port, visible) == (cluster.primary.port, True)
