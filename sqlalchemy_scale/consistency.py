@@ -189,10 +189,17 @@ def current_causal_context() -> CausalContext | None:
 #: synchronous_commit = off`` is already undone when this runs, so the setting cannot be
 #: asked). At worst it is a little ahead of what has been flushed and streamed, and a read
 #: goes to the primary until the next WAL flush; it is never behind the commit. Also the
-#: block size, for :func:`reachable_position`.
+#: block size, for :func:`reachable_position`, the first time on a connection.
 WAL_POSITION_SQL: Final = (
     "SELECT pg_current_wal_insert_lsn()::text, current_setting('wal_block_size')::int"
 )
+#: The same position once the connection's server's block size is known (it is fixed when
+#: the server is built, and a connection talks to one server): ``current_setting()`` costs
+#: the server about as much as the rest of the statement.
+WAL_INSERT_SQL: Final = "SELECT pg_current_wal_insert_lsn()"
+
+# Key of the block size in a pooled connection's info (SQLAlchemy's ConnectionRecord.info).
+_BLOCK_SIZE: Final = "sqlalchemy_scale_wal_block_size"
 
 # Page header sizes (SizeOfXLogShortPHD, SizeOfXLogLongPHD).
 _PAGE_HEADERS: Final = (24, 40)
@@ -214,27 +221,34 @@ def read_primary_position(engine: Engine) -> int:
     """The primary's WAL position now (one round trip), as :data:`WAL_POSITION_SQL` reads it
     after a commit: no token a commit produced can be ahead of it."""
     with engine.connect() as conn:
-        return read_commit_lsn(conn.connection.dbapi_connection)
+        pooled = conn.connection
+        return read_commit_lsn(pooled.dbapi_connection, pooled.info)
 
 
-def read_commit_lsn(dbapi_connection: Any) -> int:
+def read_commit_lsn(dbapi_connection: Any, info: dict[Any, Any] | None = None) -> int:
     """Ask the primary for its WAL position on a connection whose transaction just committed.
 
     Runs in driver autocommit mode (a client-side switch for psycopg2 and psycopg 3), so
-    it costs exactly one round trip and leaves no transaction open behind it.
+    it costs exactly one round trip and leaves no transaction open behind it. ``info`` (the
+    pooled connection's) keeps the server's block size after the first call.
     """
+    block_size = info.get(_BLOCK_SIZE) if info is not None else None
     was_autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
     try:
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(WAL_POSITION_SQL)
+            cursor.execute(WAL_POSITION_SQL if block_size is None else WAL_INSERT_SQL)
             row = cursor.fetchone()
         finally:
             cursor.close()
     finally:
         dbapi_connection.autocommit = was_autocommit
-    return reachable_position(row[0], row[1])
+    if block_size is None:
+        block_size = int(row[1])
+        if info is not None:
+            info[_BLOCK_SIZE] = block_size
+    return reachable_position(str(row[0]), block_size)
 
 
 # -- hooks on a primary engine: commit position and commit outcome -------------------------
@@ -246,7 +260,9 @@ def read_commit_lsn(dbapi_connection: Any) -> int:
 #: message there. Sent by psycopg 3 connections of primary engines the ReplicaSet built
 #: (see :func:`install_primary_hooks`); psycopg2 keeps a separate round trip, because it
 #: tracks the transaction on the client and would send its own COMMIT after ours.
-COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_POSITION_SQL
+COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_INSERT_SQL
+# The same, the first time on a connection: with the server's block size.
+_FIRST_COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_POSITION_SQL
 
 
 class _Committer(Protocol):
@@ -297,33 +313,46 @@ def _in_commit(context: ExceptionContext) -> bool:
 def _positioned_connection_class() -> type[Any]:
     """A psycopg 3 connection whose commit() also reads the WAL position, when asked to.
 
-    psycopg 3's own commit() asks the server's transaction status and sends nothing on an
-    idle connection, so SQLAlchemy's later bookkeeping is unchanged; errors reach
-    SQLAlchemy from commit() as the driver's own would (wrapped, handle_error, invalidation).
+    The COMMIT and the position query go out as one simple-query message through libpq's
+    own ``PQexec`` (:meth:`psycopg.pq.PGconn.exec_`), which returns the last result: the
+    SELECT's row, or the error that stopped the message. Errors are raised as psycopg
+    raises them (:func:`psycopg.errors.error_from_result`), so SQLAlchemy wraps them,
+    calls handle_error and invalidates a lost connection as for the driver's own commit().
+    psycopg's later commit() finds the connection idle and sends nothing.
     """
     global _POSITIONED
     if _POSITIONED is None:
         import psycopg
-        from psycopg.pq import TransactionStatus
+        from psycopg.pq import ExecStatus, TransactionStatus
+
+        first, later = _FIRST_COMMIT_AND_POSITION_SQL.encode(), COMMIT_AND_POSITION_SQL.encode()
 
         class PositionedConnection(psycopg.Connection[Any]):
             # Set when a routing session's transaction begins on this connection; the
             # position is left for the session's after_commit hook.
             wants_position = False
             position: int | None = None
+            block_size: int | None = None
 
             def commit(self) -> None:
                 wanted, self.wants_position = self.wants_position, False
-                if not wanted or self.pgconn.transaction_status != TransactionStatus.INTRANS:
+                if (
+                    not wanted
+                    or self.closed
+                    or self.pgconn.transaction_status != TransactionStatus.INTRANS
+                ):
                     super().commit()
                     return
-                with psycopg.Cursor(self) as cursor:
-                    # prepare=False: a prepared statement cannot hold two commands.
-                    cursor.execute(COMMIT_AND_POSITION_SQL, prepare=False)
-                    cursor.nextset()  # the SELECT's row, after the COMMIT's empty result
-                    row = cursor.fetchone()
-                if row is not None:
-                    self.position = reachable_position(row[0], row[1])
+                block_size = self.block_size
+                with self.lock:
+                    result = self.pgconn.exec_(first if block_size is None else later)
+                if result.status != ExecStatus.TUPLES_OK:
+                    raise psycopg.errors.error_from_result(result, encoding=self.info.encoding)
+                if block_size is None:
+                    block_size = self.block_size = int(result.get_value(0, 1) or 0)
+                lsn = result.get_value(0, 0)
+                if lsn is not None and block_size:
+                    self.position = reachable_position(lsn.decode(), block_size)
 
             def rollback(self) -> None:
                 self.wants_position = False
@@ -405,7 +434,8 @@ def commit_position(conn: Connection | None) -> int | None:
     if conn is None or conn.invalidated or conn.closed:
         return None
     try:
-        return read_commit_lsn(conn.connection.dbapi_connection)
+        pooled = conn.connection
+        return read_commit_lsn(pooled.dbapi_connection, pooled.info)
     except Exception as exc:  # the commit succeeded; only the token is lost
         log.warning(
             "could not read the primary's WAL position after commit: %s", type(exc).__name__

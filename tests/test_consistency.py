@@ -18,7 +18,7 @@ from sqlalchemy.orm import sessionmaker
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.consistency import (
     COMMIT_AND_POSITION_SQL,
-    WAL_POSITION_SQL,
+    WAL_INSERT_SQL,
     format_lsn,
     parse_lsn,
 )
@@ -294,7 +294,7 @@ def test_token_capture_costs_no_round_trip_on_psycopg3(
         assert captured == [*baseline[:-1], COMMIT_AND_POSITION_SQL]
         assert baseline[-1] == "COMMIT"
     else:
-        assert captured == [*baseline, WAL_POSITION_SQL]
+        assert captured == [*baseline, WAL_INSERT_SQL]
 
 
 def test_an_asynchronous_commit_is_still_read_back(
