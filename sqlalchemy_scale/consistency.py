@@ -347,7 +347,12 @@ def _positioned_connection_class() -> type[Any]:
                 with self.lock:
                     result = self.pgconn.exec_(first if block_size is None else later)
                 if result.status != ExecStatus.TUPLES_OK:
-                    raise psycopg.errors.error_from_result(result, encoding=self.info.encoding)
+                    error = psycopg.errors.error_from_result(result, encoding=self.info.encoding)
+                    if self.closed and type(error) is psycopg.DatabaseError:
+                        # No SQLSTATE and the connection gone: psycopg's own commit() says
+                        # OperationalError here, and so do we.
+                        raise psycopg.OperationalError(str(error)) from None
+                    raise error
                 if block_size is None:
                     block_size = self.block_size = int(result.get_value(0, 1) or 0)
                 lsn = result.get_value(0, 0)

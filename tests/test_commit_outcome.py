@@ -162,13 +162,16 @@ def test_a_commit_refused_by_the_server_is_reported_as_failed(
     assert token is not None
 
 
+@pytest.mark.parametrize("via", ["direct", "pgbouncer"])
 def test_add_and_commit_lost_after_the_commit_record_is_outcome_unknown(
-    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str, via: str
 ) -> None:
     """session.add() + commit() whose connection is lost while COMMIT waits for a synchronous
     standby (the commit record is written) raises CommitOutcomeUnknown, and the row is there:
     the same exception for both outcomes, since the application cannot tell them apart."""
-    cluster = scale_cluster_factory(replicas=0, shards=0, pgbouncer=False)
+    cluster = scale_cluster_factory(
+        replicas=0, shards=0, pgbouncer="transaction" if via == "pgbouncer" else False
+    )
     primary = cluster.primary
     _install(primary)
     # No standby is called "nobody": every COMMIT waits after writing its commit record.
@@ -177,7 +180,11 @@ def test_add_and_commit_lost_after_the_commit_record_is_outcome_unknown(
     assert wait_until(
         lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
     )
-    with ss.ReplicaSet(primary=primary.url(driver), monitor=False) as replica_set:
+    if cluster.pgbouncer is not None:
+        target = {"primary": cluster.pgbouncer.url(driver), "pool": "pgbouncer-transaction"}
+    else:
+        target = {"primary": primary.url(driver)}
+    with ss.ReplicaSet(**target, monitor=False) as replica_set:
         Session = ss.routing_sessionmaker(replica_set)
         row_id = next(_ids)
         killer = _terminate_when(primary, "SyncRep")
