@@ -141,7 +141,10 @@ class CausalContext:
         already found ahead of its primary is ignored)."""
         if token is None:
             return
-        position = parse_lsn(token)
+        self.observe_position(parse_lsn(token))
+
+    def observe_position(self, position: int) -> None:
+        """:meth:`observe` for a WAL position given as an integer."""
         if _REJECTED and position in _REJECTED:
             return
         if self._position is None or position > self._position:

@@ -37,7 +37,6 @@ from .consistency import (
     CausalContext,
     commit_position,
     current_causal_context,
-    format_lsn,
     request_commit_position,
     take_commit_position,
 )
@@ -427,11 +426,10 @@ class RoutingSession(Session):
     # -- causal tokens -------------------------------------------------------------------
 
     def _record_commit(self, position: int) -> None:
-        token = format_lsn(position)
-        self._causal.observe(token)
+        self._causal.observe_position(position)
         ctx = current_causal_context()
         if ctx is not None:
-            ctx.observe(token)
+            ctx.observe_position(position)
 
     # -- execution: options in, replica failures handled -----------------------------------
 
