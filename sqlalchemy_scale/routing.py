@@ -407,10 +407,13 @@ class RoutingSession(Session):
         The replica's read-only transaction is ended first, and a failure there (its
         connection was lost) is logged and the connection discarded: rolling back a
         transaction that wrote nothing on the replica cannot lose anything, so it does
-        not raise.
+        not raise. (A ``with session.begin():`` block left by an exception rolls back
+        through SQLAlchemy's own transaction object, which this cannot reach: there a lost
+        replica connection still raises, chained to the block's exception.)
         """
         conn = self._replica_connection
-        if conn is not None and not conn.invalidated:
+        # (Not under a savepoint: SQLAlchemy rolls back to it first, on the replica too.)
+        if conn is not None and not conn.invalidated and self.get_nested_transaction() is None:
             try:
                 # The driver's own rollback: SQLAlchemy's rollback then finds the driver
                 # idle and sends nothing.

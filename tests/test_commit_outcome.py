@@ -260,3 +260,28 @@ def test_a_read_only_session_closes_quietly_after_losing_its_replica(
     print(f"\nlogged: {[r.getMessage() for r in failures]}")
     assert len(failures) == 4
     assert all(scale_cluster.password not in r.getMessage() for r in failures)
+
+
+@pytest.mark.usefixtures("schema")
+def test_savepoints_roll_back_with_a_replica_in_the_transaction(
+    scale_cluster: LocalCluster, replicas: ss.ReplicaSet
+) -> None:
+    """A transaction that read on a replica, then wrote under a savepoint, rolls back (the
+    savepoint and then the whole transaction) and commits as before: nothing stays written."""
+    Session = ss.routing_sessionmaker(replicas)
+    kept, undone = next(_ids), next(_ids)
+    with Session() as session:
+        assert session.execute(WHERE).one()[1] is True  # a replica's read
+        with session.begin_nested():
+            session.add(Item(id=kept, slow=False, fail=False))
+        savepoint = session.begin_nested()
+        session.add(Item(id=undone, slow=False, fail=False))
+        session.flush()
+        savepoint.rollback()
+        session.commit()
+    with Session() as session:
+        session.execute(WHERE)
+        with session.begin_nested():
+            session.add(Item(id=next(_ids), slow=False, fail=False))
+        session.rollback()
+    assert (_rows(scale_cluster.primary, kept), _rows(scale_cluster.primary, undone)) == (1, 0)
