@@ -8,7 +8,10 @@ reached the token has replayed that commit, so a read served by it sees the
 write. That is exact, unlike "stick to the primary for N seconds".
 
 Tokens are opaque to users, safe to hand to a client (they reveal only a WAL
-position) and comparable with :func:`newer_token`. They travel:
+position) and comparable with :func:`newer_token`. A client cannot use one to pin
+reads to the primary: a token ahead of the primary's own WAL position was made by no
+commit, and is logged once and ignored (:meth:`ReplicaSet.check_causal_position
+<sqlalchemy_scale.ReplicaSet.check_causal_position>`, :func:`reject_position`). They travel:
 
 - within a session: a :class:`~sqlalchemy_scale.RoutingSession` records its own
   commits (``session.causal_token``) and its later reads honour them;
