@@ -225,6 +225,7 @@ class RoutingSession(Session):
         # mode so that commit() never sends anything on it (see _replica_bind), and the
         # depth of this session's own execute() calls (only they get such a connection).
         self._replica_connection: Connection | None = None
+        self._replica_engine_used = False
         self._executing = 0
 
     # -- public state ------------------------------------------------------------------
@@ -317,8 +318,12 @@ class RoutingSession(Session):
         self._last_node = node
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s: %s", node.name, self.replica_set.name, reason)
-        if node.is_replica and self._executing:
-            return self._replica_bind(node)
+        if node.is_replica:
+            if self._executing and not self._replica_engine_used:
+                return self._replica_bind(node)
+            # Session may connect the engine itself now; it then refuses a second connection
+            # to the same engine in this transaction, so the rest of it uses the engine too.
+            self._replica_engine_used = self._replica_connection is None
         return node.engine
 
     def _replica_bind(self, node: Node) -> Engine | Connection:
@@ -400,6 +405,7 @@ class RoutingSession(Session):
         self._txn_statements = 0
         self._last_node = None
         self._primary_connection = None
+        self._replica_engine_used = False
 
     def rollback(self) -> None:
         """Roll back the current transaction (see :meth:`~sqlalchemy.orm.Session.rollback`).

@@ -285,3 +285,18 @@ def test_savepoints_roll_back_with_a_replica_in_the_transaction(
             session.add(Item(id=next(_ids), slow=False, fail=False))
         session.rollback()
     assert (_rows(scale_cluster.primary, kept), _rows(scale_cluster.primary, undone)) == (1, 0)
+
+
+def test_a_replica_reached_through_connection_stays_one_connection(
+    replicas: ss.ReplicaSet,
+) -> None:
+    """A transaction that first reached a replica through session.connection() with a
+    statement, then read through execute(), uses one replica connection: same backend."""
+    Session = ss.routing_sessionmaker(replicas)
+    with Session() as session:
+        conn = session.connection(bind_arguments={"clause": WHERE})
+        first = conn.execute(select(func.pg_backend_pid(), func.pg_is_in_recovery())).one()
+        second = session.execute(select(func.pg_backend_pid(), func.pg_is_in_recovery())).one()
+        session.commit()
+    assert first == second
+    assert first[1] is True
