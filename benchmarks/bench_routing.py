@@ -5,9 +5,13 @@
 - one ``get_bind`` decision for a SELECT (target < 5 us);
 - causal routing on reads (token already replayed) against plain routing (target: same,
   within noise: no extra round trip);
-- one write transaction with causal-token capture against one without (target: at most
-  one extra round trip; ``tests/test_consistency.py`` counts the statements in the
-  server's own log).
+- one write transaction with causal-token capture against one without, per driver
+  (target <= 1.05: on psycopg 3 the position query travels with the COMMIT; psycopg2
+  keeps one extra round trip, see ``consistency.COMMIT_AND_POSITION_SQL``;
+  ``tests/test_consistency.py`` counts the statements in the server's own log);
+- a primary-key lookup carrying a causal token while WAL replay is paused on the replica
+  against the same lookup through a plain ``Session`` on the primary (target <= 1.2: the
+  read goes to the primary at once instead of waiting ``max_wait`` for the replica).
 
 Machines here are noisy: compare the ratios printed at the end of the module, measured
 in one run, rather than absolute times across runs.
@@ -156,18 +160,50 @@ def _write(factory: Any) -> Any:
     return run
 
 
-def test_write_with_token_vs_plain(
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_write_with_token_vs_plain(benchmark: Any, cluster: LocalCluster, driver: str) -> None:
+    """One write transaction through RoutingSession (capturing the causal token) vs a plain
+    Session on the primary, on each driver."""
+    engine = create_engine(cluster.primary.url(driver))
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver), replicas=[cluster.replicas[0].url(driver)]
+    ) as replica_set:
+        routed = _write(ss.routing_sessionmaker(replica_set))
+        RESULTS[f"write routed / plain ({driver})"] = interleaved_ratio(
+            routed, _write(sessionmaker(engine)), pairs=600
+        )
+        benchmark(routed)
+    engine.dispose()
+
+
+def test_token_read_replay_paused_vs_primary(
     benchmark: Any, replica_set: ss.ReplicaSet, cluster: LocalCluster
 ) -> None:
-    """One write transaction through RoutingSession (capturing the causal token) vs a plain
-    Session on the primary."""
-    engine = create_engine(cluster.primary.url())
-    routed = _write(ss.routing_sessionmaker(replica_set))
-    RESULTS["write routed / plain"] = interleaved_ratio(
-        routed, _write(sessionmaker(engine)), pairs=400
-    )
-    benchmark(routed)
-    engine.dispose()
+    """A PK lookup carrying a token the paused replica has not replayed vs a plain Session's
+    lookup on the primary: the token read must not wait for the replica."""
+    replica = cluster.replicas[0]
+    with ss.routing_sessionmaker(replica_set)() as session:
+        session.get(Account, 1)  # starts the monitor
+    replica.pause_replay()
+    try:
+        with ss.routing_sessionmaker(replica_set)() as session:
+            session.execute(text("UPDATE bench_accounts SET name = 'paused' WHERE id = 1"))
+            session.commit()
+            token = session.causal_token
+        deadline = time.monotonic() + 10
+        while not replica_set.replicas[0].replay_stalled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert replica_set.replicas[0].replay_stalled
+        engine = create_engine(cluster.primary.url())
+        causal = _lookup(ss.routing_sessionmaker(replica_set, causal_token=token))
+        RESULTS["token read, replay paused / primary"] = interleaved_ratio(
+            causal, _lookup(sessionmaker(engine))
+        )
+        benchmark(causal)
+        engine.dispose()
+    finally:
+        replica.resume_replay()
+        replica.wait_for_replay()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -177,7 +213,9 @@ def report(request: pytest.FixtureRequest) -> Iterator[None]:
     targets = {
         "pk routed / plain": "target <= 1.05",
         "pk causal / routed": "target ~1.0: no extra round trip",
-        "write routed / plain": "one extra round trip: the token's SELECT after COMMIT",
+        "write routed / plain (psycopg2)": "target <= 1.05; psycopg2 keeps the SELECT after COMMIT",
+        "write routed / plain (psycopg)": "target <= 1.05: the SELECT travels with the COMMIT",
+        "token read, replay paused / primary": "target <= 1.2: no wait for a paused replica",
     }
     lines = ["", "routing benchmarks: ratios of medians, both sides timed alternately in this run"]
     for name, (ratio, a, b) in RESULTS.items():

@@ -75,6 +75,13 @@ class ProcessPosition:
         if key not in self._wrote:
             return
         self._wrote.discard(key)
+        # Read with the COMMIT itself when the connection can (psycopg 3, see
+        # consistency.request_commit_position); else one more round trip.
+        pipelined = getattr(dbapi_connection, "position", None)
+        if isinstance(pipelined, int):
+            self._last[key] = pipelined
+            self.observe(pipelined)
+            return
         try:
             position = read_commit_lsn(dbapi_connection)
         except Exception as exc:  # committed; only the position is lost

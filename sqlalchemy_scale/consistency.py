@@ -8,7 +8,10 @@ reached the token has replayed that commit, so a read served by it sees the
 write. That is exact, unlike "stick to the primary for N seconds".
 
 Tokens are opaque to users, safe to hand to a client (they reveal only a WAL
-position) and comparable with :func:`newer_token`. They travel:
+position) and comparable with :func:`newer_token`. A client cannot use one to pin
+reads to the primary: a token ahead of the primary's own WAL position was made by no
+commit, and is logged once and ignored (:meth:`ReplicaSet.check_causal_position
+<sqlalchemy_scale.ReplicaSet.check_causal_position>`, :func:`reject_position`). They travel:
 
 - within a session: a :class:`~sqlalchemy_scale.RoutingSession` records its own
   commits (``session.causal_token``) and its later reads honour them;
@@ -27,16 +30,20 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.interfaces import ExceptionContext
 
 from .errors import CommitOutcomeUnknown, ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import SessionTransaction
 
 log = logging.getLogger("sqlalchemy_scale.consistency")
 
@@ -74,12 +81,43 @@ def format_lsn(position: int) -> str:
 
 
 def newer_token(a: str | None, b: str | None) -> str | None:
-    """The later of two tokens (None counts as older than any token)."""
-    if a is None:
+    """The later of two tokens (None counts as older than any token).
+
+    A token already found ahead of its primary (see :func:`reject_position`) counts as
+    None, so a forged token cannot outlive the real ones that follow it.
+    """
+    if a is None or (_REJECTED and parse_lsn(a) in _REJECTED):
         return b
-    if b is None:
+    if b is None or (_REJECTED and parse_lsn(b) in _REJECTED):
         return a
     return a if parse_lsn(a) >= parse_lsn(b) else b
+
+
+# Positions of tokens found ahead of their primary's own WAL position: no commit made them
+# (forged, or from another cluster). Kept, bounded, so they are ignored wherever they turn
+# up again and warned about once.
+_REJECTED: dict[int, None] = {}
+_REJECTED_MAX: Final = 1024
+_REJECTED_LOCK = threading.Lock()
+
+
+def reject_position(position: int, *, primary: int, where: str) -> None:
+    """Remember that a token's position is ahead of its primary (at ``primary``); the first
+    time, log a warning. Such a token is ignored from then on."""
+    with _REJECTED_LOCK:
+        if position in _REJECTED:
+            return
+        if len(_REJECTED) >= _REJECTED_MAX:
+            del _REJECTED[next(iter(_REJECTED))]
+        _REJECTED[position] = None
+    log.warning(
+        "ignoring causal token %s: it is ahead of the WAL position of the primary of %s (%s), "
+        "so no commit produced it (forged, or from another cluster); reads use the "
+        "primary's position instead",
+        format_lsn(position),
+        where,
+        format_lsn(primary),
+    )
 
 
 class CausalContext:
@@ -102,11 +140,24 @@ class CausalContext:
         return self._position
 
     def observe(self, token: str | None) -> None:
-        """Advance the context to ``token`` if it is newer (invalid tokens raise)."""
+        """Advance the context to ``token`` if it is newer (invalid tokens raise; a token
+        already found ahead of its primary is ignored)."""
         if token is None:
             return
-        position = parse_lsn(token)
+        self.observe_position(parse_lsn(token))
+
+    def observe_position(self, position: int) -> None:
+        """:meth:`observe` for a WAL position given as an integer."""
+        if _REJECTED and position in _REJECTED:
+            return
         if self._position is None or position > self._position:
+            self._position = position
+            self.token = format_lsn(position)
+
+    def cap(self, position: int) -> None:
+        """Bring the context back to ``position`` (the primary's own) if it is ahead of it:
+        its token was one no commit produced."""
+        if self._position is not None and self._position > position:
             self._position = position
             self.token = format_lsn(position)
 
@@ -144,10 +195,17 @@ def current_causal_context() -> CausalContext | None:
 #: synchronous_commit = off`` is already undone when this runs, so the setting cannot be
 #: asked). At worst it is a little ahead of what has been flushed and streamed, and a read
 #: goes to the primary until the next WAL flush; it is never behind the commit. Also the
-#: block size, for :func:`reachable_position`.
+#: block size, for :func:`reachable_position`, the first time on a connection.
 WAL_POSITION_SQL: Final = (
     "SELECT pg_current_wal_insert_lsn()::text, current_setting('wal_block_size')::int"
 )
+#: The same position once the connection's server's block size is known (it is fixed when
+#: the server is built, and a connection talks to one server): ``current_setting()`` costs
+#: the server about as much as the rest of the statement.
+WAL_INSERT_SQL: Final = "SELECT pg_current_wal_insert_lsn()"
+
+# Key of the block size in a pooled connection's info (SQLAlchemy's ConnectionRecord.info).
+_BLOCK_SIZE: Final = "sqlalchemy_scale_wal_block_size"
 
 # Page header sizes (SizeOfXLogShortPHD, SizeOfXLogLongPHD).
 _PAGE_HEADERS: Final = (24, 40)
@@ -165,58 +223,192 @@ def reachable_position(lsn: str, block_size: int) -> int:
     return value - offset if offset in _PAGE_HEADERS else value
 
 
-def read_commit_lsn(dbapi_connection: Any) -> int:
+def read_primary_position(engine: Engine) -> int:
+    """The primary's WAL position now (one round trip), as :data:`WAL_POSITION_SQL` reads it
+    after a commit: no token a commit produced can be ahead of it."""
+    with engine.connect() as conn:
+        pooled = conn.connection
+        return read_commit_lsn(pooled.dbapi_connection, pooled.info)
+
+
+def read_commit_lsn(dbapi_connection: Any, info: dict[Any, Any] | None = None) -> int:
     """Ask the primary for its WAL position on a connection whose transaction just committed.
 
     Runs in driver autocommit mode (a client-side switch for psycopg2 and psycopg 3), so
-    it costs exactly one round trip and leaves no transaction open behind it.
+    it costs exactly one round trip and leaves no transaction open behind it. ``info`` (the
+    pooled connection's) keeps the server's block size after the first call.
     """
+    block_size = info.get(_BLOCK_SIZE) if info is not None else None
     was_autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
     try:
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(WAL_POSITION_SQL)
+            cursor.execute(WAL_POSITION_SQL if block_size is None else WAL_INSERT_SQL)
             row = cursor.fetchone()
         finally:
             cursor.close()
     finally:
         dbapi_connection.autocommit = was_autocommit
-    return reachable_position(row[0], row[1])
+    if block_size is None:
+        block_size = int(row[1])
+        if info is not None:
+            info[_BLOCK_SIZE] = block_size
+    return reachable_position(str(row[0]), block_size)
 
 
 # -- hooks on a primary engine: commit position and commit outcome -------------------------
 
-# The primary Connection of a routing session whose commit is in progress in this context.
-# Set by the session's before_commit hook and cleared when its transaction ends; a COMMIT
-# that fails on exactly this connection is the one whose outcome may be unknown.
-_COMMITTING: ContextVar[Connection | None] = ContextVar("sqlalchemy_scale_committing", default=None)
+#: COMMIT and the position query in one simple-query message: the server finishes the
+#: COMMIT (commit record written and flushed, synchronous standbys waited for) before it
+#: runs the SELECT, so the position is read past the commit record exactly as when
+#: :data:`WAL_POSITION_SQL` is sent after the COMMIT. A COMMIT that fails stops the
+#: message there. Sent by psycopg 3 connections of primary engines the ReplicaSet built
+#: (see :func:`install_primary_hooks`); psycopg2 keeps a separate round trip, because it
+#: tracks the transaction on the client and would send its own COMMIT after ours.
+COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_INSERT_SQL
+# The same, the first time on a connection: with the server's block size.
+_FIRST_COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_POSITION_SQL
 
 
-def install_primary_hooks(engine: Engine, *, set_name: str, node_name: str) -> None:
-    """Listen on a primary's engine so that a connection lost during COMMIT raises
-    :class:`~sqlalchemy_scale.CommitOutcomeUnknown`.
+class _Committer(Protocol):
+    """What the error hook needs from the routing session whose commit is in progress."""
 
-    ``handle_error`` is a dialect event, consulted only when an error happens, so the
-    statement fast path is untouched (connection-level events would slow every statement).
+    _primary_connection: Connection | None
+
+    def get_transaction(self) -> SessionTransaction | None: ...
+
+
+# The routing session whose outermost commit is in progress in this context: set by its
+# before_commit hook (which fires before the flush that may open the primary connection),
+# cleared when its transaction ends.
+_COMMITTING: ContextVar[_Committer | None] = ContextVar("sqlalchemy_scale_committing", default=None)
+
+# SQLSTATE classes that say the connection, not the transaction, failed: 08 connection
+# exception (PgBouncer's "server conn crashed?" is 08P01), 57 operator intervention
+# (57P01 pg_terminate_backend, 57014 cancel). At COMMIT they leave the outcome unknown:
+# the commit record may already be written.
+_LOST_CLASSES: Final = ("08", "57")
+
+
+def _connection_lost(context: ExceptionContext) -> bool:
+    if context.is_disconnect:
+        return True
+    orig = context.original_exception
+    sqlstate = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    return sqlstate is None or str(sqlstate)[:2] in _LOST_CLASSES
+
+
+def _in_commit(context: ExceptionContext) -> bool:
+    """Whether an error on a primary is its routing session's COMMIT failing.
+
+    The driver's commit() fails with no statement; so does a ROLLBACK. They are told apart
+    by the session's transaction: SQLAlchemy commits connections only once the transaction
+    is prepared (flushed, no longer active), and in that state it sends nothing else on a
+    connection whose commit has not yet failed.
+    """
+    if context.statement is not None or context.connection is None:
+        return False
+    committer = _COMMITTING.get()
+    if committer is None or committer._primary_connection is not context.connection:
+        return False
+    transaction = committer.get_transaction()
+    return transaction is not None and not transaction.is_active
+
+
+def _positioned_connection_class() -> type[Any]:
+    """A psycopg 3 connection whose commit() also reads the WAL position, when asked to.
+
+    The COMMIT and the position query go out as one simple-query message through libpq's
+    own ``PQexec`` (:meth:`psycopg.pq.PGconn.exec_`), which returns the last result: the
+    SELECT's row, or the error that stopped the message. Errors are raised as psycopg
+    raises them (:func:`psycopg.errors.error_from_result`), so SQLAlchemy wraps them,
+    calls handle_error and invalidates a lost connection as for the driver's own commit().
+    psycopg's later commit() finds the connection idle and sends nothing.
+    """
+    global _POSITIONED
+    if _POSITIONED is None:
+        import psycopg
+        from psycopg.pq import ExecStatus, TransactionStatus
+
+        first, later = _FIRST_COMMIT_AND_POSITION_SQL.encode(), COMMIT_AND_POSITION_SQL.encode()
+
+        class PositionedConnection(psycopg.Connection[Any]):
+            # Set when a routing session's transaction begins on this connection; the
+            # position is left for the session's after_commit hook.
+            wants_position = False
+            position: int | None = None
+            block_size: int | None = None
+
+            def commit(self) -> None:
+                wanted, self.wants_position = self.wants_position, False
+                if (
+                    not wanted
+                    or self.closed
+                    or self.pgconn.transaction_status != TransactionStatus.INTRANS
+                ):
+                    super().commit()
+                    return
+                block_size = self.block_size
+                with self.lock:
+                    result = self.pgconn.exec_(first if block_size is None else later)
+                if result.status != ExecStatus.TUPLES_OK:
+                    error = psycopg.errors.error_from_result(result, encoding=self.info.encoding)
+                    if self.closed and type(error) is psycopg.DatabaseError:
+                        # No SQLSTATE and the connection gone: psycopg's own commit() says
+                        # OperationalError here, and so do we.
+                        raise psycopg.OperationalError(str(error)) from None
+                    raise error
+                if block_size is None:
+                    block_size = self.block_size = int(result.get_value(0, 1) or 0)
+                lsn = result.get_value(0, 0)
+                if lsn is not None and block_size:
+                    self.position = reachable_position(lsn.decode(), block_size)
+
+            def rollback(self) -> None:
+                self.wants_position = False
+                super().rollback()
+
+        _POSITIONED = PositionedConnection
+    return _POSITIONED
+
+
+_POSITIONED: type[Any] | None = None
+
+
+def request_commit_position(conn: Connection) -> None:
+    """Ask ``conn``'s driver connection to read the WAL position with its next COMMIT
+    (a no-op unless :func:`install_primary_hooks` gave it that ability)."""
+    dbapi_connection = conn.connection.dbapi_connection
+    if _POSITIONED is not None and isinstance(dbapi_connection, _POSITIONED):
+        dbapi_connection.wants_position = True
+        dbapi_connection.position = None
+
+
+def install_primary_hooks(
+    engine: Engine, *, set_name: str, node_name: str, owns_engine: bool = False
+) -> None:
+    """Listen on a primary's engine so that a connection lost during a routing session's
+    COMMIT raises :class:`~sqlalchemy_scale.CommitOutcomeUnknown`, and, on a psycopg 3
+    engine the ReplicaSet built itself (``owns_engine``), open connections whose COMMIT
+    carries the WAL position query (:data:`COMMIT_AND_POSITION_SQL`).
+
+    Both are dialect events (``handle_error`` runs only when an error happens,
+    ``do_connect`` only for a new connection): connection-level events would put every
+    statement on SQLAlchemy's event-dispatching path, which costs a write transaction
+    more than the round trip saved. A ``do_connect`` listener that returns a connection
+    ends the chain, so listeners added to such an engine *after* the ReplicaSet was
+    built do not run; add them to an engine you build and pass in instead.
     """
 
     def on_error(context: ExceptionContext) -> BaseException | None:
-        # A failed COMMIT reaches handle_error with no statement. A lost connection at that
-        # moment leaves the outcome unknown: the server may have committed before it went.
-        if (
-            context.engine is not engine
-            or context.statement is not None
-            or context.connection is None
-            or _COMMITTING.get() is not context.connection
-        ):
+        # A lost connection during COMMIT leaves the outcome unknown: the server may have
+        # committed before it went.
+        if context.engine is not engine or not _in_commit(context):
+            return None
+        if not _connection_lost(context):
             return None
         orig = context.original_exception
-        lost = context.is_disconnect or (
-            getattr(orig, "pgcode", None) is None and getattr(orig, "sqlstate", None) is None
-        )
-        if not lost:
-            return None
         return CommitOutcomeUnknown(
             f"the connection to primary {node_name!r} of {set_name!r} was lost during COMMIT; "
             "the transaction may or may not have committed. Read back what it wrote to "
@@ -226,6 +418,25 @@ def install_primary_hooks(engine: Engine, *, set_name: str, node_name: str) -> N
         )
 
     event.listen(engine, "handle_error", on_error)
+    if owns_engine and engine.dialect.driver == "psycopg":
+        connection_class = _positioned_connection_class()
+
+        def on_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+            return connection_class.connect(*cargs, **cparams)
+
+        event.listen(engine, "do_connect", on_connect)
+
+
+def take_commit_position(conn: Connection | None) -> int | None:
+    """The WAL position read with the COMMIT just made on ``conn``, if it was."""
+    if conn is None or conn.invalidated or conn.closed:
+        return None
+    dbapi_connection = conn.connection.dbapi_connection
+    if _POSITIONED is None or not isinstance(dbapi_connection, _POSITIONED):
+        return None
+    position: int | None = dbapi_connection.position
+    dbapi_connection.position = None
+    return position
 
 
 def commit_position(conn: Connection | None) -> int | None:
@@ -234,7 +445,8 @@ def commit_position(conn: Connection | None) -> int | None:
     if conn is None or conn.invalidated or conn.closed:
         return None
     try:
-        return read_commit_lsn(conn.connection.dbapi_connection)
+        pooled = conn.connection
+        return read_commit_lsn(pooled.dbapi_connection, pooled.info)
     except Exception as exc:  # the commit succeeded; only the token is lost
         log.warning(
             "could not read the primary's WAL position after commit: %s", type(exc).__name__

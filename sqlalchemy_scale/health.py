@@ -318,6 +318,8 @@ class HealthMonitor:
                 return
             primary_answer = self._outcome(futures[primary.node.name])
             primary_lsn = self._apply_primary(primary, primary_answer, now)
+            if primary_lsn is not None:
+                replica_set.note_primary_position(primary_lsn)
             for node in due:
                 answer = self._outcome(futures[node.name])
                 self._apply_replica(replica_set, node, answer, primary_lsn, now)
@@ -369,12 +371,16 @@ class HealthMonitor:
             self._apply_writable(replica_set, node, probe, answer, now)
             return
         probe.server_role = "replica"
+        advanced = node.replay_lsn is None or answer.lsn > node.replay_lsn
         self._observe_lsn(node, probe, answer.lsn)
         if primary_lsn is None:
             probe.lag_bytes = probe.lag_seconds = None
         else:
             probe.lag_bytes = max(0, primary_lsn - answer.lsn)
             probe.lag_seconds = self._lag_seconds(answer.lsn, now)
+        # Behind the primary and not replaying (paused, or stuck on a conflict): routing
+        # sends causal reads it cannot serve to the primary at once instead of waiting.
+        node.replay_stalled = bool(probe.lag_bytes) and not advanced
         if answer.receiver is not None:
             probe.has_streamed = True
         too_far = self._too_far_behind(probe) or self._not_receiving(probe, primary_lsn)
@@ -498,6 +504,7 @@ class HealthMonitor:
         # Monotonic: a late answer must not move the position backwards.
         if node.replay_lsn is None or lsn > node.replay_lsn:
             node.replay_lsn = lsn
+            node.replay_stalled = False
 
     def _fail(self, probe: _Probe, exc: BaseException, now: float) -> None:
         probe.last_error = _describe(exc)

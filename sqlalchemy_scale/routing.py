@@ -37,7 +37,7 @@ from .consistency import (
     _COMMITTING,
     CausalContext,
     current_causal_context,
-    format_lsn,
+    request_commit_position,
 )
 from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import ConfigurationError, NodeUnavailableError, ReplicaWriteError
@@ -78,6 +78,11 @@ _DEFINITE_WRITES: Final = frozenset({"flush", "write", "ddl", "locking read"})
 _WRITING_REASONS: Final = frozenset(
     {"flush", "write", "ddl", "locking read", "text", "unknown statement kind"}
 )
+
+
+# Session.join_transaction_mode values under which a connection handed over inside a
+# transaction is joined without being committed (SQLAlchemy's default is the first).
+_JOINS_ROLLBACK_ONLY: Final = frozenset({"conditional_savepoint", "rollback_only"})
 
 
 # Functions that write (or need a transaction id) when selected: `SELECT nextval('s')`.
@@ -215,9 +220,15 @@ class RoutingSession(Session):
         self._txn_statements = 0
         self._last_node: Node | None = None
         self._primary_connection: Connection | None = None
-        self._committing: Token[Connection | None] | None = None
         #: Why this transaction's reads fell back to the primary (for logs and listeners).
         self._fallback_reason = "fallback: no usable replica"
+        self._committing: Token[Any] | None = None
+        # The transaction's replica connection, joined to the session in "rollback_only"
+        # mode so that commit() never sends anything on it (see _replica_bind), and the
+        # depth of this session's own execute() calls (only they get such a connection).
+        self._replica_connection: Connection | None = None
+        self._replica_engine_used = False
+        self._executing = 0
 
     # -- public state ------------------------------------------------------------------
 
@@ -317,7 +328,35 @@ class RoutingSession(Session):
                 notify(
                     listeners, RoutingDecision(self, self.replica_set, node, reason, kind, clause)
                 )
+        if node.is_replica:
+            if self._executing and not self._replica_engine_used:
+                return self._replica_bind(node)
+            # Session may connect the engine itself now; it then refuses a second connection
+            # to the same engine in this transaction, so the rest of it uses the engine too.
+            self._replica_engine_used = self._replica_connection is None
         return node.engine
+
+    def _replica_bind(self, node: Node) -> Engine | Connection:
+        """The transaction's connection to its replica, already in a transaction.
+
+        Session joins a connection handed to it inside a transaction in "rollback_only"
+        mode: its commit() commits only the primary, and close() leaves the replica's
+        read-only transaction to :meth:`_end_transaction`, which ends it and ignores a
+        failure (nothing was written there). So a replica that fails can neither decide
+        nor obscure the outcome of the primary's COMMIT, whatever order SQLAlchemy would
+        commit the session's connections in, and a read-only session does not raise at
+        close. Only for this session's own statements: a bare ``get_bind()`` has no side
+        effects, and a session that would commit joined connections (another
+        ``join_transaction_mode``) gets the engine as before.
+        """
+        conn = self._replica_connection
+        if conn is None:
+            if self.join_transaction_mode not in _JOINS_ROLLBACK_ONLY:
+                return node.engine
+            conn = node.engine.connect()
+            conn.begin()  # nothing is sent yet: the driver begins with the first statement
+            self._replica_connection = conn
+        return conn
 
     def close(self) -> None:
         """Close the session; a server lost while its transaction is being discarded (the
@@ -357,6 +396,18 @@ class RoutingSession(Session):
             return own
         return ctx.position if own is None else max(own, ctx.position)
 
+    def _checked_causal_position(self) -> int | None:
+        position = self._causal_position()
+        if position is None:
+            return None
+        checked = self.replica_set.check_causal_position(position)
+        if checked != position:  # a token ahead of the primary: drop it where it is kept
+            self._causal.cap(checked)
+            ctx = current_causal_context()
+            if ctx is not None:
+                ctx.cap(checked)
+        return checked
+
     def _node_for(self, role: Role) -> Node:
         replica_set = self.replica_set
         if role == "primary":
@@ -364,7 +415,7 @@ class RoutingSession(Session):
             return replica_set.primary
         node = self._txn_replica
         if node is None:
-            position = self._causal_position()
+            position = self._checked_causal_position()
             node = replica_set.choose_replica(position)
             if node is None:
                 # The rest of this transaction reads from the primary too: no second
@@ -378,20 +429,48 @@ class RoutingSession(Session):
         return node
 
     def _end_transaction(self) -> None:
+        if self._replica_connection is not None:
+            conn, self._replica_connection = self._replica_connection, None
+            _end_read_only(conn, self._where(self._txn_replica))
         self._has_written = False
         self._txn_replica = None
         self._txn_statements = 0
         self._last_node = None
         self._primary_connection = None
+        self._replica_engine_used = False
+
+    def rollback(self) -> None:
+        """Roll back the current transaction (see :meth:`~sqlalchemy.orm.Session.rollback`).
+
+        The replica's read-only transaction is ended first, and a failure there (its
+        connection was lost) is logged and the connection discarded: rolling back a
+        transaction that wrote nothing on the replica cannot lose anything, so it does
+        not raise. (A ``with session.begin():`` block left by an exception rolls back
+        through SQLAlchemy's own transaction object, which this cannot reach: there a lost
+        replica connection still raises, chained to the block's exception.)
+        """
+        conn = self._replica_connection
+        # (Not under a savepoint: SQLAlchemy rolls back to it first, on the replica too.)
+        if conn is not None and not conn.invalidated and self.get_nested_transaction() is None:
+            try:
+                # The driver's own rollback: SQLAlchemy's rollback then finds the driver
+                # idle and sends nothing.
+                conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+            except Exception as exc:
+                _log_read_only_failure(self._where(self._txn_replica), exc)
+                conn.invalidate()
+        super().rollback()
+
+    def _where(self, node: Node | None) -> str:
+        return f"replica {node.name if node is not None else '?'} of {self.replica_set.name!r}"
 
     # -- causal tokens -------------------------------------------------------------------
 
     def _record_commit(self, position: int) -> None:
-        token = format_lsn(position)
-        self._causal.observe(token)
+        self._causal.observe_position(position)
         ctx = current_causal_context()
         if ctx is not None:
-            ctx.observe(token)
+            ctx.observe_position(position)
 
     # -- execution: options in, replica failures handled -----------------------------------
 
@@ -412,11 +491,15 @@ class RoutingSession(Session):
         self, method: Callable[..., Any], statement: Any, params: Any, kw: dict[str, Any]
     ) -> Any:
         kw = _with_call_options(kw)
+        self._executing += 1
         try:
+            try:
+                return method(statement, params, **kw)
+            except (DBAPIError, OSError) as exc:  # OSError: asyncpg's refused connect, unwrapped
+                self._after_failure(exc)  # raises unless the statement may run once more
             return method(statement, params, **kw)
-        except (DBAPIError, OSError) as exc:  # OSError: asyncpg's refused connect, unwrapped
-            self._after_failure(exc)  # raises unless the statement may run once more
-        return method(statement, params, **kw)
+        finally:
+            self._executing -= 1
 
     def _after_failure(self, exc: DBAPIError | OSError) -> None:
         """Return to retry the statement once; raise otherwise.
@@ -442,8 +525,8 @@ class RoutingSession(Session):
             and not (self.new or self.dirty or self.deleted)
             # Only a transaction the session began by itself may be rolled back and begun
             # again; one opened by `with session.begin():` belongs to the caller's block.
-            and transaction is not None
-            and transaction.origin is SessionTransactionOrigin.AUTOBEGIN
+            # (None: the replica's connection failed before the transaction began.)
+            and (transaction is None or transaction.origin is SessionTransactionOrigin.AUTOBEGIN)
         )
         if not retryable:
             raise NodeUnavailableError(
@@ -460,7 +543,35 @@ class RoutingSession(Session):
             type(getattr(exc, "orig", exc)).__name__,
         )
         node.count_retry()
-        self.rollback()
+        if transaction is None:
+            self._end_transaction()  # nothing began: only the routing state to reset
+        else:
+            self.rollback()
+
+
+def _end_read_only(conn: Connection, where: str) -> None:
+    """End a replica connection's read-only transaction and return it to its pool.
+
+    A ROLLBACK that fails (the replica's backend was terminated, the server went away)
+    loses nothing: the connection is discarded, the failure logged, and nothing raised.
+    """
+    try:
+        conn.close()  # ROLLBACK, then back to the pool
+    except DBAPIError as exc:
+        _log_read_only_failure(where, exc)
+        if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
+            conn.invalidate()
+            conn.close()
+
+
+def _log_read_only_failure(where: str, exc: BaseException) -> None:
+    orig = getattr(exc, "orig", None) or exc
+    log.warning(
+        "ending a read-only transaction on %s failed (%s); nothing was lost, the connection "
+        "is discarded",
+        where,
+        type(orig).__name__,
+    )
 
 
 def _is_node_failure(exc: DBAPIError | OSError) -> bool:
@@ -503,6 +614,8 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
         and connection.engine is session.replica_set.primary.engine
     ):
         session._primary_connection = connection
+        if session.replica_set.read_your_writes != "off":
+            request_commit_position(connection)
 
 
 # before_commit and after_commit also fire when a savepoint is released
@@ -516,7 +629,7 @@ def _before_commit(session: Session) -> None:
         and session.get_nested_transaction() is None
         and session._committing is None
     ):
-        session._committing = _COMMITTING.set(session._primary_connection)
+        session._committing = _COMMITTING.set(session)
 
 
 @event.listens_for(RoutingSession, "after_commit")
@@ -529,6 +642,7 @@ def _after_commit(session: Session) -> None:
         return
     position = session.replica_set.position_after_commit(session._primary_connection)
     if position is not None:
+        session.replica_set.note_primary_position(position)
         session._record_commit(position)
 
 

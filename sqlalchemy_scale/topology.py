@@ -39,7 +39,13 @@ from sqlalchemy.util.concurrency import greenlet_spawn
 
 from ._async_bridge import pause, run_blocking
 from ._process_position import ProcessPosition, ReadYourWrites, install_process_position
-from .consistency import commit_position, install_primary_hooks
+from .consistency import (
+    commit_position,
+    install_primary_hooks,
+    read_primary_position,
+    reject_position,
+    take_commit_position,
+)
 from .decisions import DecisionListener
 from .errors import ConfigurationError, ReplicaWriteError, render_url
 from .health import PROBING, HealthMonitor, NodeHealth
@@ -53,6 +59,9 @@ EngineTarget = str | URL | Engine | AsyncEngine
 log = logging.getLogger("sqlalchemy_scale.topology")
 
 _Listener = TypeVar("_Listener", bound=DecisionListener)
+# A replica further behind a causal token than this is not waited for: replaying 16 MiB
+# of WAL takes far longer than max_wait's few milliseconds.
+_CATCH_UP_BYTES = 16 * 1024 * 1024
 
 # SQLSTATE 25006: read_only_sql_transaction ("cannot execute INSERT in a read-only transaction").
 _READ_ONLY_SQLSTATE = "25006"
@@ -76,6 +85,9 @@ class Node:
         self.replay_lsn: int | None = None
         #: True while the circuit breaker is open (the node failed and has not answered since).
         self.is_down = False
+        #: True when the monitor last saw this replica behind the primary without having
+        #: replayed anything since its previous look (replay paused or stuck).
+        self.replay_stalled = False
         self._lock = threading.Lock()
         self._statements = 0
         self._fallbacks = 0
@@ -344,6 +356,10 @@ class ReplicaSet:
         #: Listeners called with every routing decision (see :meth:`on_decision`); a tuple,
         #: so routing reads it without a lock and an empty one costs a truth test.
         self.decision_listeners: tuple[DecisionListener, ...] = ()
+        # The highest WAL position the primary is known to have reached (its monitor's
+        # samples, the commits of routing sessions, check_causal_position): a causal token
+        # up to it needs no check.
+        self._primary_position = 0
         _REPLICA_SETS.add(self)
         if self.monitor is not None:
             # Dropped without dispose(): stop the monitor thread and close its connections
@@ -426,7 +442,7 @@ class ReplicaSet:
         if engine.dialect.name != "postgresql":
             raise ConfigurationError(f"{where}: {render_url(engine)} is not a PostgreSQL engine")
         if role == "primary":
-            install_primary_hooks(engine, set_name=self.name, node_name=node_name)
+            install_primary_hooks(engine, set_name=self.name, node_name=node_name, owns_engine=owns)
         elif owns:
             _make_read_only(engine)
         else:
@@ -544,7 +560,18 @@ class ReplicaSet:
         monitor = self.monitor
         if monitor is None:
             return None
-        candidate = self.policy(usable) if len(usable) > 1 else usable[0]
+        # Wait only for a replica that can plausibly replay the token within max_wait: one
+        # that was replaying when last seen and is not far behind it. Waiting for a paused
+        # one costs every such read max_wait and ends on the primary anyway.
+        hopeful = [
+            n
+            for n in usable
+            if not n.replay_stalled
+            and (n.replay_lsn is None or position - n.replay_lsn <= _CATCH_UP_BYTES)
+        ]
+        if not hopeful:
+            return None
+        candidate = self.policy(hopeful) if len(hopeful) > 1 else hopeful[0]
         deadline = time.monotonic() + self.max_wait
         # run_blocking()/pause() await on an asyncio session's event loop instead of blocking it.
         while True:
@@ -562,14 +589,21 @@ class ReplicaSet:
         on ``connection``, by this set's ``read_your_writes`` mode (None: not recorded)."""
         if self.read_your_writes == "off":
             return None
+        # Read with the COMMIT itself (psycopg 3), else by the process-wide tracker (which
+        # keeps it for us, once), else one more round trip. Both are taken, so neither is
+        # left behind for a later commit.
+        pipelined = take_commit_position(connection)
+        tracked = None
         if self.process_position is not None and connection is not None:
             dbapi_connection = None if connection.invalidated else connection.connection
             if dbapi_connection is not None:
-                taken = self.process_position.take_commit_position(
+                tracked = self.process_position.take_commit_position(
                     dbapi_connection.dbapi_connection
                 )
-                if taken is not None:
-                    return taken
+        if pipelined is not None:
+            return pipelined
+        if tracked is not None:
+            return tracked
         return commit_position(connection)
 
     def _check_roles(self) -> None:
@@ -582,6 +616,34 @@ class ReplicaSet:
                 return
             self._roles_unchecked = False
         self.monitor.check(roles_only=True)
+
+    def note_primary_position(self, position: int) -> None:
+        """Record that the primary has reached ``position`` (a commit's, a probe's)."""
+        if position > self._primary_position:
+            self._primary_position = position
+
+    def check_causal_position(self, position: int) -> int:
+        """``position`` if the primary may have reached it; else the primary's own position.
+
+        A causal token ahead of the primary was made by no commit (forged, or from another
+        cluster): honouring it would send every read carrying it to the primary until the
+        primary got there. It is logged once and ignored from then on
+        (:func:`~sqlalchemy_scale.consistency.reject_position`). Costs one round trip to the
+        primary only for a token ahead of every position the primary is known to have
+        reached; if the primary cannot answer, the token is kept.
+        """
+        if position <= self._primary_position:
+            return position
+        try:
+            current = read_primary_position(self.primary.engine)
+        except Exception as exc:  # cannot tell: keep the token (its reads go to the primary)
+            log.debug("%s: cannot check a causal token: %s", self.name, type(exc).__name__)
+            return position
+        self.note_primary_position(current)
+        if position <= current:
+            return position
+        reject_position(position, primary=current, where=repr(self.name))
+        return current
 
     def _start_monitor(self) -> None:
         with self._state_lock:

@@ -8,6 +8,7 @@ behind for as long as the test wants, and the test proves which server answered 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -15,7 +16,12 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import sessionmaker
 
 import sqlalchemy_scale as ss
-from sqlalchemy_scale.consistency import WAL_POSITION_SQL, format_lsn, parse_lsn
+from sqlalchemy_scale.consistency import (
+    COMMIT_AND_POSITION_SQL,
+    WAL_INSERT_SQL,
+    format_lsn,
+    parse_lsn,
+)
 from sqlalchemy_scale.local import LocalCluster, PgNode
 from sqlalchemy_scale.testing import wait_until
 
@@ -242,11 +248,12 @@ def test_a_lagging_replica_leaves_and_rejoins_the_rotation(
         assert ports == {r.port for r in cluster.replicas}
 
 
-def test_token_capture_costs_one_statement(
+def test_token_capture_costs_no_round_trip_on_psycopg3(
     scale_cluster_factory: Callable[..., LocalCluster], driver: str
 ) -> None:
-    """A write transaction with token capture sends exactly one statement more than a plain
-    Session's, counted in the server's own statement log."""
+    """A write transaction with token capture sends as many statements as a plain Session's on
+    psycopg 3 (the position query travels with the COMMIT) and one more on psycopg2, counted
+    in the server's own statement log."""
     cluster = scale_cluster_factory(
         replicas=1, shards=0, pgbouncer=False, settings={"log_statement": "all"}
     )
@@ -283,8 +290,11 @@ def test_token_capture_costs_one_statement(
         captured = statements_logged(routed)
     plain_engine.dispose()
     print(f"\nplain: {baseline}\nrouted: {captured}")
-    assert len(captured) == len(baseline) + 1
-    assert captured[-1] == WAL_POSITION_SQL
+    if driver == "psycopg":
+        assert captured == [*baseline[:-1], COMMIT_AND_POSITION_SQL]
+        assert baseline[-1] == "COMMIT"
+    else:
+        assert captured == [*baseline, WAL_INSERT_SQL]
 
 
 def test_an_asynchronous_commit_is_still_read_back(
@@ -321,3 +331,114 @@ def test_an_asynchronous_commit_is_still_read_back(
         f"\ntoken {token}: read back {count} row(s), on a {'replica' if in_recovery else 'primary'}"
     )
     assert count == 1
+
+
+def test_token_reads_skip_a_paused_replica_without_waiting(
+    cluster: LocalCluster, driver: str, paused: Callable[[PgNode], None]
+) -> None:
+    """With replay paused on every replica, reads carrying a token go to the primary without
+    waiting max_wait for a replica the monitor has seen stalled, and none is stale."""
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        monitor_interval=0.05,
+        max_wait=60.0,  # a read that waited for a paused replica would take a minute
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        with Session() as session:
+            session.execute(READ)  # starts the monitor
+        for replica in cluster.replicas:
+            paused(replica)
+        row_id, token = write_row(Session)
+        assert wait_until(lambda: all(n.replay_stalled for n in replica_set.replicas))
+        served: list[tuple[int, bool]] = []
+
+        def reads() -> None:
+            for _ in range(20):
+                with Session(causal_token=token) as session:
+                    served.append(read_row(session, row_id))
+
+        reader = threading.Thread(target=reads, daemon=True)
+        reader.start()
+        reader.join(20)
+    stale = sum(not visible for _, visible in served)
+    print(f"\ntoken reads with replay paused: {len(served)} of 20 done, stale: {stale}")
+    assert len(served) == 20
+    assert stale == 0
+    assert {port for port, _ in served} == {cluster.primary.port}
+
+
+def test_a_resumed_replica_serves_token_reads_again(
+    cluster: LocalCluster, replicas: ss.ReplicaSet, paused: Callable[[PgNode], None]
+) -> None:
+    """Once replay resumes, the monitor sees the replica move again and token reads it has
+    replayed are served by a replica."""
+    Session = ss.routing_sessionmaker(replicas)
+    with Session() as session:
+        session.execute(READ)  # starts the monitor
+    for replica in cluster.replicas:
+        paused(replica)
+    row_id, token = write_row(Session)
+    assert wait_until(lambda: all(n.replay_stalled for n in replicas.replicas))
+    for replica in cluster.replicas:
+        replica.resume_replay()
+    assert wait_until(lambda: not any(n.replay_stalled for n in replicas.replicas))
+    position = parse_lsn(token)
+    assert wait_until(lambda: all((n.replay_lsn or 0) >= position for n in replicas.replicas))
+    with Session(causal_token=token) as session:
+        port, visible = read_row(session, row_id)
+    assert visible
+    assert port in {r.port for r in cluster.replicas}
+
+
+FORGED = "FFFFFFFF/FFFFFFFF"
+
+
+def test_a_forged_token_is_ignored_once_seen_ahead_of_the_primary(
+    cluster: LocalCluster, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token ahead of the primary's own WAL position is ignored with one warning: reads
+    carrying it are served by replicas, and real commits made after it replace it."""
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas=[r.url(driver) for r in cluster.replicas],
+        max_wait=2.0,  # room for the on-demand probe on a busy machine
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        ports = []
+        for _ in range(4):
+            with Session(causal_token=FORGED) as session:
+                ports.append(session.execute(READ).one()[0])
+        with ss.causal_context(FORGED) as ctx:
+            row_id, token = write_row(Session)
+            with Session() as reader:
+                port, visible = read_row(reader, row_id)
+    warnings = [r.getMessage() for r in caplog.records if "ignoring causal token" in r.getMessage()]
+    print(f"\nforged-token reads served by {ports}; warnings: {warnings}")
+    assert set(ports) <= {r.port for r in cluster.replicas}
+    assert len(warnings) == 1 and FORGED in warnings[0]
+    assert ctx.token == token != FORGED
+    assert visible and port in {cluster.primary.port, *(r.port for r in cluster.replicas)}
+    assert ss.newer_token(FORGED, token) == token
+    assert ss.newer_token(token, FORGED) == token
+
+
+def test_a_real_token_from_another_process_is_honoured(
+    cluster: LocalCluster, driver: str, paused: Callable[[PgNode], None]
+) -> None:
+    """A token committed through another ReplicaSet (as another process would), ahead of
+    everything this one has seen of the primary, is checked and honoured: no stale read."""
+    for replica in cluster.replicas:
+        paused(replica)
+    with (
+        ss.ReplicaSet(primary=cluster.primary.url(driver), monitor=False) as writer,
+        ss.ReplicaSet(
+            primary=cluster.primary.url(driver),
+            replicas=[r.url(driver) for r in cluster.replicas],
+        ) as reader,
+    ):
+        row_id, token = write_row(ss.routing_sessionmaker(writer))
+        with ss.routing_sessionmaker(reader)(causal_token=token) as session:
+            port, visible = read_row(session, row_id)
+            assert session.causal_token == token
+    assert (port, visible) == (cluster.primary.port, True)

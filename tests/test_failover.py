@@ -153,7 +153,7 @@ def test_connection_lost_during_commit_raises_outcome_unknown(
                     lambda: (
                         primary.execute(
                             "SELECT count(*) FROM pg_stat_activity "
-                            f"WHERE pid = {int(pid)} AND query = 'COMMIT'"
+                            f"WHERE pid = {int(pid)} AND wait_event = 'PgSleep'"
                         )
                         == [(1,)]
                     ),
@@ -272,9 +272,13 @@ def test_a_frozen_replica_blocks_neither_reads_nor_the_monitor(
         session.execute(WHERE)  # starts the monitor
     assert wait_until(lambda: all(n.is_usable for n in replicas.replicas))
     _freeze(frozen, signal.SIGSTOP)
+    scale_cluster.replicas[1].pause_replay()
     try:
-        # A token far ahead: routing asks a replica on demand, for at most max_wait.
-        ahead = "FF/0"
+        # A token neither replica has replayed (one frozen, one paused): routing asks a
+        # replica on demand, for at most max_wait.
+        ahead = scale_cluster.primary.execute(
+            "CREATE TEMP TABLE frozen_probe AS SELECT 1; SELECT pg_current_wal_insert_lsn()::text"
+        )[0][0]
         done = threading.Event()
         served: list[int] = []
 
@@ -291,6 +295,7 @@ def test_a_frozen_replica_blocks_neither_reads_nor_the_monitor(
         report = {h.name: h for h in replicas.health(refresh=False)}
     finally:
         _freeze(frozen, signal.SIGCONT)
+        scale_cluster.replicas[1].resume_replay()
     print(
         f"\ncausal reads served by {served}; replica1: {report['replica1'].state} "
         f"({report['replica1'].last_error}); primary: {report['primary'].state}"
