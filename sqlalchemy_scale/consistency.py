@@ -418,7 +418,8 @@ def install_primary_hooks(
         )
 
     event.listen(engine, "handle_error", on_error)
-    if owns_engine and engine.dialect.driver == "psycopg":
+    # psycopg_async's dialect also says driver "psycopg": its connections are async ones.
+    if owns_engine and engine.dialect.driver == "psycopg" and not engine.dialect.is_async:
         connection_class = _positioned_connection_class()
 
         def on_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:

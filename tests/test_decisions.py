@@ -106,22 +106,36 @@ def test_a_flush_is_reported_as_such(
 
 
 def test_fallback_reason_names_the_token_in_the_decision_and_the_log(
+    scale_cluster: LocalCluster,
     replicas: ss.ReplicaSet,
     decisions: list[ss.RoutingDecision],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A read whose causal token no replica has replayed goes to the primary, and both the
     decision and the DEBUG log line say "fallback: no replica at <token>"."""
-    token = "FF/0"  # a WAL position far ahead of every replica
-    Session = ss.routing_sessionmaker(replicas, causal_token=token)
-    with caplog.at_level(logging.DEBUG, logger="sqlalchemy_scale.routing"), Session() as session:
-        port, in_recovery = session.execute(WHERE).one()
-        again = session.execute(WHERE).one()
+    for node in scale_cluster.replicas:
+        node.pause_replay()
+    try:
+        # A real commit position that neither paused replica has replayed (a token ahead
+        # of the primary itself would be ignored as forged).
+        token = scale_cluster.primary.execute(
+            "CREATE TEMP TABLE decision_probe AS SELECT 1; SELECT pg_current_wal_insert_lsn()::text"
+        )[0][0]
+        Session = ss.routing_sessionmaker(replicas, causal_token=token)
+        with (
+            caplog.at_level(logging.DEBUG, logger="sqlalchemy_scale.routing"),
+            Session() as session,
+        ):
+            port, in_recovery = session.execute(WHERE).one()
+            again = session.execute(WHERE).one()
+    finally:
+        for node in scale_cluster.replicas:
+            node.resume_replay()
     assert (port, in_recovery) == (port_of(replicas.primary), False)
     assert again[0] == port
-    assert [d.reason for d in decisions] == ["fallback: no replica at FF/0"] * 2
+    assert [d.reason for d in decisions] == [f"fallback: no replica at {token}"] * 2
     assert decisions[0].kind == "read"
-    assert "[primary] default: fallback: no replica at FF/0" in caplog.text
+    assert f"[primary] default: fallback: no replica at {token}" in caplog.text
     assert replicas.stats()["primary"]["fallbacks"] == 1
 
 
