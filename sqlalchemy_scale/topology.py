@@ -415,6 +415,7 @@ class ReplicaSet:
                     f"{where}: {render_url(url)} is not a PostgreSQL URL; "
                     "sqlalchemy-scale routes PostgreSQL primaries and streaming replicas"
                 )
+            url = _with_installed_driver(url)
             options = self._engine_options(url)
             if role == "replica":
                 options = self._replica_connect_timeout(url, options)
@@ -874,6 +875,19 @@ def _check_number(
         raise ConfigurationError(
             f"{where}: {label} must be a finite number {bound}{off}, got {value!r}"
         )
+
+
+def _with_installed_driver(url: URL) -> URL:
+    """A bare ``postgresql://`` URL with SQLAlchemy's default driver when it is installed,
+    else with psycopg2, the driver this package installs (SQLAlchemy 2.1's default is
+    psycopg 3, which is an extra here)."""
+    if url.drivername != "postgresql":
+        return url
+    try:
+        url.get_dialect().import_dbapi()
+    except ImportError:
+        return url.set(drivername="postgresql+psycopg2")
+    return url
 
 
 def _track_connections(node: Node, *, owns: bool) -> None:

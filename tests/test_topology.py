@@ -1,13 +1,19 @@
-"""ReplicaSet construction, configuration errors and password hygiene (no server contacted)."""
+"""ReplicaSet construction, configuration errors and password hygiene (no server contacted,
+except by the bare-URL test, which connects to prove the driver it picked works)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 import sqlalchemy_scale as ss
+from sqlalchemy_scale.local import LocalCluster
 
 URL = "postgresql+psycopg2://app:s3cret-pw@127.0.0.1:1/app"
 REPLICA = "postgresql+psycopg2://app:s3cret-pw@127.0.0.1:2/app"
@@ -86,3 +92,25 @@ def test_round_robin_is_fair_across_threads() -> None:
     for th in threads:
         th.join()
     assert counts == {"a": 4000, "b": 4000, "c": 4000}
+
+
+def test_a_bare_url_works_with_the_installed_driver(scale_cluster: LocalCluster) -> None:
+    """A bare postgresql:// URL connects even when SQLAlchemy's default driver (psycopg 3 on
+    SQLAlchemy 2.1) is not installed: psycopg2, which the package installs, is used."""
+    url = make_url(scale_cluster.primary.url()).set(drivername="postgresql")
+    script = (
+        "import sys\n"
+        "sys.modules['psycopg'] = None  # as on a machine without psycopg 3\n"
+        "from sqlalchemy import text\n"
+        "import sqlalchemy_scale as ss\n"
+        f"with ss.ReplicaSet(primary={url.render_as_string(hide_password=False)!r}) as rs:\n"
+        "    with rs.primary.engine.connect() as conn:\n"
+        "        port = conn.scalar(text('SELECT inet_server_port()'))\n"
+        "    print(rs.primary.engine.dialect.driver, port)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["psycopg2", str(scale_cluster.primary.port)]
