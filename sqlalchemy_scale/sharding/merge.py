@@ -14,16 +14,23 @@ each shard and calls these to combine the answers.
 
 Ordering follows PostgreSQL: NULLs sort as larger than every value, so they
 come last in ascending order and first in descending order unless
-``NULLS FIRST``/``NULLS LAST`` says otherwise. Text is compared by code point,
+``NULLS FIRST``/``NULLS LAST`` says otherwise. Float and numeric NaN
+(``float('nan')``, ``Decimal('NaN')``) is equal to itself and greater than
+every number, ``Infinity`` included (PostgreSQL's ``float8_cmp`` and
+``cmp_numerics``): it sorts last in ascending order, is one group, is the
+``max()``, and ``min()`` skips it unless every value is NaN. Numeric sums are
+exact (PostgreSQL's ``numeric`` has no precision limit) and ``Infinity +
+-Infinity`` is NaN rather than an error. Text is compared by code point,
 which is PostgreSQL's order only under the ``C`` collation (see
-:func:`sqlalchemy_scale.sharding.fanout.plan_fanout`, which refuses other
-cases).
+:mod:`sqlalchemy_scale.sharding.planner`, which refuses other cases).
 """
 
 from __future__ import annotations
 
+import decimal
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -33,6 +40,9 @@ __all__ = [
     "AggregateKind",
     "SortKey",
     "apply_limit",
+    "comparable",
+    "group_key",
+    "is_nan",
     "merge_aggregates",
     "merge_ordered",
     "partial_width",
@@ -82,11 +92,33 @@ class _Descending:
         return hash(self.value)
 
 
+# Exact numeric arithmetic with PostgreSQL's answers instead of errors (inf + -inf is NaN).
+_EXACT = decimal.Context(
+    prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[]
+)
+_DIVIDE = decimal.Context(prec=28, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[])
+
+
+def is_nan(value: Any) -> bool:
+    """A float or numeric NaN (which PostgreSQL sorts above every number)."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, decimal.Decimal) and value.is_nan()
+
+
+def comparable(value: Any) -> tuple[int, Any]:
+    """``value`` as PostgreSQL orders it (not None): NaN after every number, equal to NaN."""
+    if is_nan(value):
+        return (1, 0)
+    return (0, value)
+
+
 def sort_key(keys: Sequence[SortKey]) -> Callable[[Any], tuple[Any, ...]]:
     """A Python sort key for rows that reproduces the ORDER BY ``keys``.
 
     Each term becomes ``(null_rank, value)``: the rank puts NULLs before or
-    after every value, and is equal for two NULLs, so ``None`` is never compared.
+    after every value, and is equal for two NULLs, so ``None`` is never compared;
+    the value is :func:`comparable` (NaN above every number).
     """
     specs = [(k.getter, k.descending, k.nulls_come_first) for k in keys]
 
@@ -97,7 +129,8 @@ def sort_key(keys: Sequence[SortKey]) -> Callable[[Any], tuple[Any, ...]]:
             if value is None:
                 out.append((0 if nulls_first else 2, None))
             else:
-                out.append((1, _Descending(value) if descending else value))
+                ranked = comparable(value)
+                out.append((1, _Descending(ranked) if descending else ranked))
         return tuple(out)
 
     return key
@@ -149,6 +182,8 @@ def _add(a: Any, b: Any) -> Any:
         return b
     if b is None:
         return a
+    if isinstance(a, Decimal) and isinstance(b, Decimal):
+        return _EXACT.add(a, b)
     return a + b
 
 
@@ -157,7 +192,7 @@ def _min(a: Any, b: Any) -> Any:
         return b
     if b is None:
         return a
-    return b if b < a else a
+    return b if comparable(b) < comparable(a) else a
 
 
 def _max(a: Any, b: Any) -> Any:
@@ -165,7 +200,7 @@ def _max(a: Any, b: Any) -> Any:
         return b
     if b is None:
         return a
-    return b if b > a else a
+    return b if comparable(b) > comparable(a) else a
 
 
 def _average(total: Any, count: Any) -> Any:
@@ -173,8 +208,30 @@ def _average(total: Any, count: Any) -> Any:
         return None
     if isinstance(total, int):
         # PostgreSQL's avg() of integers is numeric.
-        return Decimal(total) / Decimal(count)
+        return _DIVIDE.divide(Decimal(total), Decimal(count))
+    if isinstance(total, Decimal):
+        return _DIVIDE.divide(total, Decimal(count))
     return total / count
+
+
+def group_key(value: Any) -> Any:
+    """A hashable key under which PostgreSQL puts ``value`` in the same group (all NaNs
+    together; arrays by their elements)."""
+    if is_nan(value):
+        return _NAN
+    if isinstance(value, list):
+        return tuple(group_key(v) for v in value)
+    return value
+
+
+class _NaN:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NaN"
+
+
+_NAN = _NaN()
 
 
 def merge_aggregates(
@@ -193,12 +250,14 @@ def merge_aggregates(
     shard had any row (``count`` is then 0 and the others NULL, as in SQL).
     """
     groups: dict[tuple[Any, ...], list[Any]] = {}
+    values_of: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     for row in partials:
-        group = tuple(row[:group_width])
+        group = tuple(group_key(v) for v in row[:group_width])
         pos = group_width
         current = groups.get(group)
         if current is None:
             current = groups[group] = [None] * len(kinds)
+            values_of[group] = tuple(row[:group_width])
             fresh = True
         else:
             fresh = False
@@ -230,5 +289,5 @@ def merge_aggregates(
             _average(*value) if kind == "avg" and value is not None else value
             for kind, value in zip(kinds, values, strict=True)
         ]
-        out.append((*group, *final))
+        out.append((*values_of.get(group, group), *final))
     return out

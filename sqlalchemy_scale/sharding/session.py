@@ -46,7 +46,7 @@ from sqlalchemy import event, inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.base import TwoPhaseTransaction
-from sqlalchemy.engine.result import Result
+from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, sessionmaker
 from sqlalchemy.orm.state import InstanceState
@@ -64,10 +64,10 @@ from ..errors import (
 )
 from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession, decide_role
 from ..topology import Role
-from ._pinning import shards_for_statement
-from ._shard_set import ShardRule, ShardSet, rule_for_mapper
+from ._pinning import Proof, prove, shards_for_statement
+from ._shard_set import ShardRule, ShardSet, coerce_key, rule_for_mapper
 from ._two_phase import commit_prepared
-from .fanout import execute_fanout
+from .fanout import execute_exists, execute_fanout
 from .strategies import ShardId
 
 __all__ = ["SHARDING_OPTIONS", "ShardedSession", "set_shard_id", "sharded_sessionmaker"]
@@ -220,48 +220,43 @@ class ShardedSession(horizontal_shard.ShardedSession):
         fixed = self.shard_set.fixed_shard(self.rule_for_mapper(mapper))
         if fixed is not None:
             return [fixed]
-        attr = _key_attr(mapper)
         key_column = _key_column(mapper)
         if "shard_key" in options:
-            return [
-                self.shard_set.shard_for(
-                    options["shard_key"],
-                    model=mapper.class_.__name__,
-                    column=attr,
-                    key_column=key_column,
-                )
-            ]
+            return _read_owners(self.shard_set, mapper, options["shard_key"])
         pk = primary_key if isinstance(primary_key, tuple | list) else (primary_key,)
         for column, value in zip(mapper.primary_key, pk, strict=False):
             if column is key_column and value is not None:
-                return [
-                    self.shard_set.shard_for(
-                        value, model=mapper.class_.__name__, column=attr, key_column=key_column
-                    )
-                ]
+                return _read_owners(self.shard_set, mapper, value)
         return list(self.shard_set.shard_ids)
 
     def _choose_execute_shards(self, orm_context: ORMExecuteState) -> list[ShardId]:
+        return self.prove(orm_context).shards
+
+    def prove(self, orm_context: ORMExecuteState) -> Proof:
+        """Which shards an ORM execution's statement needs, proven (see
+        :func:`~sqlalchemy_scale.sharding._pinning.prove`); raises CrossShardQueryError
+        before anything runs when the answer over those shards is not exact."""
         options = orm_context.execution_options
         params = orm_context.parameters if isinstance(orm_context.parameters, Mapping) else None
         if "shard_key" in options:
-            return shards_for_statement(
+            return prove(
                 orm_context.statement, self.shard_set, params, shard_key=options["shard_key"]
             )
-        return shards_for_statement(orm_context.statement, self.shard_set, params)
+        return prove(orm_context.statement, self.shard_set, params)
 
     # -- explicit routing ---------------------------------------------------------------------
 
     def get(self, entity: Any, ident: Any, *, shard_key: Any = _UNKNOWN, **kw: Any) -> Any:
-        """:meth:`Session.get`, plus ``shard_key=v`` to look in the owning shard only."""
+        """:meth:`Session.get`, plus ``shard_key=v`` to look in the owning shard only.
+
+        A key no shard owns (a range gap, a directory miss) finds nothing: None, as one
+        database would answer."""
         if shard_key is not _UNKNOWN and kw.get("identity_token") is None:
             mapper = inspect(entity)
-            kw["identity_token"] = self.shard_set.shard_for(
-                shard_key,
-                model=mapper.class_.__name__,
-                column=_key_attr(mapper),
-                key_column=_key_column(mapper),
-            )
+            owners = _read_owners(self.shard_set, mapper, shard_key)
+            if not owners:
+                return None
+            kw["identity_token"] = owners[0]
         return super().get(entity, ident, **kw)
 
     def use_primary(self) -> _PinShards:
@@ -442,12 +437,17 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         )
     if orm_context.is_insert:
         shard_ids = _insert_shards(session, orm_context)
+        proof = session.prove(orm_context) if len(shard_ids) > 1 else Proof(shard_ids)
     else:
-        shard_ids = session._choose_execute_shards(orm_context)
+        proof = session.prove(orm_context)  # raises before anything runs
+    if proof.count_of is not None:
+        return _count_merged_rows(orm_context, proof.count_of)
+    shard_ids = proof.shards
     if len(shard_ids) == 1:
         return _run_on_shard(orm_context, shard_ids[0])
     if orm_context.is_select:
-        return execute_fanout(
+        run = execute_exists if proof.exists else execute_fanout
+        return run(
             orm_context,
             shard_ids,
             session.shard_set,
@@ -469,7 +469,47 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     # transaction, so the two-phase commit rules apply; one after the other, as
     # horizontal_shard does.
     results = [_run_on_shard(orm_context, s) for s in shard_ids]
-    return results[0].merge(*results[1:])
+    if proof.global_write:
+        # Every shard holds a copy of a global table: report one copy's rows and rowcount.
+        for other in results[1:]:
+            other.close()
+        return results[0]
+    merged = results[0].merge(*results[1:])
+    merged.rowcount = sum(getattr(r, "rowcount", 0) or 0 for r in results)
+    return merged
+
+
+def _count_merged_rows(orm_context: ORMExecuteState, inner: Any) -> Result[Any]:
+    """``Query.count()`` of a statement that needs merging: the number of its merged rows."""
+    statement: Any = orm_context.statement
+    options = {k: v for k, v in orm_context.execution_options.items() if not k.startswith("_sa")}
+    rows = orm_context.session.execute(
+        inner,
+        orm_context.parameters,
+        execution_options=options,
+    ).all()
+    keys = [str(k) for k in statement.selected_columns.keys()]  # noqa: SIM118
+    return IteratorResult(SimpleResultMetaData(keys), iter([(len(rows),)]))
+
+
+def _read_owners(shard_set: ShardSet, mapper: Mapper[Any], value: Any) -> list[ShardId]:
+    """The shard that may hold rows with shard key ``value``, or none when no shard owns it
+    (a read of such a key finds nothing; a bad value still raises)."""
+    attr = _key_attr(mapper)
+    key_column = _key_column(mapper)
+    place = functools.partial(
+        shard_set.shard_for, model=mapper.class_.__name__, column=attr, key_column=key_column
+    )
+    if value is None:
+        return []
+    try:
+        coerce_key(value, key_column)
+    except (ValueError, TypeError, ArithmeticError):
+        return [place(value)]  # raises ShardKeyError naming the bad value
+    try:
+        return [place(value)]
+    except ShardKeyError:
+        return []
 
 
 def _refuse_shard_key_change(session: ShardedSession, orm_context: ORMExecuteState) -> None:
