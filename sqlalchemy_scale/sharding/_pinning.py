@@ -44,6 +44,7 @@ from sqlalchemy.sql.elements import (
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import (
     Alias,
+    AliasedReturnsRows,
     CompoundSelect,
     Join,
     Select,
@@ -163,6 +164,10 @@ class _Prover:
                 units.append(self.table_unit(item, item.element._deannotate()))
                 return
             element = getattr(item, "element", None)
+            while isinstance(element, AliasedReturnsRows) and not isinstance(
+                element, TableValuedAlias
+            ):
+                element = element.element  # the ORM wraps subqueries in aliases
             child = derived_scopes.get(id(element)) if element is not None else None
             if child is None and isinstance(element, Select | CompoundSelect):
                 remaining = [c for c in scope.children if c.in_from and id(c) not in used]

@@ -244,6 +244,8 @@ class FanoutPlan:
                 columns.append(getattr(func, kind)(arg).label(f"_ss_a{i}"))
         return (
             stmt.with_only_columns(*columns, maintain_column_froms=True)
+            .group_by(None)
+            .group_by(*self.group_by)  # label names would not resolve any more
             .order_by(None)
             .limit(None)
             .offset(None)
