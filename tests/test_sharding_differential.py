@@ -507,16 +507,22 @@ def test_shape_is_refused_before_anything_runs(world: World, name: str) -> None:
     assert "nothing was run" in str(got)
 
 
-def test_writes_with_a_key_no_shard_owns_raise(world: World) -> None:
-    """An insert or a bulk write with a key no shard owns raises ShardKeyError; nothing is written."""
+def test_a_key_no_shard_owns_is_read_as_absent_and_refused_for_writes(world: World) -> None:
+    """With a key no shard owns, get() (also with shard_key=) finds nothing; an insert or a bulk
+    write with it raises ShardKeyError and nothing is written."""
     if world.name in ("hash", "jumphash"):
         return  # every key has an owner under a hash
     with world.sharded() as session:
-        with pytest.raises(ss.ShardKeyError):
+        assert session.get(Order, 1, shard_key=NO_SHARD_KEY) is None
+        assert session.get(Customer, NO_SHARD_KEY) is None
+        before = _state(session)
+        with pytest.raises(ss.ShardKeyError, match=f"customer_id = {NO_SHARD_KEY}"):
             session.execute(update(Order).where(Order.customer_id == NO_SHARD_KEY).values(note="w"))
         session.add(Order(id=999, customer_id=NO_SHARD_KEY))
-        with pytest.raises(ss.ShardKeyError):
+        with pytest.raises(ss.ShardKeyError, match=f"customer_id = {NO_SHARD_KEY}"):
             session.flush()
+        session.rollback()
+        assert _state(session) == before
 
 
 # -- random statements -----------------------------------------------------------------------

@@ -63,6 +63,16 @@ class Country(Base):
     code: Mapped[str] = mapped_column(String(2), primary_key=True)
 
 
+class Tag(Base):
+    """Sharded by a text key: the same value as text and as a number is placed differently."""
+
+    __tablename__ = "plan_tags"
+    __shard_key__ = "customer_code"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    customer_code: Mapped[str]
+
+
 class Audit(Base):
     __tablename__ = "plan_audit"
     __shard__ = "s2"
@@ -138,6 +148,10 @@ o2 = aliased(Order)
             "without equating their shard keys",
         ),
         (select(Order.id, Audit.id), "are read with a table or subquery on shard 's2'"),
+        (
+            select(Tag.id, Customer.id).join(Customer, Customer.id == Tag.customer_code),
+            "without equating their shard keys",
+        ),
         (
             select(func.count())
             .select_from(
@@ -277,3 +291,26 @@ def test_docs_list_every_shape_of_the_planner() -> None:
     docs = DOCS.read_text()
     missing = [shape.doc_row() for shape in SHAPES.values() if shape.doc_row() not in docs]
     assert missing == []
+
+
+def test_values_python_may_sort_differently_are_refused() -> None:
+    """ORDER BY or max() of arrays, JSON or untyped expressions is refused before anything runs;
+    typed expressions and known functions merge."""
+    from sqlalchemy import Float, type_coerce
+    from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+    from sqlalchemy_scale.sharding import plan_fanout
+
+    tags = literal_column("ARRAY[1, 2]", ARRAY(Order.id.type)).label("t")
+    doc = literal_column("'{}'::jsonb", JSONB).label("d")
+    for statement in (
+        select(Order.id, tags).order_by(tags),
+        select(func.max(doc)),
+        select(Order.id, func.mystery(Order.amount).label("m")).order_by("m"),
+    ):
+        with pytest.raises(CrossShardQueryError, match="may not sort in Python"):
+            plan_fanout(statement)
+    typed = type_coerce(func.mystery(Order.amount), Float).label("m")
+    assert plan_fanout(select(Order.id, typed).order_by("m")).functions == {"mystery"}
+    rounded = func.round(Order.amount).label("r")
+    assert plan_fanout(select(Order.id, rounded).order_by("r")).text_checks == []

@@ -318,8 +318,8 @@ class _Prover:
                 if not (isinstance(term, BinaryExpression) and term.operator is operators.eq):
                     continue
                 a, b = key_unit(term.left), key_unit(term.right)
-                if a is None or b is None:
-                    continue
+                if a is None or b is None or not _same_affinity(term.left, term.right):
+                    continue  # keys of different types are placed differently ("5" vs 5)
                 if a[1] and b[1]:
                     parent[root(id(a[0]))] = root(id(b[0]))
                 elif a[1] or b[1]:
@@ -474,6 +474,10 @@ def _in_values(element: Any, params: Mapping[str, Any]) -> Iterable[Any] | None:
         values = [_bind_value(c, params) for c in clauses]
         return None if any(v is _UNKNOWN for v in values) else values
     return None
+
+
+def _same_affinity(a: Any, b: Any) -> bool:
+    return bool(a.type._type_affinity is b.type._type_affinity)
 
 
 def _conjuncts(clause: Any) -> list[Any]:

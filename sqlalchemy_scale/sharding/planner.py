@@ -59,7 +59,7 @@ from sqlalchemy.sql.visitors import iterate
 from .merge import AggregateKind, SortKey, apply_limit, merge_aggregates, sort_rows
 from .shapes import refuse
 
-__all__ = ["FanoutPlan", "OrderTerm", "TextCheck", "plan_fanout", "sort_keys_for"]
+__all__ = ["FanoutPlan", "OrderTerm", "TextCheck", "plan_fanout", "sort_keys_for", "value_kind"]
 
 _AGGREGATES: Mapping[str, AggregateKind] = {
     "count": "count",
@@ -150,6 +150,7 @@ KNOWN_SCALARS = frozenset(
 _ORDERED_TYPES = (
     sqltypes.Integer,
     sqltypes.Numeric,
+    sqltypes.Float,  # not a Numeric since SQLAlchemy 2.1
     sqltypes.Boolean,
     sqltypes.Date,
     sqltypes.DateTime,
@@ -406,24 +407,69 @@ def _aggregate_plan(
     return plan
 
 
+# Functions SQLAlchemy leaves untyped, by what their result compares like in Python.
+_TEXT_FUNCTIONS = frozenset(
+    {"lower", "upper", "trim", "btrim", "ltrim", "rtrim", "initcap", "substr", "substring"}
+    | {"left", "right", "replace", "md5", "to_char", "concat", "concat_ws", "lpad", "rpad"}
+)
+_ORDERED_FUNCTIONS = frozenset(
+    {"date_trunc", "make_date", "abs", "round", "floor", "ceil", "ceiling", "trunc"}
+    | {"length", "char_length", "octet_length", "date_part", "sign", "mod"}
+)
+_ARGUMENT_TYPED = frozenset({"coalesce", "greatest", "least", "nullif"})
+
+
+def value_kind(expr: Any) -> Literal["ordered", "text", "enum"] | None:
+    """How Python compares ``expr``'s values: like PostgreSQL ("ordered"), like PostgreSQL
+    under a C collation ("text"), never ("enum"), or unknown (None: ARRAY, JSON, an untyped
+    function)."""
+    if isinstance(expr, Label):
+        expr = expr.element
+    if isinstance(expr, BinaryExpression) and isinstance(expr.right, CollationClause):
+        return "text"
+    column_type = getattr(expr, "type", sqltypes.NULLTYPE)
+    if isinstance(column_type, sqltypes.Enum):
+        return "enum" if column_type.native_enum else "text"
+    if isinstance(column_type, _ORDERED_TYPES):
+        return "ordered"
+    if isinstance(column_type, sqltypes.String):
+        return "text"
+    if isinstance(column_type, sqltypes.NullType) and isinstance(expr, FunctionElement):
+        name = str(getattr(expr, "name", "")).lower()
+        if name in _TEXT_FUNCTIONS:
+            return "text"
+        if name in _ORDERED_FUNCTIONS:
+            return "ordered"
+        if name in _ARGUMENT_TYPED:
+            kinds = {value_kind(arg) for arg in expr.clauses}
+            if None in kinds or "enum" in kinds:
+                return None
+            return "text" if "text" in kinds else "ordered"
+    return None
+
+
 def _check_comparable(plan: FanoutPlan, expr: Any, what: str, *, ordering: bool) -> None:
     """Record (or refuse) what comparing ``expr``'s values in Python needs: a native enum is
-    refused, text needs its collation verified."""
-    column_type = getattr(expr, "type", sqltypes.NULLTYPE)
-    if isinstance(column_type, sqltypes.Enum) and column_type.native_enum:
-        if ordering:
-            refuse(
-                "enum_order",
-                f"{what} across shards: a PostgreSQL enum",
-                remedy="pin the query, or order by an expression that gives the order "
-                "(e.g. array_position())",
-            )
+    refused, text needs its collation verified, types Python may order differently from
+    PostgreSQL (arrays, JSON, untyped expressions) are refused."""
+    kind = value_kind(expr)
+    if ordering and kind == "enum":
+        refuse(
+            "enum_order",
+            f"{what} across shards: a PostgreSQL enum",
+            remedy="pin the query, or order by an expression that gives the order "
+            "(e.g. array_position())",
+        )
+    if ordering and kind is None:
+        refuse(
+            "unknown",
+            f"{what} across shards: values of type {getattr(expr, 'type', None)} may not sort "
+            "in Python as in PostgreSQL (arrays, JSON, expressions of unknown type)",
+            remedy="give the expression a type (type_coerce(expr, Float)), or pin the query",
+        )
+    if kind == "ordered" and (ordering or not _has_text_columns(expr)):
         return
-    if (
-        isinstance(column_type, _ORDERED_TYPES)
-        and not isinstance(column_type, sqltypes.Enum)
-        and (ordering or not _has_text_columns(expr))
-    ):
+    if kind == "enum":
         return
     check = text_check(expr, what, ordering=ordering)
     for name in check.explicit:
