@@ -368,6 +368,15 @@ SAME: dict[str, Query] = {
         .join(Customer, Customer.id == Order.customer_id)
     ),
     "avg": rows(select(func.avg(Order.ratio), func.sum(Order.amount), func.avg(Order.customer_id))),
+    "avg numeric digit for digit": lambda s: sorted(
+        tuple(str(v) for v in row)
+        for row in s.execute(
+            select((Order.customer_id % 5).label("g"), func.avg(Order.amount), func.avg(Order.id))
+            .where(Order.amount < 1_000_000, Order.amount > -1_000_000)
+            .group_by("g")
+        )
+    ),
+    "avg integers digit for digit": lambda s: str(s.scalar(select(func.avg(Order.customer_id)))),
     "group by nan": rows(select(Order.ratio, func.count()).group_by(Order.ratio)),
     "group by numeric nan": rows(
         select(Order.amount, func.count(), func.max(Order.ratio)).group_by(Order.amount)

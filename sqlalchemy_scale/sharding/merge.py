@@ -45,6 +45,7 @@ __all__ = [
     "is_nan",
     "merge_aggregates",
     "merge_ordered",
+    "numeric_divide",
     "partial_width",
     "sort_key",
     "sort_rows",
@@ -208,10 +209,40 @@ def _average(total: Any, count: Any) -> Any:
         return None
     if isinstance(total, int):
         # PostgreSQL's avg() of integers is numeric.
-        return _DIVIDE.divide(Decimal(total), Decimal(count))
+        return numeric_divide(Decimal(total), int(count))
     if isinstance(total, Decimal):
-        return _DIVIDE.divide(total, Decimal(count))
+        return numeric_divide(total, int(count))
     return total / count
+
+
+def _weight_and_first_group(value: Decimal) -> tuple[int, int]:
+    """PostgreSQL's numeric layout (base 10000): the weight of the first non-zero group of
+    four decimal digits, and that group's value; (0, 0) for zero."""
+    if not value:
+        return 0, 0
+    weight = value.adjusted() // 4
+    first = int(abs(value).scaleb(-4 * weight, _EXACT)) % 10000
+    return weight, first
+
+
+def numeric_divide(total: Decimal, count: int) -> Decimal:
+    """``total / count`` as PostgreSQL's ``numeric_div`` computes it for ``avg()``: the
+    result scale of ``select_div_scale`` (at least 16 significant digits, at least the
+    dividend's scale) and rounding half away from zero."""
+    if not total.is_finite():
+        return _DIVIDE.divide(total, Decimal(count))  # NaN stays NaN, Infinity stays Infinity
+    divisor = Decimal(count)
+    weight1, first1 = _weight_and_first_group(total)
+    weight2, first2 = _weight_and_first_group(divisor)
+    quotient_weight = weight1 - weight2 - (1 if first1 <= first2 else 0)
+    scale = max(16 - quotient_weight * 4, -min(total.as_tuple().exponent, 0), 0)  # type: ignore[operator]
+    scale = min(scale, 1000)
+    digits = max(total.adjusted() - divisor.adjusted() + 2, 1) + scale + 2
+    exact = decimal.Context(prec=digits, rounding=decimal.ROUND_DOWN, traps=[])
+    quotient = exact.divide(total, divisor)
+    return quotient.quantize(
+        Decimal(1).scaleb(-scale), rounding=decimal.ROUND_HALF_UP, context=_EXACT
+    )
 
 
 def group_key(value: Any) -> Any:

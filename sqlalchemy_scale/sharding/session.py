@@ -11,8 +11,17 @@ so applications write none. What it adds to horizontal_shard:
   shards; ``execution_options(shard_key=v)`` and ``session.get(Model, pk,
   shard_key=v)`` route explicitly; ``set_shard_id``, ``shard_id`` and
   ``bind_arguments={"shard_id": ...}`` keep working;
+* every statement is first proven to need only the shards it runs on
+  (:func:`~sqlalchemy_scale.sharding._pinning.prove`: co-located joins,
+  subqueries correlated on the key or pruned to the same shard), else it raises
+  :class:`~sqlalchemy_scale.CrossShardQueryError` before anything runs;
 * other SELECTs fan out to every shard *concurrently* and are merged into one
-  database's answer (:mod:`~sqlalchemy_scale.sharding.fanout`);
+  database's answer (:mod:`~sqlalchemy_scale.sharding.planner`,
+  :mod:`~sqlalchemy_scale.sharding.fanout`); ``SELECT EXISTS`` is the OR of the
+  shards' answers, ``Query.count()`` counts merged rows, and a bulk write of a
+  global table reports one copy's rowcount;
+* reads of a key no shard owns (a range gap, a directory miss) find nothing,
+  and ``get()`` returns None, as one database would;
 * inside a shard that is a :class:`~sqlalchemy_scale.ReplicaSet`, reads and
   writes are routed by :meth:`sqlalchemy_scale.RoutingSession.get_bind` itself
   (one router per shard), so the rules are the same, not a copy;
@@ -31,7 +40,8 @@ silently read other snapshots.
 
 When *not* to use it: data that fits one server (sharding costs joins,
 unique constraints and transactions across shards), and queries that need
-DISTINCT, window functions or joins across shard keys over all shards.
+DISTINCT, window functions, joins across shard keys or subqueries over all
+shards (global averages, top-N lists) in one statement.
 """
 
 from __future__ import annotations
