@@ -432,6 +432,10 @@ SAME: dict[str, Query] = {
     ),
     # answered
     "exists": rows(select(exists().where(Order.amount > 50_000))),
+    "exists and not exists": rows(
+        select(exists().where(Order.ratio > 5), ~exists().where(Order.note == "日本"))
+    ),
+    "not exists": rows(select(~exists().where(Order.ratio > 1e300, Order.ratio < float("inf")))),
     "exists false": rows(select(exists().where(Order.ratio > 1e300, Order.ratio < float("inf")))),
     "query exists": lambda s: s.query(s.query(Order).filter(Order.ratio > 5).exists()).scalar(),
     "query count limit": lambda s: s.query(Order).order_by(Order.id).limit(10).count(),

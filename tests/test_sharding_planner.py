@@ -314,3 +314,39 @@ def test_values_python_may_sort_differently_are_refused() -> None:
     assert plan_fanout(select(Order.id, typed).order_by("m")).functions == {"mystery"}
     rounded = func.round(Order.amount).label("r")
     assert plan_fanout(select(Order.id, rounded).order_by("r")).text_checks == []
+
+
+def test_sqlalchemy_internals_the_planner_reads_still_exist() -> None:
+    """Contract test for _scopes' named doors into SQLAlchemy internals (fails by name when an
+    upgrade renames one): a Select's clauses, LIMIT/OFFSET, deannotation, type affinity."""
+    from sqlalchemy_scale.sharding._scopes import (
+        deannotated,
+        int_limit_offset,
+        same_type_affinity,
+        select_parts,
+    )
+
+    stmt = (
+        select(Order.customer_id, func.count())
+        .group_by(Order.customer_id)
+        .having(func.count() > 1)
+        .order_by(Order.customer_id)
+        .distinct()
+        .limit(3)
+        .offset(2)
+        .with_for_update()
+    )
+    parts = select_parts(stmt)
+    assert parts.distinct and parts.for_update and not parts.only_filters
+    assert (len(parts.columns), len(parts.group_by), len(parts.having), len(parts.order_by)) == (
+        2,
+        1,
+        1,
+        1,
+    )
+    assert int_limit_offset(stmt) == (3, 2)
+    assert select_parts(select(Order).where(Order.id > 1)).only_filters
+    annotated = Order.customer_id.__clause_element__().table  # type: ignore[attr-defined]
+    assert deannotated(annotated) is Order.__table__
+    assert same_type_affinity(Order.id, Order.customer_id)
+    assert not same_type_affinity(Order.id, Tag.customer_code)

@@ -40,12 +40,14 @@ from sqlalchemy.sql.elements import (
     Grouping,
     Label,
     Null,
+    UnaryExpression,
 )
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import (
     Alias,
     AliasedReturnsRows,
     CompoundSelect,
+    Exists,
     Join,
     Select,
     TableClause,
@@ -56,12 +58,12 @@ from sqlalchemy.sql.util import find_tables
 from sqlalchemy.sql.visitors import iterate
 
 from ..errors import ConfigurationError, ShardKeyError
-from ._scopes import Scope, scopes_of
+from ._scopes import Scope, deannotated, same_type_affinity, scopes_of, select_parts
 from ._shard_set import ShardSet, coerce_key
 from .shapes import refuse
 from .strategies import ShardId
 
-__all__ = ["Proof", "prove", "shards_for_statement", "statement_tables"]
+__all__ = ["Proof", "exists_columns", "prove", "shards_for_statement", "statement_tables"]
 
 _UNKNOWN: Any = object()
 _AGGREGATE_NAMES = frozenset({"count", "sum", "min", "max", "avg"})
@@ -73,7 +75,7 @@ def statement_tables(statement: Any) -> list[Table]:
     for table in find_tables(statement, check_columns=True, include_crud=True):
         if isinstance(table, Table):
             # ORM statements hold annotated copies of the Table: key on the Table itself.
-            seen.setdefault(table._deannotate(), None)
+            seen.setdefault(deannotated(table), None)
     return list(seen)
 
 
@@ -151,7 +153,7 @@ class _Prover:
         used: set[int] = set()
 
         def walk(item: Any) -> None:
-            item = item._deannotate()
+            item = deannotated(item)
             if isinstance(item, Join):
                 joins.append(item)
                 walk(item.left)
@@ -161,7 +163,7 @@ class _Prover:
                 units.append(self.table_unit(item, item))
                 return
             if isinstance(item, Alias) and isinstance(item.element, Table):
-                units.append(self.table_unit(item, item.element._deannotate()))
+                units.append(self.table_unit(item, deannotated(item.element)))
                 return
             element = getattr(item, "element", None)
             while isinstance(element, AliasedReturnsRows) and not isinstance(
@@ -303,7 +305,7 @@ class _Prover:
                 element = element.element
             if not isinstance(element, ColumnClause) or element.table is None:
                 return None
-            source = id(element.table._deannotate())
+            source = id(deannotated(element.table))
             unit = mine.get(source)
             if unit is not None and element.name == unit.key:
                 return unit, True
@@ -318,7 +320,7 @@ class _Prover:
                 if not (isinstance(term, BinaryExpression) and term.operator is operators.eq):
                     continue
                 a, b = key_unit(term.left), key_unit(term.right)
-                if a is None or b is None or not _same_affinity(term.left, term.right):
+                if a is None or b is None or not same_type_affinity(term.left, term.right):
                     continue  # keys of different types are placed differently ("5" vs 5)
                 if a[1] and b[1]:
                     parent[root(id(a[0]))] = root(id(b[0]))
@@ -365,7 +367,7 @@ class _Prover:
         def key_of(element: Any) -> _Unit | None:
             if not isinstance(element, ColumnClause) or element.table is None:
                 return None
-            unit = keyed.get(id(element.table._deannotate()))
+            unit = keyed.get(id(deannotated(element.table)))
             return unit if unit is not None and element.name == unit.key else None
 
         found = _pins(where, key_of, self) if where is not None else None
@@ -476,10 +478,6 @@ def _in_values(element: Any, params: Mapping[str, Any]) -> Iterable[Any] | None:
     return None
 
 
-def _same_affinity(a: Any, b: Any) -> bool:
-    return bool(a.type._type_affinity is b.type._type_affinity)
-
-
 def _conjuncts(clause: Any) -> list[Any]:
     if clause is None:
         return []
@@ -491,7 +489,7 @@ def _conjuncts(clause: Any) -> list[Any]:
 
 
 def _contains(side: Any, source: Any) -> bool:
-    if side._deannotate() is source:
+    if deannotated(side) is source:
         return True
     if isinstance(side, Join):
         return _contains(side.left, source) or _contains(side.right, source)
@@ -508,17 +506,7 @@ def _describe(item: Any) -> str:
 def _is_plain(statement: Any) -> bool:
     """A SELECT that only filters and projects: its rows over shards are the union of each
     shard's rows."""
-    if not isinstance(statement, Select):
-        return False
-    if (
-        statement._group_by_clauses
-        or statement._having_criteria
-        or statement._distinct
-        or statement._distinct_on
-        or statement._limit_clause is not None
-        or statement._offset_clause is not None
-        or statement._fetch_clause is not None
-    ):
+    if not isinstance(statement, Select) or not select_parts(statement).only_filters:
         return False
     for column in statement.selected_columns:
         for node in iterate(column):
@@ -531,15 +519,28 @@ def _is_plain(statement: Any) -> bool:
     return True
 
 
+def exists_columns(statement: Any) -> list[bool] | None:
+    """For ``SELECT EXISTS (...), NOT EXISTS (...)`` with nothing else: per column, whether
+    it is negated; None for any other statement."""
+    if not isinstance(statement, Select) or statement.whereclause is not None:
+        return None
+    negated: list[bool] = []
+    for column in statement.selected_columns:
+        element: Any = column.element if isinstance(column, Label) else column
+        inverted = isinstance(element, UnaryExpression) and element.operator is operators.inv
+        if inverted:
+            element = element.element
+            while isinstance(element, Grouping):
+                element = element.element
+        if not isinstance(element, Exists):
+            return None
+        negated.append(inverted)
+    return negated or None
+
+
 def _plain_exists(scope: Scope) -> bool:
-    """``SELECT EXISTS (...)[, EXISTS (...)]`` with nothing else."""
-    stmt = scope.statement
-    if not isinstance(stmt, Select) or scope.froms or stmt.whereclause is not None:
-        return False
-    columns = list(stmt.selected_columns)
-    return bool(columns) and all(
-        type(c.element if isinstance(c, Label) else c).__name__ == "Exists" for c in columns
-    )
+    """``SELECT EXISTS (...)[, NOT EXISTS (...)]`` with nothing else."""
+    return not scope.froms and exists_columns(scope.statement) is not None
 
 
 def _count_of(scope: Scope) -> Scope | None:
@@ -551,14 +552,8 @@ def _count_of(scope: Scope) -> Scope | None:
     columns = list(stmt.selected_columns)
     if len(derived) != 1 or len(columns) != 1 or stmt.whereclause is not None:
         return None
-    if (
-        stmt._group_by_clauses
-        or stmt._having_criteria
-        or stmt._order_by_clauses
-        or stmt._distinct
-        or stmt._limit_clause is not None
-        or stmt._offset_clause is not None
-    ):
+    parts = select_parts(stmt)
+    if not parts.only_filters or parts.order_by:
         return None
     column = columns[0].element if isinstance(columns[0], Label) else columns[0]
     if not (isinstance(column, FunctionElement) and str(column.name).lower() == "count"):

@@ -1,4 +1,5 @@
-"""The SELECTs inside a statement as PostgreSQL will see them.
+"""SQLAlchemy's internals the shard planner reads, behind one door: the SELECTs inside a
+statement as PostgreSQL will see them, and the clauses of each.
 
 The shard planner has to know, for every SELECT nested in a statement
 (subqueries, EXISTS, IN, derived tables, CTEs, the members of a UNION), which
@@ -9,11 +10,15 @@ names another table too (``Select.correlate()`` rules, see SQLAlchemy's
 is compiled once for PostgreSQL by a compiler that records what SQLAlchemy
 itself decides, select by select.
 
-This is the one place the sharding package relies on SQLAlchemy's compiler
-internals: :class:`_RecordingCompiler` overrides ``visit_select`` (public
-visitor) and ``_setup_select_stack`` (private; it returns the FROM list after
-correlation, SQLAlchemy 2.0 and 2.1). ``tests/test_sharding_planner.py``
-fails by name if an upgrade changes it.
+This is the one place the planner relies on SQLAlchemy's internals, each
+behind a named function: :class:`_RecordingCompiler` overrides
+``visit_select`` (public visitor) and ``_setup_select_stack`` (private; it
+returns the FROM list after correlation, SQLAlchemy 2.0 and 2.1);
+:func:`select_parts` reads a Select's clauses (``_group_by_clauses``,
+``_having_criteria``, ``_distinct``, ``_limit_clause``... have no public
+accessors); :func:`deannotated` and :func:`same_type_affinity` name the
+ORM-annotation and type-affinity helpers. ``tests/test_sharding_planner.py``
+fails by name if an upgrade changes one of them.
 """
 
 from __future__ import annotations
@@ -24,9 +29,17 @@ from typing import Any
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql.base import PGCompiler
 from sqlalchemy.sql.dml import UpdateBase
-from sqlalchemy.sql.selectable import CompoundSelect, FromClause
+from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Select
 
-__all__ = ["Scope", "scopes_of"]
+__all__ = [
+    "Scope",
+    "SelectParts",
+    "deannotated",
+    "int_limit_offset",
+    "same_type_affinity",
+    "scopes_of",
+    "select_parts",
+]
 
 
 @dataclass(eq=False)
@@ -122,3 +135,63 @@ def scopes_of(statement: Any) -> Scope:
     if not roots:
         raise AssertionError(f"no SELECT was compiled for {type(statement).__name__}")
     return roots[0]
+
+
+@dataclass(frozen=True)
+class SelectParts:
+    """The clauses of a Select as written (for an ORM select: entities not yet expanded)."""
+
+    columns: tuple[Any, ...]
+    distinct: bool
+    group_by: tuple[Any, ...]
+    having: tuple[Any, ...]
+    order_by: tuple[Any, ...]
+    limit: Any
+    offset: Any
+    fetch: Any
+    for_update: bool
+
+    @property
+    def only_filters(self) -> bool:
+        """No grouping, HAVING, DISTINCT, LIMIT, OFFSET or FETCH: the rows are the FROM rows
+        that pass the WHERE, one each."""
+        return not (
+            self.group_by
+            or self.having
+            or self.distinct
+            or self.limit is not None
+            or self.offset is not None
+            or self.fetch is not None
+        )
+
+
+def select_parts(statement: Select[Any]) -> SelectParts:
+    """The clauses of ``statement`` the planner reads."""
+    return SelectParts(
+        columns=tuple(statement._raw_columns),
+        distinct=bool(statement._distinct or statement._distinct_on),
+        group_by=tuple(statement._group_by_clauses),
+        having=tuple(statement._having_criteria),
+        order_by=tuple(statement._order_by_clauses),
+        limit=statement._limit_clause,
+        offset=statement._offset_clause,
+        fetch=statement._fetch_clause,
+        for_update=statement._for_update_arg is not None,
+    )
+
+
+def int_limit_offset(statement: Select[Any]) -> tuple[int | None, int | None]:
+    """LIMIT and OFFSET as integers; CompileError when they are not plain integers."""
+    return statement._limit, statement._offset
+
+
+def deannotated(element: Any) -> Any:
+    """The element without the ORM's annotations (an ORM statement holds annotated copies of
+    its tables; identity comparisons need the originals)."""
+    return element._deannotate()
+
+
+def same_type_affinity(a: Any, b: Any) -> bool:
+    """Whether two expressions have types of the same family (Integer and BigInteger: yes;
+    Integer and String: no)."""
+    return bool(a.type._type_affinity is b.type._type_affinity)

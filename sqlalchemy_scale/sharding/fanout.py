@@ -35,9 +35,10 @@ from sqlalchemy.engine.cursor import CursorResult
 from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaData
 from sqlalchemy.orm import ORMExecuteState
 
+from ._pinning import exists_columns
 from ._shard_set import ShardSet
-from .merge import merge_ordered
-from .planner import C_COLLATIONS, FanoutPlan, TextCheck, plan_fanout, sort_keys_for
+from .merge import SortKey, merge_ordered
+from .planner import C_COLLATIONS, FanoutPlan, TextCheck, plan_fanout
 from .shapes import refuse
 from .strategies import ShardId
 
@@ -235,7 +236,8 @@ def execute_exists(
     shard_set: ShardSet,
     bind_arguments_for: Callable[[ShardId], dict[str, Any]],
 ) -> Result[Any]:
-    """``SELECT EXISTS (...)`` on ``shard_ids``: one row, each column the OR of the shards'."""
+    """``SELECT EXISTS (...)`` on ``shard_ids``: one row, each column the OR of the shards'
+    answers (the AND for ``NOT EXISTS``)."""
     orm_context.session._autoflush()
     params = dict(orm_context.parameters or {})  # type: ignore[arg-type]
     options = orm_context.execution_options
@@ -246,9 +248,34 @@ def execute_exists(
     ]
     results = run_concurrently(shard_set.executor, jobs)
     answers = [results[s][1][0] for s in shard_ids]
-    row = tuple(any(bool(a[i]) for a in answers) for i in range(len(answers[0])))
+    negated = exists_columns(statement) or []
+    row = tuple(
+        all(bool(a[i]) for a in answers) if inverted else any(bool(a[i]) for a in answers)
+        for i, inverted in enumerate(negated)
+    )
     keys = [str(k) for k in results[shard_ids[0]][0].keys()]  # noqa: SIM118
     return IteratorResult(SimpleResultMetaData(keys), iter([row]))
+
+
+def sort_keys_for(
+    plan: FanoutPlan, result: CursorResult[Any], selected_keys: Sequence[str]
+) -> list[SortKey]:
+    """Getters that read each ORDER BY term from ``result``'s rows."""
+    keys: list[SortKey] = []
+    for term in plan.order:
+        getter: Callable[[Any], Any] | None = None
+        if term.hidden is not None:
+            getter = result._getter(f"_ss_o{term.hidden}", raiseerr=False)
+        elif not isinstance(term.element, str):
+            getter = result._getter(term.element, raiseerr=False)
+        if getter is None and term.output is not None:
+            getter = result._getter(selected_keys[term.output], raiseerr=False)
+        if getter is None:
+            refuse(
+                "unknown", f"ORDER BY {term.element} across shards: not found in the result columns"
+            )
+        keys.append(SortKey(getter, term.descending, term.nulls_first))
+    return keys
 
 
 def _fetch(

@@ -29,13 +29,12 @@ executor verifies both on the servers before any shard runs the statement.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import Table, func
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine.cursor import CursorResult
 from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaData
 from sqlalchemy.sql import operators, sqltypes
 from sqlalchemy.sql.elements import (
@@ -56,10 +55,11 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Select
 from sqlalchemy.sql.visitors import iterate
 
+from ._scopes import int_limit_offset, select_parts
 from .merge import AggregateKind, SortKey, apply_limit, merge_aggregates, sort_rows
 from .shapes import refuse
 
-__all__ = ["FanoutPlan", "OrderTerm", "TextCheck", "plan_fanout", "sort_keys_for", "value_kind"]
+__all__ = ["FanoutPlan", "OrderTerm", "TextCheck", "plan_fanout", "value_kind"]
 
 _AGGREGATES: Mapping[str, AggregateKind] = {
     "count": "count",
@@ -282,25 +282,26 @@ def plan_fanout(statement: Any) -> FanoutPlan:
     if not isinstance(statement, Select):
         refuse("not_a_select", f"a {type(statement).__name__} across shards")
     stmt: Select[Any] = statement
-    if stmt._distinct or stmt._distinct_on:
+    parts = select_parts(stmt)
+    if parts.distinct:
         refuse("distinct", "DISTINCT across shards")
-    if stmt._for_update_arg is not None:
+    if parts.for_update:
         refuse(
             "for_update",
             "SELECT ... FOR UPDATE/SHARE across shards",
             remedy="lock through the shard key (one shard) or pass execution_options(shard_id=...)",
         )
-    if stmt._fetch_clause is not None:
+    if parts.fetch is not None:
         refuse("fetch", "FETCH FIRST across shards")
-    if stmt._having_criteria:
+    if parts.having:
         refuse("having", "HAVING across shards")
     try:
-        limit, offset = stmt._limit, stmt._offset
+        limit, offset = int_limit_offset(stmt)
     except sa_exc.CompileError as exc:
         refuse("unknown", f"LIMIT/OFFSET across shards that are not plain integers ({exc})")
     selected = list(stmt.selected_columns)
     functions: set[str] = set()
-    for element in [*selected, *stmt._order_by_clauses, *stmt._group_by_clauses]:
+    for element in [*selected, *parts.order_by, *parts.group_by]:
         for node in iterate(element):
             if isinstance(node, Over | WithinGroup):
                 refuse("window", "window functions (OVER) and ordered-set aggregates across shards")
@@ -328,13 +329,13 @@ def plan_fanout(statement: Any) -> FanoutPlan:
                 "aggregate_expression",
                 f"the expression {column} combines an aggregate with other operations",
             )
-    group_by = [_group_term(stmt, g) for g in stmt._group_by_clauses]
+    group_by = [_group_term(stmt, g) for g in parts.group_by]
     if aggregates or group_by:
         plan = _aggregate_plan(stmt, selected, aggregates, group_by, limit, offset)
     else:
         plan = FanoutPlan("rows", stmt, [], limit, offset, visible=len(selected))
-        plan.has_entities = any(not isinstance(raw, ColumnElement) for raw in stmt._raw_columns)
-        plan.order = [_order_term(stmt, selected, c, plan=plan) for c in stmt._order_by_clauses]
+        plan.has_entities = any(not isinstance(raw, ColumnElement) for raw in parts.columns)
+        plan.order = [_order_term(stmt, selected, c, plan=plan) for c in parts.order_by]
     plan.functions = functions
     return plan
 
@@ -365,7 +366,8 @@ def _aggregate_plan(
     limit: int | None,
     offset: int | None,
 ) -> FanoutPlan:
-    for raw in stmt._raw_columns:
+    parts = select_parts(stmt)
+    for raw in parts.columns:
         if isinstance(raw, FromClause) and not isinstance(raw, ColumnElement):
             refuse("entity_aggregate", "an aggregate query that also selects whole entities")
     by_index = {index: (kind, arg) for index, kind, arg in aggregates}
@@ -401,9 +403,7 @@ def _aggregate_plan(
             _check_comparable(plan, arg, f"{kind}({arg})", ordering=True)
     for term in group_by:
         _check_comparable(plan, term, f"GROUP BY {term}", ordering=False)
-    plan.order = [
-        _order_term(stmt, selected, c, plan=None, checks=plan) for c in stmt._order_by_clauses
-    ]
+    plan.order = [_order_term(stmt, selected, c, plan=None, checks=plan) for c in parts.order_by]
     return plan
 
 
@@ -633,24 +633,3 @@ def _order_term(
     assert owner is not None
     _check_comparable(owner, expr, f"ORDER BY {clause}", ordering=True)
     return OrderTerm(target, descending, nulls_first, output, hidden)
-
-
-def sort_keys_for(
-    plan: FanoutPlan, result: CursorResult[Any], selected_keys: Sequence[str]
-) -> list[SortKey]:
-    """Getters that read each ORDER BY term from ``result``'s rows."""
-    keys: list[SortKey] = []
-    for term in plan.order:
-        getter: Callable[[Any], Any] | None = None
-        if term.hidden is not None:
-            getter = result._getter(f"_ss_o{term.hidden}", raiseerr=False)
-        elif not isinstance(term.element, str):
-            getter = result._getter(term.element, raiseerr=False)
-        if getter is None and term.output is not None:
-            getter = result._getter(selected_keys[term.output], raiseerr=False)
-        if getter is None:
-            refuse(
-                "unknown", f"ORDER BY {term.element} across shards: not found in the result columns"
-            )
-        keys.append(SortKey(getter, term.descending, term.nulls_first))
-    return keys

@@ -240,9 +240,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         return list(self.shard_set.shard_ids)
 
     def _choose_execute_shards(self, orm_context: ORMExecuteState) -> list[ShardId]:
-        return self.prove(orm_context).shards
+        return self._prove(orm_context).shards
 
-    def prove(self, orm_context: ORMExecuteState) -> Proof:
+    def _prove(self, orm_context: ORMExecuteState) -> Proof:
         """Which shards an ORM execution's statement needs, proven (see
         :func:`~sqlalchemy_scale.sharding._pinning.prove`); raises CrossShardQueryError
         before anything runs when the answer over those shards is not exact."""
@@ -447,9 +447,9 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         )
     if orm_context.is_insert:
         shard_ids = _insert_shards(session, orm_context)
-        proof = session.prove(orm_context) if len(shard_ids) > 1 else Proof(shard_ids)
+        proof = session._prove(orm_context) if len(shard_ids) > 1 else Proof(shard_ids)
     else:
-        proof = session.prove(orm_context)  # raises before anything runs
+        proof = session._prove(orm_context)  # raises before anything runs
     if proof.count_of is not None:
         return _count_merged_rows(orm_context, proof.count_of)
     shard_ids = proof.shards
