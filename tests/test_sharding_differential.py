@@ -453,6 +453,13 @@ SAME: dict[str, Query] = {
     "update pruned": write(update(Order).where(Order.customer_id == 3).values(note="w")),
     "update all": write(update(Order).where(Order.ratio > 1).values(note="w")),
     "delete correlated": write(delete(Order).where(Order.ratio > correlated_avg.scalar_subquery())),
+    "insert with a subquery on its shard": write(
+        insert(Order).values(
+            id=500,
+            customer_id=5,
+            ratio=select(func.max(o2.ratio)).where(o2.customer_id == 5).scalar_subquery(),
+        )
+    ),
     "update global rowcount": write(update(Country).where(Country.code < "F").values(name="n")),
     "delete global": write(delete(Country).where(Country.code == "GR")),
 }
@@ -460,6 +467,11 @@ SAME: dict[str, Query] = {
 REFUSED: dict[str, Query] = {
     "delete max": write(
         delete(Order).where(Order.amount == select(func.max(Order.amount)).scalar_subquery())
+    ),
+    "insert with a global max": write(
+        insert(Order).values(
+            id=500, customer_id=5, ratio=select(func.max(o2.ratio)).scalar_subquery()
+        )
     ),
     "update above avg": write(update(Order).where(Order.amount > avg_amount).values(note="w")),
     "select above avg": rows(select(Order.id).where(Order.amount > avg_amount)),

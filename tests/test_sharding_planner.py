@@ -350,3 +350,18 @@ def test_sqlalchemy_internals_the_planner_reads_still_exist() -> None:
     assert deannotated(annotated) is Order.__table__
     assert same_type_affinity(Order.id, Order.customer_id)
     assert not same_type_affinity(Order.id, Tag.customer_code)
+
+
+def test_insert_subqueries_must_read_the_rows_shard() -> None:
+    """An INSERT placed by its row's key may read, in a subquery, only that shard's rows."""
+    on_key = select(func.max(o2.amount)).where(o2.customer_id == 5).scalar_subquery()
+    stmt = insert(Order).values(id=1, customer_id=5, amount=on_key)
+    assert prove(stmt, SHARDS, None, rows_on=["s0"]).shards == ["s0"]
+    everywhere = select(func.max(o2.amount)).scalar_subquery()
+    with pytest.raises(CrossShardQueryError, match="in an INSERT into plan_orders on shard 's0'"):
+        prove(
+            insert(Order).values(id=1, customer_id=5, amount=everywhere),
+            SHARDS,
+            None,
+            rows_on=["s0"],
+        )

@@ -570,6 +570,7 @@ def prove(
     params: Mapping[str, Any] | None,
     *,
     shard_key: Any = _UNKNOWN,
+    rows_on: list[ShardId] | None = None,
 ) -> Proof:
     """The shards ``statement`` must run on, in ShardSet order, and how its answer is made.
 
@@ -577,6 +578,8 @@ def prove(
     over those shards is not proven exact. ``shard_key`` is the
     ``execution_options(shard_key=...)`` value, if any: it places statements on sharded
     tables only (global and pinned tables keep their rule) and is trusted as given.
+    ``rows_on`` is, for an INSERT of sharded rows, the shard its rows were placed on by
+    their keys: its subqueries (in VALUES, ON CONFLICT) must read only that shard.
     """
     if not isinstance(statement, Select | CompoundSelect | UpdateBase):
         refuse("not_a_select", f"a {type(statement).__name__} names no table the planner can place")
@@ -603,6 +606,9 @@ def prove(
     ):
         refuse("not_a_select", f"INSERT ... SELECT into {statement.table}")
     top = scopes_of(statement)
+    if rows_on is not None:
+        _confine_insert(prover, top, rows_on)
+        return Proof(rows_on)
     exists = _plain_exists(top)
     inner = _count_of(top)
     if inner is not None:
@@ -630,6 +636,23 @@ def prove(
     else:
         found = prover.scope(top, [])
     return Proof(**_final(found, shard_set, writing, rules, exists=exists))
+
+
+def _confine_insert(prover: _Prover, top: Scope, rows_on: list[ShardId]) -> None:
+    table = top.statement.table
+    target = prover.table_unit(deannotated(table), deannotated(table))
+    for child in top.children:
+        sub = prover.scope(child, [target])
+        if sub.local or (
+            (sub.shards is None or set(sub.shards) <= set(rows_on)) and sub.only <= set(rows_on)
+        ):
+            continue
+        tables = ", ".join(sorted({t.name for t in statement_tables(child.statement)}))
+        refuse(
+            "uncorrelated_subquery",
+            f"the subquery over {tables} in an INSERT into {table.name} on shard "
+            f"{rows_on[0]!r} reads other shards",
+        )
 
 
 def _final(

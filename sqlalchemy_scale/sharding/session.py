@@ -447,7 +447,10 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         )
     if orm_context.is_insert:
         shard_ids = _insert_shards(session, orm_context)
-        proof = session._prove(orm_context) if len(shard_ids) > 1 else Proof(shard_ids)
+        if len(shard_ids) > 1:
+            proof = session._prove(orm_context)
+        else:  # its subqueries must read only the rows' shard
+            proof = prove(statement, session.shard_set, None, rows_on=shard_ids)
     else:
         proof = session._prove(orm_context)  # raises before anything runs
     if proof.count_of is not None:
