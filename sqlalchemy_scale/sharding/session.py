@@ -78,6 +78,7 @@ from ._pinning import Proof, prove, shards_for_statement
 from ._shard_set import ShardRule, ShardSet, coerce_key, rule_for_mapper
 from ._two_phase import commit_prepared
 from .fanout import execute_exists, execute_fanout
+from .shapes import refuse
 from .strategies import ShardId
 
 __all__ = ["SHARDING_OPTIONS", "ShardedSession", "set_shard_id", "sharded_sessionmaker"]
@@ -441,9 +442,11 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         return _run_on_shard(orm_context, shard_id)
     statement = orm_context.statement
     if isinstance(statement, TextClause | TextualSelect):
-        raise CrossShardQueryError(
-            "a text() statement names no table we can place; run it on one shard with "
-            "execution_options(shard_id=...) or bind_arguments={'shard_id': ...}"
+        refuse(
+            "not_a_select",
+            "a text() statement names no table the planner can place",
+            remedy="run it on one shard with execution_options(shard_id=...) or "
+            "bind_arguments={'shard_id': ...}",
         )
     if orm_context.is_insert:
         shard_ids = _insert_shards(session, orm_context)
