@@ -436,6 +436,23 @@ SAME: dict[str, Query] = {
     "correlated scalar": rows(
         select(Order.id).where(Order.ratio > correlated_avg.scalar_subquery())
     ),
+    "semi-join on the key": rows(
+        select(Order.id).where(
+            Order.customer_id.in_(select(Customer.id).where(Customer.name > "a").distinct())
+        )
+    ),
+    "anti-join on the key": rows(
+        select(Order.id).where(
+            Order.customer_id.not_in(select(Customer.id).where(Customer.country_code == "DE"))
+        )
+    ),
+    "semi-join on grouped keys": rows(
+        select(Customer.id).where(
+            Customer.id.in_(
+                select(Order.customer_id).group_by(Order.customer_id).having(func.count() > 4)
+            )
+        )
+    ),
     "global subquery": rows(
         select(Customer.id).where(
             Customer.country_code.in_(select(Country.code).where(Country.name > "a"))
@@ -572,6 +589,7 @@ COVERAGE: dict[str, list[str]] = {
     "colocated_join": ["colocated join", "colocated left join"],
     "global_join": ["global join", "sharded left join global"],
     "correlated_subquery": ["correlated exists", "correlated scalar", "delete correlated"],
+    "key_semi_join": ["semi-join on the key", "anti-join on the key", "semi-join on grouped keys"],
     "global_subquery": ["global subquery"],
     "plain_derived_table": ["plain derived table", "query count"],
     "exists": ["exists", "exists and not exists", "query exists"],

@@ -116,6 +116,31 @@ o2 = aliased(Order)
             "not correlated",
         ),
         (
+            select(Order.id).where(
+                Order.customer_id.in_(select(o2.customer_id).order_by(o2.amount).limit(5))
+            ),
+            "not correlated",
+        ),
+        (
+            select(Order.id).where(
+                Order.customer_id.in_(
+                    select(Customer.id).group_by(Customer.name, Customer.id).limit(3)
+                )
+            ),
+            "not correlated",
+        ),
+        (
+            select(Order.id).where(
+                Order.customer_id.in_(
+                    select(Customer.id)
+                    .group_by(Customer.name)
+                    .having(func.count() > 1)
+                    .with_only_columns(func.min(Customer.id))
+                )
+            ),
+            "not correlated",
+        ),
+        (
             select(Customer.id).where(exists(select(Order.id).where(Order.amount > 5))),
             "not correlated",
         ),
@@ -196,6 +221,27 @@ def test_unproven_shapes_are_refused_naming_the_part(statement: Any, reason: str
                 > select(func.avg(o2.amount))
                 .where(o2.customer_id == Order.customer_id)
                 .scalar_subquery()
+            ),
+            ALL,
+        ),
+        # a semi-join on the shard key: the matching rows live on the outer row's shard
+        (
+            select(Order.id).where(
+                Order.customer_id.in_(select(Customer.id).where(Customer.name == "bob"))
+            ),
+            ALL,
+        ),
+        (
+            select(Order.id).where(
+                Order.customer_id.not_in(select(Customer.id).where(Customer.id == 5))
+            ),
+            ALL,
+        ),
+        (
+            select(Customer.id).where(
+                Customer.id.in_(
+                    select(Order.customer_id).group_by(Order.customer_id).having(func.count() > 3)
+                )
             ),
             ALL,
         ),

@@ -49,6 +49,7 @@ from sqlalchemy.sql.selectable import (
     CompoundSelect,
     Exists,
     Join,
+    ScalarSelect,
     Select,
     TableClause,
     TableValuedAlias,
@@ -225,12 +226,16 @@ class _Prover:
         if sharded:
             self.colocate(scope, sharded, outer, joins, where, found)
         inner_outer = outer + [u for u in units if u.kind == "key"]
+        semi_joins = _in_subqueries(scope.statement) if sharded else {}
         for child in scope.children:
             if child.in_from:
                 continue
             sub = self.scope(child, inner_outer)
             found.only |= sub.only
             if sub.shards is None or sub.local:
+                continue
+            left = semi_joins.get(id(child.original))
+            if left is not None and self.is_key_semi_join(left, child, inner_outer):
                 continue
             if len(sub.shards) <= 1:
                 found.only |= set(sub.shards)
@@ -253,6 +258,45 @@ class _Prover:
                 "one shard, or subqueries pruned to different shards)",
             )
         return found
+
+    def is_key_semi_join(self, left: Any, child: Scope, row_units: list[_Unit]) -> bool:
+        """``outer.key IN (SELECT inner.key ...)``: both keys are placed alike, so the inner
+        rows that can match an outer row live on its shard (also for NOT IN: stored keys are
+        never NULL)."""
+        if not isinstance(left, ColumnClause) or left.table is None:
+            return False
+        source = id(deannotated(left.table))
+        if not any(id(u.source) == source and u.key == left.name for u in row_units):
+            return False
+        statement = child.statement
+        columns = list(getattr(statement, "selected_columns", ()))
+        if not isinstance(statement, Select) or len(columns) != 1:
+            return False
+        right = columns[0].element if isinstance(columns[0], Label) else columns[0]
+        if not isinstance(right, ColumnClause) or right.table is None:
+            return False
+        if not same_type_affinity(left, right):
+            return False
+        joins: list[Join] = []
+        units, _ = self.units(child, [], joins)
+        if any(j.isouter or j.full for j in joins):
+            return False  # a NULL-extended key would make NOT IN differ
+        inner = id(deannotated(right.table))
+        if not any(
+            u.kind == "key" and id(u.source) == inner and u.key == right.name for u in units
+        ):
+            return False
+        parts = select_parts(statement)
+        if parts.limit is not None or parts.offset is not None or parts.fetch is not None:
+            return False
+        # Groups must not span shards: grouped by the key itself (HAVING is then per key).
+        return not parts.group_by or any(
+            isinstance(g, ColumnClause)
+            and g.name == right.name
+            and g.table is not None
+            and id(deannotated(g.table)) == inner
+            for g in parts.group_by
+        )
 
     def compound(self, scope: Scope, outer: list[_Unit]) -> _Found:
         found = _Found()
@@ -476,6 +520,23 @@ def _in_values(element: Any, params: Mapping[str, Any]) -> Iterable[Any] | None:
         values = [_bind_value(c, params) for c in clauses]
         return None if any(v is _UNKNOWN for v in values) else values
     return None
+
+
+def _in_subqueries(statement: Any) -> dict[int, Any]:
+    """``x IN (SELECT ...)`` and ``x NOT IN (SELECT ...)`` in the statement's WHERE: the
+    select (by identity) -> ``x``."""
+    where = getattr(statement, "whereclause", None)
+    found: dict[int, Any] = {}
+    if where is None:
+        return found
+    for node in iterate(where):
+        if (
+            isinstance(node, BinaryExpression)
+            and node.operator in (operators.in_op, operators.not_in_op)
+            and isinstance(node.right, ScalarSelect)
+        ):
+            found[id(node.right.element)] = node.left
+    return found
 
 
 def _conjuncts(clause: Any) -> list[Any]:

@@ -98,6 +98,12 @@ _TABLE: Final = [
         "the rows it reads live on the outer row's shard",
     ),
     Shape(
+        "key_semi_join",
+        "merged",
+        "`outer.key IN (SELECT inner.key ...)` and `NOT IN` on shard keys (the subquery may filter, be DISTINCT, or group by its key, not LIMIT)",
+        "the inner rows that can match live on the outer row's shard",
+    ),
+    Shape(
         "global_subquery",
         "merged",
         "a subquery that reads only global tables (or none)",
