@@ -35,6 +35,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
@@ -414,12 +415,12 @@ def test_fanout_aggregates_equal_one_database(make_shards: Callable[..., ShardSe
 def test_unmergeable_fanout_raises_before_running(
     scale_cluster: LocalCluster, make_shards: Callable[..., ShardSet]
 ) -> None:
-    """DISTINCT or a window function across shards raises CrossShardQueryError and sends nothing."""
+    """DISTINCT ON or a window function across shards raises CrossShardQueryError and sends nothing."""
     shards = make_shards()
     ran_on = _record_servers(scale_cluster)
     with sharded_sessionmaker(shards)() as session:
-        with pytest.raises(ss.CrossShardQueryError, match="DISTINCT"):
-            session.execute(select(Order.v).distinct())
+        with pytest.raises(ss.CrossShardQueryError, match="DISTINCT ON"):
+            session.execute(select(Order.v).ext(distinct_on(Order.v)))
         with pytest.raises(ss.CrossShardQueryError, match="window"):
             session.execute(select(Order.id, func.rank().over(order_by=Order.v)))
     assert ran_on() == set()

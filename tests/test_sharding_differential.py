@@ -45,6 +45,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 import sqlalchemy_scale as ss
@@ -436,6 +437,16 @@ SAME: dict[str, Query] = {
     "correlated scalar": rows(
         select(Order.id).where(Order.ratio > correlated_avg.scalar_subquery())
     ),
+    "distinct": rows(select(Order.note).distinct()),
+    "distinct nan and nulls": rows(select(Order.ratio, Order.amount).distinct()),
+    "distinct ordered limited": ordered(
+        select(Order.note, Order.ratio)
+        .distinct()
+        .order_by(Order.note, Order.ratio)
+        .limit(9)
+        .offset(2)
+    ),
+    "query count distinct": lambda s: s.query(Order.note).distinct().count(),
     "semi-join on the key": rows(
         select(Order.id).where(
             Order.customer_id.in_(select(Customer.id).where(Customer.name > "a").distinct())
@@ -533,8 +544,12 @@ REFUSED: dict[str, Query] = {
     "global left join sharded": rows(
         select(Country.code, Customer.id).outerjoin(Customer, Customer.country_code == Country.code)
     ),
-    "query count distinct": lambda s: s.query(Order.note).distinct().count(),
-    "distinct": rows(select(Order.note).distinct()),
+    "distinct on": rows(
+        select(Order.customer_id, Order.id)
+        .ext(distinct_on(Order.customer_id))
+        .order_by(Order.customer_id, Order.id)
+    ),
+    "distinct entities": rows(select(Order).distinct()),
     "order ICU column": ordered(select(Label.id, Label.body).order_by(Label.body, Label.id)),
     "order lower(ICU column)": ordered(
         select(Label.id, func.lower(Label.body).label("l")).order_by("l", Label.id)
@@ -612,7 +627,13 @@ COVERAGE: dict[str, list[str]] = {
     "non_colocated_join": ["non-colocated join"],
     "pinned_table_join": ["sharded rows with a one-shard table"],
     "derived_table": ["derived table that groups"],
-    "distinct": ["distinct", "query count distinct"],
+    "distinct_rows": [
+        "distinct",
+        "distinct nan and nulls",
+        "distinct ordered limited",
+        "query count distinct",
+    ],
+    "distinct": ["distinct on", "distinct entities"],
     "count_distinct": ["count distinct"],
     "window": ["window"],
     "having": ["having"],

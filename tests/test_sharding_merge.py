@@ -155,8 +155,9 @@ def test_plan_orders_aggregates_by_label_and_by_expression() -> None:
 @pytest.mark.parametrize(
     ("stmt", "reason"),
     [
-        (select(Item.v).distinct(), "DISTINCT"),
-        (select(Item.v).ext(distinct_on(Item.v)), "DISTINCT"),
+        (select(Item).distinct(), "DISTINCT of ORM entities"),
+        (select(Item.v).ext(distinct_on(Item.v)), "DISTINCT ON"),
+        (select(Item.v).prefix_with("SQL_NO_CACHE"), "prefix, suffix, hint or syntax"),
         (select(func.count(Item.v.distinct())), "DISTINCT"),
         (select(Item.id, func.row_number().over(order_by=Item.v)), "window functions"),
         (select(Item.owner, func.count()).group_by(Item.owner).having(func.count() > 1), "HAVING"),

@@ -143,6 +143,10 @@ class SelectParts:
 
     columns: tuple[Any, ...]
     distinct: bool
+    #: DISTINCT ON (...) (``distinct`` is then true too)
+    distinct_on: bool
+    #: prefixes, suffixes, hints or syntax extensions (``ext(...)``): unknown syntax
+    extensions: tuple[Any, ...]
     group_by: tuple[Any, ...]
     having: tuple[Any, ...]
     order_by: tuple[Any, ...]
@@ -162,6 +166,7 @@ class SelectParts:
             or self.limit is not None
             or self.offset is not None
             or self.fetch is not None
+            or self.extensions
         )
 
 
@@ -170,6 +175,22 @@ def select_parts(statement: Select[Any]) -> SelectParts:
     return SelectParts(
         columns=tuple(statement._raw_columns),
         distinct=bool(statement._distinct or statement._distinct_on),
+        distinct_on=bool(statement._distinct_on)
+        or "DistinctOn" in type(statement._pre_columns_clause).__name__,
+        extensions=tuple(
+            part
+            for part in (
+                *statement._prefixes,
+                *statement._suffixes,
+                *statement._hints.items(),
+                *statement._statement_hints,
+                statement._pre_columns_clause,
+                statement._post_select_clause,
+                statement._post_criteria_clause,
+                statement._post_body_clause,
+            )
+            if part is not None
+        ),
         group_by=tuple(statement._group_by_clauses),
         having=tuple(statement._having_criteria),
         order_by=tuple(statement._order_by_clauses),

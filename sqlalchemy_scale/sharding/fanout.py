@@ -37,7 +37,7 @@ from sqlalchemy.orm import ORMExecuteState
 
 from ._pinning import exists_columns
 from ._shard_set import ShardSet
-from .merge import SortKey, merge_ordered
+from .merge import SortKey, apply_limit, group_key, merge_ordered
 from .planner import C_COLLATIONS, FanoutPlan, TextCheck, plan_fanout
 from .shapes import refuse
 from .strategies import ShardId
@@ -197,9 +197,11 @@ def execute_fanout(
             remedy="use selectinload() instead",
         )
     keys = sort_keys_for(plan, first, [str(k) for k in statement.selected_columns.keys()])  # type: ignore[attr-defined]  # noqa: SIM118
-    merged = merge_ordered(
-        [results[s][1] for s in shard_ids], keys, limit=plan.limit, offset=plan.offset
-    )
+    streams = [results[s][1] for s in shard_ids]
+    if plan.distinct:
+        merged = apply_limit(_distinct(merge_ordered(streams, keys)), plan.limit, plan.offset)
+    else:
+        merged = merge_ordered(streams, keys, limit=plan.limit, offset=plan.offset)
     if not orm_rows:
         rewound = first._rewind([row for _, row in merged])
         return rewound.columns(*range(plan.visible)) if plan.hidden else rewound
@@ -276,6 +278,16 @@ def sort_keys_for(
             )
         keys.append(SortKey(getter, term.descending, term.nulls_first))
     return keys
+
+
+def _distinct(rows: Sequence[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    """The first of each set of rows PostgreSQL considers equal (NaN equals NaN)."""
+    seen: set[tuple[Any, ...]] = set()
+    for index, row in rows:
+        key = tuple(group_key(v) for v in row)
+        if key not in seen:
+            seen.add(key)
+            yield index, row
 
 
 def _fetch(

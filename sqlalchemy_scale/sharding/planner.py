@@ -217,6 +217,9 @@ class FanoutPlan:
     text_checks: list[TextCheck] = field(default_factory=list)
     #: names of functions in the merged parts that must not be aggregates (pg_proc)
     functions: set[str] = field(default_factory=set)
+    #: rows plans: SELECT DISTINCT (each shard's rows are distinct; rows equal across
+    #: shards are dropped after the merge, before OFFSET and LIMIT)
+    distinct: bool = False
 
     def shard_statement(self) -> Select[Any]:
         """The statement each shard runs (LIMIT pushed down, or partial aggregates)."""
@@ -283,8 +286,14 @@ def plan_fanout(statement: Any) -> FanoutPlan:
         refuse("not_a_select", f"a {type(statement).__name__} across shards")
     stmt: Select[Any] = statement
     parts = select_parts(stmt)
-    if parts.distinct:
-        refuse("distinct", "DISTINCT across shards")
+    if parts.distinct_on:
+        refuse("distinct", "DISTINCT ON across shards")
+    if parts.extensions:
+        refuse(
+            "unknown",
+            "a prefix, suffix, hint or syntax extension across shards "
+            f"({', '.join(str(part) for part in parts.extensions)})",
+        )
     if parts.for_update:
         refuse(
             "for_update",
@@ -331,10 +340,22 @@ def plan_fanout(statement: Any) -> FanoutPlan:
             )
     group_by = [_group_term(stmt, g) for g in parts.group_by]
     if aggregates or group_by:
+        if parts.distinct:
+            refuse("distinct", "DISTINCT in an aggregate query across shards")
         plan = _aggregate_plan(stmt, selected, aggregates, group_by, limit, offset)
     else:
         plan = FanoutPlan("rows", stmt, [], limit, offset, visible=len(selected))
         plan.has_entities = any(not isinstance(raw, ColumnElement) for raw in parts.columns)
+        if parts.distinct:
+            if plan.has_entities:
+                refuse(
+                    "distinct",
+                    "DISTINCT of ORM entities across shards",
+                    remedy="select the columns, or pin the query",
+                )
+            plan.distinct = True
+            for column in selected:
+                _check_comparable(plan, column, f"DISTINCT {column}", ordering=False)
         plan.order = [_order_term(stmt, selected, c, plan=plan) for c in parts.order_by]
     plan.functions = functions
     return plan

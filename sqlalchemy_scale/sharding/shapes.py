@@ -62,6 +62,12 @@ _TABLE: Final = [
         "each shard runs `LIMIT n + m` without OFFSET; OFFSET and LIMIT apply once after the merge",
     ),
     Shape(
+        "distinct_rows",
+        "merged",
+        "`SELECT DISTINCT` of columns (not ORM entities), with ORDER BY/LIMIT",
+        "each shard's distinct rows, merged; rows equal across shards kept once (NaN equals NaN), then OFFSET and LIMIT",
+    ),
+    Shape(
         "aggregates",
         "merged",
         "`count(*)`, `count(x)`, `sum`, `min`, `max`, `avg`, with or without `GROUP BY`",
@@ -187,8 +193,8 @@ _TABLE: Final = [
     Shape(
         "distinct",
         "refused",
-        "`DISTINCT`, `DISTINCT ON`",
-        "the same row may come from several shards; use GROUP BY",
+        "`DISTINCT ON`, DISTINCT of ORM entities or in an aggregate query",
+        "the same row may come from several shards; select columns, or use GROUP BY",
     ),
     Shape(
         "count_distinct",
