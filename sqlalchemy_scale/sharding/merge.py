@@ -247,11 +247,13 @@ def numeric_divide(total: Decimal, count: int) -> Decimal:
 
 def group_key(value: Any) -> Any:
     """A hashable key under which PostgreSQL puts ``value`` in the same group (all NaNs
-    together; arrays by their elements)."""
+    together; arrays by their elements, jsonb objects by their items)."""
     if is_nan(value):
         return _NAN
     if isinstance(value, list):
         return tuple(group_key(v) for v in value)
+    if isinstance(value, dict):  # jsonb: equal when the same keys have equal values
+        return frozenset((k, group_key(v)) for k, v in value.items())
     return value
 
 

@@ -10,6 +10,8 @@ It accepts only the shapes :mod:`.shapes` lists as ``merged``:
   ORDER BY terms are read from the selected columns (or their labels); a
   statement without ORM entities may also order by other expressions, which
   are added to each shard's columns and dropped after the merge;
+  ``SELECT DISTINCT`` of columns keeps DISTINCT on each shard and drops rows
+  equal across shards after the merge, before OFFSET and LIMIT;
 * ``count``/``sum``/``min``/``max``/``avg`` with or without ``GROUP BY``
   (columns, or selected expressions such as ``date_trunc``, ``lower``,
   ``extract``, by object, equal expression or label): each shard returns
@@ -19,6 +21,10 @@ It accepts only the shapes :mod:`.shapes` lists as ``merged``:
 
 Whether the statement may run on several shards at all (joins, subqueries,
 global tables) is proven first by :func:`~sqlalchemy_scale.sharding._pinning.prove`.
+
+When *not* to rely on it: it refuses what it cannot prove, so a query shape
+missing from :mod:`.shapes` fails loudly rather than slowly; pin such queries
+to a shard or run them per shard.
 
 Comparisons made in Python must be PostgreSQL's: a plan records the
 :class:`TextCheck` each text comparison needs (the collation of the
