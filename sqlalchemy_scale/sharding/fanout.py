@@ -30,6 +30,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.cursor import CursorResult
 from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaData
@@ -329,8 +330,10 @@ def _check_functions(
         key = (shard_id, "aggregate", name)
         if key not in cache:
             cache[key] = bool(
-                conn.exec_driver_sql(
-                    "SELECT count(*) FROM pg_proc WHERE proname = %(n)s AND prokind IN ('a', 'w')",
+                conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_proc WHERE proname = :n AND prokind IN ('a', 'w')"
+                    ),
                     {"n": name},
                 ).scalar()
             )
@@ -383,8 +386,8 @@ def _deterministic(
 ) -> bool:
     key = (shard_id, "deterministic", name)
     if key not in cache:
-        found = conn.exec_driver_sql(
-            "SELECT bool_and(collisdeterministic) FROM pg_collation WHERE collname = %(n)s",
+        found = conn.execute(
+            text("SELECT bool_and(collisdeterministic) FROM pg_collation WHERE collname = :n"),
             {"n": name},
         ).scalar()
         cache[key] = bool(found)  # unknown: assume the worst
@@ -408,10 +411,12 @@ def _column_collation(
             if schema is None
             else (f"{preparer.quote_schema(schema)}.{preparer.quote(table)}")
         )
-        row = conn.exec_driver_sql(
-            "SELECT c.collname, c.collisdeterministic FROM pg_attribute a "
-            "JOIN pg_collation c ON c.oid = a.attcollation "
-            "WHERE a.attrelid = to_regclass(%(t)s) AND a.attname = %(c)s",
+        row = conn.execute(
+            text(
+                "SELECT c.collname, c.collisdeterministic FROM pg_attribute a "
+                "JOIN pg_collation c ON c.oid = a.attcollation "
+                "WHERE a.attrelid = to_regclass(:t) AND a.attname = :c"
+            ),
             {"t": qualified, "c": column},
         ).first()
         if (
