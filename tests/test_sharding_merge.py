@@ -171,6 +171,10 @@ def test_plan_orders_aggregates_by_label_and_by_expression() -> None:
         ),
         (union_all(select(Item.id), select(Item.id)), "UNION"),
         (select(Item.id).fetch(3), "FETCH FIRST"),
+        (
+            select(func.avg(func.make_interval(0, 0, 0, Item.v))),
+            "only sums and averages of numbers",
+        ),
     ],
 )
 def test_unmergeable_shapes_are_refused_with_the_reason(stmt: Any, reason: str) -> None:

@@ -428,6 +428,14 @@ def _aggregate_plan(
     for kind, arg in agg_list:
         if kind in ("min", "max") and arg is not None:
             _check_comparable(plan, arg, f"{kind}({arg})", ordering=True)
+        if kind in ("sum", "avg") and arg is not None and not _is_number(arg):
+            refuse(
+                "other_aggregate",
+                f"{kind}({arg}) of a {arg.type} across shards: only sums and averages of "
+                "numbers are merged (intervals keep months apart in PostgreSQL)",
+                remedy="give the expression a numeric type (type_coerce(expr, Numeric)), or "
+                "pin the query",
+            )
     for term in group_by:
         _check_comparable(plan, term, f"GROUP BY {term}", ordering=False)
     plan.order = [_order_term(stmt, selected, c, plan=None, checks=plan) for c in parts.order_by]
@@ -473,6 +481,22 @@ def value_kind(expr: Any) -> Literal["ordered", "text", "enum"] | None:
                 return None
             return "text" if "text" in kinds else "ordered"
     return None
+
+
+_NUMBER_FUNCTIONS = frozenset(
+    {"abs", "round", "floor", "ceil", "ceiling", "trunc", "length", "char_length", "sign", "mod"}
+)
+
+
+def _is_number(expr: Any) -> bool:
+    column_type = getattr(expr, "type", sqltypes.NULLTYPE)
+    if isinstance(column_type, sqltypes.Integer | sqltypes.Numeric | sqltypes.Float):
+        return True
+    return (
+        isinstance(column_type, sqltypes.NullType)
+        and isinstance(expr, FunctionElement)
+        and str(getattr(expr, "name", "")).lower() in _NUMBER_FUNCTIONS
+    )
 
 
 def _check_comparable(plan: FanoutPlan, expr: Any, what: str, *, ordering: bool) -> None:
