@@ -424,6 +424,11 @@ SAME: dict[str, Query] = {
     "colocated join": rows(
         select(Order.id, Customer.name).join(Customer, Customer.id == Order.customer_id)
     ),
+    "left join, key or null": rows(
+        select(Customer.id, Order.id)
+        .outerjoin(Order, Order.customer_id == Customer.id)
+        .where((Order.customer_id == 5) | Order.customer_id.is_(None))
+    ),
     "colocated left join": rows(
         select(Customer.id, Order.id).outerjoin(Order, Order.customer_id == Customer.id)
     ),

@@ -485,13 +485,6 @@ def _pins(
                 values = _in_values(clause.right, prover.params)
                 if values is not None:
                     return set().union(*(prover.owners(v, unit) for v in values))
-        elif (
-            op is operators.is_
-            and isinstance(clause.right, Null)
-            and not prover.writing
-            and key_of(clause.left) is not None
-        ):
-            return set()  # no stored row has a NULL shard key
     return None
 
 
