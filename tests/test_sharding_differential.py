@@ -740,7 +740,8 @@ def _filters(draw: st.DrawFn) -> list[Any]:
         elif kind == "note":
             terms.append(Order.note.ilike(draw(st.sampled_from(["%a%", "z%", "x"]))))
         elif kind == "key":
-            terms.append(Order.customer_id == draw(_keys))
+            key = Order.customer_id == draw(_keys)
+            terms.append(key | Order.customer_id.is_(None) if draw(st.booleans()) else key)
         elif kind == "keys":
             terms.append(Order.customer_id.in_(draw(st.lists(st.none() | _keys, max_size=3))))
         elif kind == "exists":
@@ -782,6 +783,7 @@ def _queries(draw: st.DrawFn) -> Query:
                 "global join",
                 "global read",
                 "distinct",
+                "left join",
                 "update",
                 "delete",
             ]
@@ -789,6 +791,9 @@ def _queries(draw: st.DrawFn) -> Query:
     )
     if shape == "rows":
         return rows(select(Order.id, Order.ratio).where(*where))
+    if shape == "left join":
+        stmt = select(Customer.id, Order.id).outerjoin(Order, Order.customer_id == Customer.id)
+        return rows(stmt.where(*where))
     if shape == "distinct":
         column = draw(_columns)
         stmt = select(column, Order.customer_id % 2).where(*where).distinct()
