@@ -349,7 +349,7 @@ def test_docs_list_every_shape_of_the_planner() -> None:
 def test_values_python_may_sort_differently_are_refused() -> None:
     """ORDER BY or max() of arrays, JSON or untyped expressions is refused before anything runs;
     typed expressions and known functions merge."""
-    from sqlalchemy import Float, type_coerce
+    from sqlalchemy import CHAR, Float, type_coerce
     from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
     from sqlalchemy_scale.sharding import plan_fanout
@@ -360,6 +360,7 @@ def test_values_python_may_sort_differently_are_refused() -> None:
         select(Order.id, tags).order_by(tags),
         select(func.max(doc)),
         select(Order.id, func.mystery(Order.amount).label("m")).order_by("m"),
+        select(func.min(literal_column("'a'", CHAR(3)))),
     ):
         with pytest.raises(CrossShardQueryError, match="may not sort in Python"):
             plan_fanout(statement)

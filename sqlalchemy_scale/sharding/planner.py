@@ -467,6 +467,8 @@ def value_kind(expr: Any) -> Literal["ordered", "text", "enum"] | None:
         return "enum" if column_type.native_enum else "text"
     if isinstance(column_type, _ORDERED_TYPES):
         return "ordered"
+    if isinstance(column_type, sqltypes.CHAR):
+        return None  # bpchar compares without trailing spaces; padded values do not
     if isinstance(column_type, sqltypes.String):
         return "text"
     if isinstance(column_type, sqltypes.NullType) and isinstance(expr, FunctionElement):
