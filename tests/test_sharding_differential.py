@@ -565,6 +565,14 @@ REFUSED: dict[str, Query] = {
     "string_agg": rows(select(func.string_agg(Order.note, ","))),
     "having": rows(select(Order.customer_id).group_by(Order.customer_id).having(func.count() > 3)),
     "user-defined aggregate": rows(select(getattr(func, SCHEMA).total(Order.ratio))),
+    "user-defined aggregate in a FROM subquery": rows(
+        select(func.count()).select_from(
+            select(getattr(func, SCHEMA).total(Order.ratio).label("t")).subquery()
+        )
+    ),
+    "user-defined aggregate in EXISTS": rows(
+        select(~exists(select(getattr(func, SCHEMA).total(Order.ratio)).where(Order.ratio > 1e300)))
+    ),
     "count distinct": rows(select(func.count(Order.note.distinct()))),
     "fetch": rows(select(Order.id).order_by(Order.id).fetch(3)),
     "filter": rows(select(func.count().filter(Order.ratio > 0))),
@@ -646,7 +654,12 @@ COVERAGE: dict[str, list[str]] = {
     "fetch": ["fetch"],
     "filter": ["filter"],
     "aggregate_expression": ["aggregate expression"],
-    "other_aggregate": ["string_agg", "user-defined aggregate"],
+    "other_aggregate": [
+        "string_agg",
+        "user-defined aggregate",
+        "user-defined aggregate in a FROM subquery",
+        "user-defined aggregate in EXISTS",
+    ],
     "entity_aggregate": ["entity with aggregate"],
     "ungrouped_column": ["ungrouped column"],
     "order_unselected": ["order by unselected in entity query"],

@@ -61,6 +61,7 @@ from sqlalchemy.sql.visitors import iterate
 from ..errors import ConfigurationError, ShardKeyError
 from ._scopes import Scope, deannotated, same_type_affinity, scopes_of, select_parts
 from ._shard_set import ShardSet, coerce_key
+from .planner import KNOWN_SCALARS
 from .shapes import refuse
 from .strategies import ShardId
 
@@ -115,6 +116,8 @@ class Proof:
     count_of: Any = None
     #: a write of a global table: every shard runs it, one copy's result is returned
     global_write: bool = False
+    #: functions in subqueries run on several shards, to look up in pg_proc before running
+    functions: set[str] = field(default_factory=set)
 
 
 class _Prover:
@@ -123,6 +126,8 @@ class _Prover:
         self.params = params
         self.writing = writing
         self.all = frozenset(shard_set.shard_ids)
+        #: functions in plain subqueries run on several shards: they must not be aggregates
+        self.functions: set[str] = set()
 
     # -- units and keys ------------------------------------------------------------------
 
@@ -193,6 +198,7 @@ class _Prover:
                             "aggregates, groups, limits or is DISTINCT (the ORM makes one for a "
                             "joinedload() of a collection with LIMIT: use selectinload())",
                         )
+                    self.functions |= _unknown_functions(child.statement)
                     units.append(_Unit(item, "rows", _describe(item), shards=found.shards))
                 return
             if isinstance(item, TableValuedAlias | Values | TableClause | FunctionElement) and (
@@ -573,6 +579,20 @@ def _is_plain(statement: Any) -> bool:
     return True
 
 
+def _unknown_functions(statement: Any) -> set[str]:
+    """Names of functions selected by ``statement`` that the planner does not know not to be
+    aggregates (a user-defined aggregate would make each shard return its own row)."""
+    names: set[str] = set()
+    for column in getattr(statement, "selected_columns", ()):
+        for node in iterate(column):
+            name = (
+                str(getattr(node, "name", "")).lower() if isinstance(node, FunctionElement) else ""
+            )
+            if name and name not in _AGGREGATE_NAMES and name not in KNOWN_SCALARS:
+                names.add(name)
+    return names
+
+
 def exists_columns(statement: Any) -> list[bool] | None:
     """For ``SELECT EXISTS (...), NOT EXISTS (...)`` with nothing else: per column, whether
     it is negated; None for any other statement."""
@@ -686,10 +706,13 @@ def prove(
                         "derived_table",
                         "the EXISTS subquery over sharded tables aggregates, groups or limits",
                     )
+                prover.functions |= _unknown_functions(child.statement)
                 found.shards = (found.shards or frozenset()) | sub.shards
     else:
         found = prover.scope(top, [])
-    return Proof(**_final(found, shard_set, writing, rules, exists=exists))
+    return Proof(
+        **_final(found, shard_set, writing, rules, exists=exists), functions=prover.functions
+    )
 
 
 def _confine_insert(prover: _Prover, top: Scope, rows_on: list[ShardId]) -> None:

@@ -150,6 +150,7 @@ def execute_fanout(
     shard_ids: list[ShardId],
     shard_set: ShardSet,
     bind_arguments_for: Callable[[ShardId], dict[str, Any]],
+    functions: set[str] | frozenset[str] = frozenset(),
 ) -> Result[Any]:
     """Run an ORM execution's SELECT on ``shard_ids`` concurrently and merge the results.
 
@@ -181,7 +182,12 @@ def execute_fanout(
         fetch = functools.partial(_fetch, shard_statement, params, options)
         jobs.append((shard_id, conn, fetch))
     # Here, before any job is submitted: a refused statement runs nowhere.
-    verify_servers(shard_set, plan, [(s, c) for s, c, _ in jobs])
+    verify_servers(
+        shard_set,
+        [(s, c) for s, c, _ in jobs],
+        text_checks=plan.text_checks,
+        functions=plan.functions | functions,
+    )
     results = run_concurrently(shard_set.executor, jobs)
     if plan.kind == "aggregate":
         partials = [row for s in shard_ids for row in results[s][1]]
@@ -238,6 +244,7 @@ def execute_exists(
     shard_ids: list[ShardId],
     shard_set: ShardSet,
     bind_arguments_for: Callable[[ShardId], dict[str, Any]],
+    functions: set[str] | frozenset[str] = frozenset(),
 ) -> Result[Any]:
     """``SELECT EXISTS (...)`` on ``shard_ids``: one row, each column the OR of the shards'
     answers (the AND for ``NOT EXISTS``)."""
@@ -249,6 +256,7 @@ def execute_exists(
         (shard_id, conn, functools.partial(_fetch, statement, params, options))
         for shard_id, (conn, _) in _connections(orm_context, shard_ids, bind_arguments_for).items()
     ]
+    verify_servers(shard_set, [(s, c) for s, c, _ in jobs], functions=functions)
     results = run_concurrently(shard_set.executor, jobs)
     answers = [results[s][1][0] for s in shard_ids]
     negated = exists_columns(statement) or []
@@ -310,16 +318,20 @@ _CATALOG: weakref.WeakKeyDictionary[ShardSet, dict[tuple[Any, ...], Any]] = (
 
 
 def verify_servers(
-    shard_set: ShardSet, plan: FanoutPlan, connections: Sequence[tuple[ShardId, Connection]]
+    shard_set: ShardSet,
+    connections: Sequence[tuple[ShardId, Connection]],
+    *,
+    text_checks: Sequence[TextCheck] = (),
+    functions: set[str] | frozenset[str] = frozenset(),
 ) -> None:
-    """Refuse the plan if a shard's catalog contradicts what merging assumes."""
-    if not plan.text_checks and not plan.functions:
+    """Refuse the statement if a shard's catalog contradicts what merging assumes."""
+    if not text_checks and not functions:
         return
     cache = _CATALOG.setdefault(shard_set, {})
     for shard_id, conn in connections:
-        if plan.functions:
-            _check_functions(cache, shard_id, conn, plan.functions)
-        for check in plan.text_checks:
+        if functions:
+            _check_functions(cache, shard_id, conn, set(functions))
+        for check in text_checks:
             _check_text(shard_set, cache, shard_id, conn, check)
 
 

@@ -468,6 +468,7 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
             shard_ids,
             session.shard_set,
             functools.partial(_bind_arguments, orm_context),
+            functions=proof.functions,
         )
     if statement.is_select:
         raise CrossShardQueryError(
