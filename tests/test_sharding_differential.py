@@ -797,6 +797,7 @@ def _queries(draw: st.DrawFn) -> Query:
                 "global read",
                 "distinct",
                 "left join",
+                "text",
                 "update",
                 "delete",
             ]
@@ -804,6 +805,30 @@ def _queries(draw: st.DrawFn) -> Query:
     )
     if shape == "rows":
         return rows(select(Order.id, Order.ratio).where(*where))
+    if shape == "text":
+        table = draw(st.sampled_from(["customers", "labels"]))
+        if table == "customers":
+            text_column: Any = Customer.name
+            key: Any = Customer.id
+        else:
+            text_column, key = Label.body, Label.id
+        expr = draw(
+            st.sampled_from(
+                [
+                    text_column,
+                    func.lower(text_column),
+                    func.upper(text_column),
+                    func.trim(text_column),
+                ]
+            )
+        ).label("t")
+        how = draw(st.sampled_from(["order", "min", "group"]))
+        if how == "order":
+            stmt = select(key, expr).order_by(expr.desc() if draw(st.booleans()) else expr, key)
+            return ordered(stmt.limit(draw(st.none() | st.integers(0, 10))))
+        if how == "min":
+            return rows(select(func.min(expr), func.max(expr), func.count()))
+        return rows(select(expr, func.count()).group_by(expr))
     if shape == "left join":
         stmt = select(Customer.id, Order.id).outerjoin(Order, Order.customer_id == Customer.id)
         return rows(stmt.where(*where))
