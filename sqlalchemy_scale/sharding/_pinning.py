@@ -4,10 +4,11 @@ Every SELECT inside the statement (:mod:`._scopes`: subqueries, EXISTS, IN,
 derived tables, UNION members, with the FROM list SQLAlchemy's correlation
 gives them) is read for the tables it names and how they are placed:
 
-* **pruning**: a scope's sharded rows are on the shards owning the key values
-  its WHERE fixes with ``==`` or ``IN`` (combined through AND/OR), else on
-  every shard. A key no shard owns (a range gap, a directory miss, NULL)
-  matches no row when reading; writing with one raises ShardKeyError;
+* **pruning** (:mod:`._prune`): a scope's sharded rows are on the shards
+  owning the key values its WHERE fixes with ``==`` or ``IN`` (combined
+  through AND/OR), else on every shard. A key no shard owns (a range gap, a
+  directory miss, NULL) matches no row when reading; writing with one raises
+  ShardKeyError;
 * **co-location**: sharded tables of one scope must have their shard keys
   equated (join ON or WHERE), else their matching rows may be elsewhere;
 * **confinement**: a subquery over sharded tables must be correlated with an
@@ -24,7 +25,7 @@ decided afterwards by :mod:`.planner`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +34,10 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.dml import Insert, UpdateBase
 from sqlalchemy.sql.elements import (
     BinaryExpression,
-    BindParameter,
     BooleanClauseList,
-    ClauseElement,
     ColumnClause,
     Grouping,
     Label,
-    Null,
     UnaryExpression,
 )
 from sqlalchemy.sql.functions import FunctionElement
@@ -58,9 +56,10 @@ from sqlalchemy.sql.selectable import (
 from sqlalchemy.sql.util import find_tables
 from sqlalchemy.sql.visitors import iterate
 
-from ..errors import ConfigurationError, ShardKeyError
+from ..errors import ConfigurationError
+from ._prune import KeyPlacer, pins
 from ._scopes import Scope, deannotated, same_type_affinity, scopes_of, select_parts
-from ._shard_set import ShardSet, coerce_key
+from ._shard_set import ShardSet
 from .planner import KNOWN_SCALARS
 from .shapes import refuse
 from .strategies import ShardId
@@ -123,8 +122,7 @@ class Proof:
 class _Prover:
     def __init__(self, shard_set: ShardSet, params: Mapping[str, Any], *, writing: bool) -> None:
         self.shard_set = shard_set
-        self.params = params
-        self.writing = writing
+        self.placer = KeyPlacer(shard_set, params, writing=writing)
         self.all = frozenset(shard_set.shard_ids)
         #: functions in plain subqueries run on several shards: they must not be aggregates
         self.functions: set[str] = set()
@@ -414,111 +412,17 @@ class _Prover:
             return shards
         keyed = {id(u.source): u for u in members}
 
-        def key_of(element: Any) -> _Unit | None:
+        def key_of(element: Any) -> tuple[Table, str] | None:
             if not isinstance(element, ColumnClause) or element.table is None:
                 return None
             unit = keyed.get(id(deannotated(element.table)))
-            return unit if unit is not None and element.name == unit.key else None
-
-        found = _pins(where, key_of, self) if where is not None else None
-        return self.all if found is None else frozenset(found)
-
-    # -- placing key values --------------------------------------------------------------
-
-    def owners(self, value: Any, unit: _Unit) -> set[ShardId]:
-        table: Any = unit.source.element if isinstance(unit.source, Alias) else unit.source
-        assert unit.key is not None
-        column = table.c[unit.key]
-        if value is None and not self.writing:
-            return set()  # key = NULL is never true
-        if self.writing or value is None:
-            return {
-                self.shard_set.shard_for(
-                    value, model=table.name, column=unit.key, key_column=column
-                )
-            }
-        try:
-            coerce_key(value, column)
-        except (ValueError, TypeError, ArithmeticError):
-            # PostgreSQL would raise too ("invalid input syntax"): say so.
-            return {
-                self.shard_set.shard_for(
-                    value, model=table.name, column=unit.key, key_column=column
-                )
-            }
-        try:
-            return {
-                self.shard_set.shard_for(
-                    value, model=table.name, column=unit.key, key_column=column
-                )
-            }
-        except ShardKeyError:
-            return set()  # no shard owns it: no row has it
-
-
-def _pins(
-    clause: ClauseElement, key_of: Callable[[Any], _Unit | None], prover: _Prover
-) -> set[ShardId] | None:
-    """Shards the clause restricts the key to, or None when it does not restrict it."""
-    if isinstance(clause, Grouping):
-        inner: ClauseElement = clause.element  # type: ignore[assignment]
-        return _pins(inner, key_of, prover)
-    if isinstance(clause, BooleanClauseList):
-        parts = [_pins(c, key_of, prover) for c in clause.clauses]
-        if clause.operator is operators.and_:
-            result: set[ShardId] | None = None
-            for part in parts:
-                if part is not None:
-                    result = part if result is None else result & part
-            return result
-        if clause.operator is operators.or_:
-            if any(part is None for part in parts):
+            if unit is None or element.name != unit.key:
                 return None
-            return set().union(*(p for p in parts if p is not None))
-        return None
-    if isinstance(clause, BinaryExpression):
-        op = clause.operator
-        if op is operators.eq:
-            for col, other in ((clause.left, clause.right), (clause.right, clause.left)):
-                unit = key_of(col)
-                if unit is not None:
-                    value = _bind_value(other, prover.params)
-                    if value is not _UNKNOWN:
-                        return prover.owners(value, unit)
-        elif op is operators.in_op:
-            unit = key_of(clause.left)
-            if unit is not None:
-                values = _in_values(clause.right, prover.params)
-                if values is not None:
-                    return set().union(*(prover.owners(v, unit) for v in values))
-    return None
+            table: Any = unit.source.element if isinstance(unit.source, Alias) else unit.source
+            return table, element.name
 
-
-def _bind_value(element: Any, params: Mapping[str, Any]) -> Any:
-    if isinstance(element, Null):
-        return None
-    if not isinstance(element, BindParameter):
-        return _UNKNOWN
-    if element.key in params:
-        return params[element.key]
-    if element.callable is not None or element.value is not None:
-        return element.effective_value
-    return _UNKNOWN
-
-
-def _in_values(element: Any, params: Mapping[str, Any]) -> Iterable[Any] | None:
-    if isinstance(element, Grouping):
-        element = element.element
-    if isinstance(element, BindParameter):
-        value = _bind_value(element, params)
-        if value is _UNKNOWN or not isinstance(value, list | tuple | set | frozenset):
-            return None
-        return list(value)
-    clauses = getattr(element, "clauses", None)
-    if clauses is not None:
-        values = [_bind_value(c, params) for c in clauses]
-        return None if any(v is _UNKNOWN for v in values) else values
-    return None
+        found = pins(where, key_of, self.placer) if where is not None else None
+        return self.all if found is None else frozenset(found)
 
 
 def _in_subqueries(statement: Any) -> dict[int, Any]:
