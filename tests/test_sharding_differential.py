@@ -31,6 +31,7 @@ from sqlalchemy import (
     Engine,
     Enum,
     Float,
+    ForeignKey,
     MetaData,
     Numeric,
     String,
@@ -87,6 +88,26 @@ class Customer(Base):
     tier: Mapped[str] = mapped_column(Enum("silver", "gold", "bronze", name="tier", schema=SCHEMA))
 
 
+class Account(Base):
+    __tablename__ = "accounts"
+    __shard_key__ = "customer_id"
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "account"}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    customer_id: Mapped[int]
+    kind: Mapped[str]
+
+
+class Premium(Account):
+    """Joined-table inheritance: the subclass table has no shard key column."""
+
+    __tablename__ = "premium_accounts"
+    __mapper_args__ = {"polymorphic_identity": "premium"}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(ForeignKey(f"{SCHEMA}.accounts.id"), primary_key=True)
+    level: Mapped[float | None] = mapped_column(Float)
+
+
 class Memo(Base):
     """Placed on one shard (``__shard__ = "s2"``)."""
 
@@ -119,6 +140,7 @@ class Label(Base):
     body: Mapped[str]
 
 
+PREMIUM_TABLE: Any = Premium.__table__
 KEYS = range(40)
 NO_SHARD_KEY = 100  # outside RangeSharding's ranges and absent from the directory
 STRATEGIES: dict[str, Callable[[], Any]] = {
@@ -181,7 +203,20 @@ def _rows() -> dict[type[Base], list[dict[str, Any]]]:
         {"id": i, "customer_id": rng.choice(KEYS), "body": rng.choice(NAMES)} for i in range(30)
     ]
     memos = [{"id": i, "customer_id": rng.choice(KEYS)} for i in range(8)]
-    return {Country: countries, Customer: customers, Order: orders, Label: labels, Memo: memos}
+    accounts = [
+        {"id": i, "customer_id": rng.choice(KEYS), "kind": "premium" if i % 2 else "account"}
+        for i in range(24)
+    ]
+    premium = [{"id": a["id"], "level": rng.choice(FLOATS)} for a in accounts if a["id"] % 2]
+    return {
+        Country: countries,
+        Customer: customers,
+        Order: orders,
+        Label: labels,
+        Memo: memos,
+        Account: accounts,
+        PREMIUM_TABLE: premium,  # type: ignore[dict-item]
+    }
 
 
 ROWS = _rows()
@@ -247,6 +282,9 @@ def world(
                 targets = list(shard_engines)
             elif model is Memo:
                 targets = ["s2"]
+            elif model is PREMIUM_TABLE:
+                owner = next(a for a in ROWS[Account] if a["id"] == row["id"])
+                targets = [shards.shard_for(owner["customer_id"])]
             else:
                 key = row["id"] if model is Customer else row["customer_id"]
                 targets = [shards.shard_for(key)]
@@ -261,7 +299,7 @@ def world(
 
 def _load(engine: Engine, rows: dict[type[Base], list[dict[str, Any]]]) -> None:
     with engine.begin() as conn:
-        for model in (Memo, Label, Order, Customer, Country):
+        for model in (PREMIUM_TABLE, Account, Memo, Label, Order, Customer, Country):
             conn.execute(delete(model))
         for model, values in rows.items():
             if values:
@@ -410,6 +448,17 @@ SAME: dict[str, Query] = {
             extract("month", func.make_date(2024, Order.customer_id % 12 + 1, 1)).label("m"),
             func.sum(Order.ratio),
         ).group_by("m")
+    ),
+    "joined inheritance": lambda s: _bag(
+        [(p.id, p.customer_id, _value(p.level)) for p in s.scalars(select(Premium))]
+    ),
+    "joined inheritance pruned": rows(
+        select(Premium.id, Premium.level).where(Premium.customer_id.in_([3, 17, 33]))
+    ),
+    "joined inheritance aggregate": rows(
+        select(Premium.customer_id % 3, func.count(), func.max(Premium.level)).group_by(
+            Premium.customer_id % 3
+        )
     ),
     "group by enum": rows(select(Customer.tier, func.count()).group_by(Customer.tier)),
     "pinned table": rows(select(Memo.id, Country.code).join(Country, Country.code > "S")),
@@ -615,7 +664,7 @@ COVERAGE: dict[str, list[str]] = {
     "aggregates": ["aggregates", "avg", "avg numeric digit for digit"],
     "group_by_expression": ["group by date_trunc", "group by equal expressions", "group by label"],
     "orm_entities": ["entities", "entities ordered limited"],
-    "colocated_join": ["colocated join", "colocated left join"],
+    "colocated_join": ["colocated join", "colocated left join", "joined inheritance"],
     "global_join": ["global join", "sharded left join global"],
     "correlated_subquery": ["correlated exists", "correlated scalar", "delete correlated"],
     "key_semi_join": ["semi-join on the key", "anti-join on the key", "semi-join on grouped keys"],

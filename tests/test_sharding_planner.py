@@ -376,6 +376,7 @@ def test_sqlalchemy_internals_the_planner_reads_still_exist() -> None:
     from sqlalchemy_scale.sharding._scopes import (
         deannotated,
         int_limit_offset,
+        is_orm,
         same_type_affinity,
         select_parts,
     )
@@ -404,6 +405,7 @@ def test_sqlalchemy_internals_the_planner_reads_still_exist() -> None:
     assert deannotated(annotated) is Order.__table__
     assert same_type_affinity(Order.id, Order.customer_id)
     assert not same_type_affinity(Order.id, Tag.customer_code)
+    assert is_orm(select(Order.id)) and not is_orm(select(Order.__table__.c.id))
 
 
 def test_insert_subqueries_must_read_the_rows_shard() -> None:
@@ -419,3 +421,35 @@ def test_insert_subqueries_must_read_the_rows_shard() -> None:
             None,
             rows_on=["s0"],
         )
+
+
+class Party(Base):
+    __tablename__ = "plan_parties"
+    __shard_key__ = "customer_id"
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "party"}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    customer_id: Mapped[int]
+    kind: Mapped[str]
+
+
+class Person(Party):
+    """Joined-table inheritance: its table has no shard key column of its own."""
+
+    __tablename__ = "plan_people"
+    __mapper_args__ = {"polymorphic_identity": "person"}  # noqa: RUF012
+
+    id: Mapped[int] = mapped_column(ForeignKey("plan_parties.id"), primary_key=True)
+    nickname: Mapped[str]
+
+
+def test_joined_inheritance_rows_are_colocated() -> None:
+    """A subclass table joined to its base on the primary key is one row on one shard, so it
+    fans out, and is pruned by the base's key."""
+    assert shards(select(Person).where(Person.nickname == "x")) == ALL
+    assert shards(select(Person).where(Person.customer_id == 12)) == ["s1"]
+    other = aliased(Person)
+    with pytest.raises(CrossShardQueryError, match="without equating their shard keys"):
+        shards(select(Person.id, other.id).join(other, other.nickname == Person.nickname))
+    with pytest.raises(CrossShardQueryError, match="without equating their shard keys"):
+        shards(select(Order.id, Person.nickname).join(Person, Person.id == Order.id))

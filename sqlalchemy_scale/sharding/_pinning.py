@@ -46,6 +46,7 @@ from sqlalchemy.sql.selectable import (
     AliasedReturnsRows,
     CompoundSelect,
     Exists,
+    FromGrouping,
     Join,
     ScalarSelect,
     Select,
@@ -162,6 +163,9 @@ class _Prover:
                 joins.append(item)
                 walk(item.left)
                 walk(item.right)
+                return
+            if isinstance(item, FromGrouping):  # a nested join, in parentheses
+                walk(item.element)
                 return
             if isinstance(item, Table):
                 units.append(self.table_unit(item, item))
@@ -362,10 +366,37 @@ class _Prover:
                 return unit, False
             return None
 
+        def inherited_row(a: Any, b: Any) -> tuple[_Unit, _Unit] | None:
+            """Joined-table inheritance: a subclass table without the key column joined to
+            its base on the primary key (the ORM writes both rows to the instance's shard)."""
+            units = []
+            for element in (a, b):
+                if not isinstance(element, ColumnClause) or not element.primary_key:
+                    return None
+                unit = (
+                    mine.get(id(deannotated(element.table))) if element.table is not None else None
+                )
+                if unit is None:
+                    return None
+                units.append(unit)
+            first, second = units
+            if first is second:
+                return None
+            # The subclass table's primary key references the base table's.
+            if _lacks_key(first) and _references(a, b):
+                return first, second
+            if _lacks_key(second) and _references(b, a):
+                return first, second
+            return None
+
         conditions = [where, *(j.onclause for j in joins)]
         for condition in conditions:
             for term in _conjuncts(condition):
                 if not (isinstance(term, BinaryExpression) and term.operator is operators.eq):
+                    continue
+                same_row = inherited_row(term.left, term.right)
+                if same_row is not None:
+                    parent[root(id(same_row[0]))] = root(id(same_row[1]))
                     continue
                 a, b = key_unit(term.left), key_unit(term.right)
                 if a is None or b is None or not same_type_affinity(term.left, term.right):
@@ -450,6 +481,21 @@ def _conjuncts(clause: Any) -> list[Any]:
     if isinstance(clause, BooleanClauseList) and clause.operator is operators.and_:
         return [t for c in clause.clauses for t in _conjuncts(c)]
     return [clause]
+
+
+def _lacks_key(unit: _Unit) -> bool:
+    table = unit.source.element if isinstance(unit.source, Alias) else unit.source
+    return unit.key is not None and unit.key not in table.c
+
+
+def _references(child: Any, parent: Any) -> bool:
+    """Whether column ``child`` has a foreign key to column ``parent`` (through aliases)."""
+    parents = {id(deannotated(c)) for c in parent.base_columns}
+    return any(
+        id(deannotated(fk.column)) in parents
+        for base in child.base_columns
+        for fk in getattr(base, "foreign_keys", ())
+    )
 
 
 def _contains(side: Any, source: Any) -> bool:

@@ -36,6 +36,7 @@ __all__ = [
     "SelectParts",
     "deannotated",
     "int_limit_offset",
+    "is_orm",
     "same_type_affinity",
     "scopes_of",
     "select_parts",
@@ -216,3 +217,8 @@ def same_type_affinity(a: Any, b: Any) -> bool:
     """Whether two expressions have types of the same family (Integer and BigInteger: yes;
     Integer and String: no)."""
     return bool(a.type._type_affinity is b.type._type_affinity)
+
+
+def is_orm(statement: Any) -> bool:
+    """Whether the ORM compiles ``statement`` (it names mapped entities or attributes)."""
+    return statement._propagate_attrs.get("compile_state_plugin") == "orm"  # type: ignore[no-any-return]

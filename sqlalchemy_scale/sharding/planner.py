@@ -61,7 +61,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Select
 from sqlalchemy.sql.visitors import iterate
 
-from ._scopes import int_limit_offset, select_parts
+from ._scopes import int_limit_offset, is_orm, select_parts
 from .merge import AggregateKind, SortKey, apply_limit, merge_aggregates, sort_rows
 from .shapes import refuse
 
@@ -253,7 +253,9 @@ class FanoutPlan:
                 assert arg is not None
                 columns.append(getattr(func, kind)(arg).label(f"_ss_a{i}"))
         return (
-            stmt.with_only_columns(*columns, maintain_column_froms=True)
+            # Core: keep the FROM the original columns implied. ORM: let the ORM derive it
+            # from the entities (a joined-inheritance subclass is a JOIN, not two tables).
+            stmt.with_only_columns(*columns, maintain_column_froms=not is_orm(stmt))
             .group_by(None)
             .group_by(*self.group_by)  # label names would not resolve any more
             .order_by(None)
