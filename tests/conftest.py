@@ -50,3 +50,9 @@ def replicas(scale_cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet
     )
     yield replica_set
     replica_set.dispose()
+
+
+@pytest.fixture(scope="session")
+def shard_urls(scale_cluster: LocalCluster, driver: str) -> dict[str, str]:
+    """The shard servers' primaries by shard id (``s0``, ``s1``...), for the driver under test."""
+    return {f"s{i}": node.url(driver) for i, node in enumerate(scale_cluster.shards)}

@@ -155,8 +155,9 @@ def test_plan_orders_aggregates_by_label_and_by_expression() -> None:
 @pytest.mark.parametrize(
     ("stmt", "reason"),
     [
-        (select(Item.v).distinct(), "DISTINCT"),
-        (select(Item.v).ext(distinct_on(Item.v)), "DISTINCT"),
+        (select(Item).distinct(), "DISTINCT of ORM entities"),
+        (select(Item.v).ext(distinct_on(Item.v)), "DISTINCT ON"),
+        (select(Item.v).prefix_with("SQL_NO_CACHE"), "prefix, suffix, hint or syntax"),
         (select(func.count(Item.v.distinct())), "DISTINCT"),
         (select(Item.id, func.row_number().over(order_by=Item.v)), "window functions"),
         (select(Item.owner, func.count()).group_by(Item.owner).having(func.count() > 1), "HAVING"),
@@ -164,9 +165,16 @@ def test_plan_orders_aggregates_by_label_and_by_expression() -> None:
         (select(Item.owner, func.count()).group_by(Item.owner).order_by(Item.v), "not one of"),
         (select(func.count() + 1), "combines an aggregate"),
         (select(Item, func.count()).group_by(Item.id), "whole entities"),
-        (select(Item.owner, func.count()).group_by(Item.id), "neither aggregated nor in GROUP BY"),
-        (union_all(select(Item.id), select(Item.id)), "CompoundSelect"),
+        (
+            select(Item.owner, func.count()).group_by(Item.id),
+            "neither aggregated nor one of the GROUP BY",
+        ),
+        (union_all(select(Item.id), select(Item.id)), "UNION"),
         (select(Item.id).fetch(3), "FETCH FIRST"),
+        (
+            select(func.avg(func.make_interval(0, 0, 0, Item.v))),
+            "only sums and averages of numbers",
+        ),
     ],
 )
 def test_unmergeable_shapes_are_refused_with_the_reason(stmt: Any, reason: str) -> None:
@@ -181,9 +189,13 @@ def test_order_by_text_with_a_non_c_collation_is_refused() -> None:
     with pytest.raises(CrossShardQueryError, match="collation 'en_US'"):
         plan_fanout(select(Item.id, collated).order_by(collated))
     c_collated = Item.name.collate("C").label("n")
-    assert not plan_fanout(select(Item.id, c_collated).order_by(c_collated)).needs_c_collation
-    # Without an explicit collation the database's own is checked on each shard at run time.
-    assert plan_fanout(select(Item.id, Item.name).order_by(Item.name)).needs_c_collation
+    (check,) = plan_fanout(select(Item.id, c_collated).order_by(c_collated)).text_checks
+    assert (check.explicit, check.columns, check.default) == ({"C"}, set(), False)
+    # Without an explicit collation the column's DDL collation and the database's own are
+    # checked on each shard at run time, also through functions such as lower().
+    for expr in (Item.name, func.lower(Item.name), func.trim(func.lower(Item.name))):
+        (check,) = plan_fanout(select(Item.id, expr.label("x")).order_by("x")).text_checks
+        assert check.columns == {(None, "merge_items", "name")} and check.default
 
 
 def test_columns_only_statement_orders_by_hidden_columns() -> None:
@@ -194,3 +206,40 @@ def test_columns_only_statement_orders_by_hidden_columns() -> None:
     assert "merge_items.v + %(v_1)s::INTEGER AS _ss_o0" in shard_sql
     assert "merge_items.name AS _ss_o1" in shard_sql
     assert [t.hidden for t in plan.order] == [0, 1] and plan.order[0].descending
+
+
+def test_nan_sorts_above_every_number_and_is_one_group() -> None:
+    """Float and numeric NaN sort after +Infinity (before it descending), group together, are
+    the max, and min() skips them unless all are NaN, as in PostgreSQL; Decimal NaN does not crash."""
+    nan, inf = float("nan"), float("inf")
+    shard_a = [(-inf,), (1.0,), (nan,)]
+    shard_b = [(None,), (inf,), (float("nan"),)]
+    asc = merge_ordered(
+        [sorted(shard_a, key=lambda r: (r[0] != r[0], r[0])), shard_b[1:] + shard_b[:1]],
+        [SortKey(lambda r: r[0])],
+    )
+    values = [row[0] for _, row in asc]
+    assert values[:3] == [-inf, 1.0, inf] and all(v != v for v in values[3:5]) and values[5] is None
+    desc = sort_rows(
+        [(Decimal("NaN"),), (Decimal("Infinity"),), (Decimal(2),), (None,)],
+        [SortKey(lambda r: r[0], descending=True)],
+    )
+    assert (
+        desc[0] == (None,)
+        and desc[1][0].is_nan()
+        and desc[2:] == [(Decimal("Infinity"),), (Decimal(2),)]
+    )
+    partials = [(nan, 1, 1.0, 1.0), (float("nan"), 2, nan, nan), (2.0, 1, nan, nan)]
+    merged = merge_aggregates(partials, 1, ["count", "min", "max"], grouped=True)
+    by_group = {("nan" if g != g else g): (n, lo, hi) for g, n, lo, hi in merged}
+    assert set(by_group) == {"nan", 2.0} and by_group["nan"][:2] == (3, 1.0)
+    assert by_group["nan"][2] != by_group["nan"][2]  # max is NaN
+    assert by_group[2.0][1] != by_group[2.0][1]  # min of only NaN is NaN
+    (total,) = merge_aggregates(
+        [(Decimal("Infinity"),), (Decimal("-Infinity"),)], 0, ["sum"], grouped=False
+    )
+    assert total[0].is_nan()
+    (big,) = merge_aggregates(
+        [(Decimal("1" * 40),), (Decimal("0." + "1" * 40),)], 0, ["sum"], grouped=False
+    )
+    assert big[0] == Decimal("1" * 40 + "." + "1" * 40)  # numeric sums are exact

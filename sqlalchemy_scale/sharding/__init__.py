@@ -7,8 +7,8 @@ See ``docs/sharding.md`` for the guide.
 from __future__ import annotations
 
 from ._shard_set import ShardSet
-from .fanout import FanoutPlan, plan_fanout
 from .merge import SortKey, merge_aggregates, merge_ordered
+from .planner import FanoutPlan, plan_fanout
 from .recovery import (
     PreparedTransaction,
     RecoveryAction,

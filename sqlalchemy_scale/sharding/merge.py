@@ -14,16 +14,23 @@ each shard and calls these to combine the answers.
 
 Ordering follows PostgreSQL: NULLs sort as larger than every value, so they
 come last in ascending order and first in descending order unless
-``NULLS FIRST``/``NULLS LAST`` says otherwise. Text is compared by code point,
+``NULLS FIRST``/``NULLS LAST`` says otherwise. Float and numeric NaN
+(``float('nan')``, ``Decimal('NaN')``) is equal to itself and greater than
+every number, ``Infinity`` included (PostgreSQL's ``float8_cmp`` and
+``cmp_numerics``): it sorts last in ascending order, is one group, is the
+``max()``, and ``min()`` skips it unless every value is NaN. Numeric sums are
+exact (PostgreSQL's ``numeric`` has no precision limit) and ``Infinity +
+-Infinity`` is NaN rather than an error. Text is compared by code point,
 which is PostgreSQL's order only under the ``C`` collation (see
-:func:`sqlalchemy_scale.sharding.fanout.plan_fanout`, which refuses other
-cases).
+:mod:`sqlalchemy_scale.sharding.planner`, which refuses other cases).
 """
 
 from __future__ import annotations
 
+import decimal
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -33,8 +40,12 @@ __all__ = [
     "AggregateKind",
     "SortKey",
     "apply_limit",
+    "comparable",
+    "group_key",
+    "is_nan",
     "merge_aggregates",
     "merge_ordered",
+    "numeric_divide",
     "partial_width",
     "sort_key",
     "sort_rows",
@@ -82,11 +93,33 @@ class _Descending:
         return hash(self.value)
 
 
+# Exact numeric arithmetic with PostgreSQL's answers instead of errors (inf + -inf is NaN).
+_EXACT = decimal.Context(
+    prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[]
+)
+_DIVIDE = decimal.Context(prec=28, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN, traps=[])
+
+
+def is_nan(value: Any) -> bool:
+    """A float or numeric NaN (which PostgreSQL sorts above every number)."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, decimal.Decimal) and value.is_nan()
+
+
+def comparable(value: Any) -> tuple[int, Any]:
+    """``value`` as PostgreSQL orders it (not None): NaN after every number, equal to NaN."""
+    if is_nan(value):
+        return (1, 0)
+    return (0, value)
+
+
 def sort_key(keys: Sequence[SortKey]) -> Callable[[Any], tuple[Any, ...]]:
     """A Python sort key for rows that reproduces the ORDER BY ``keys``.
 
     Each term becomes ``(null_rank, value)``: the rank puts NULLs before or
-    after every value, and is equal for two NULLs, so ``None`` is never compared.
+    after every value, and is equal for two NULLs, so ``None`` is never compared;
+    the value is :func:`comparable` (NaN above every number).
     """
     specs = [(k.getter, k.descending, k.nulls_come_first) for k in keys]
 
@@ -97,7 +130,8 @@ def sort_key(keys: Sequence[SortKey]) -> Callable[[Any], tuple[Any, ...]]:
             if value is None:
                 out.append((0 if nulls_first else 2, None))
             else:
-                out.append((1, _Descending(value) if descending else value))
+                ranked = comparable(value)
+                out.append((1, _Descending(ranked) if descending else ranked))
         return tuple(out)
 
     return key
@@ -149,6 +183,8 @@ def _add(a: Any, b: Any) -> Any:
         return b
     if b is None:
         return a
+    if isinstance(a, Decimal) and isinstance(b, Decimal):
+        return _EXACT.add(a, b)
     return a + b
 
 
@@ -157,7 +193,7 @@ def _min(a: Any, b: Any) -> Any:
         return b
     if b is None:
         return a
-    return b if b < a else a
+    return b if comparable(b) < comparable(a) else a
 
 
 def _max(a: Any, b: Any) -> Any:
@@ -165,7 +201,7 @@ def _max(a: Any, b: Any) -> Any:
         return b
     if b is None:
         return a
-    return b if b > a else a
+    return b if comparable(b) > comparable(a) else a
 
 
 def _average(total: Any, count: Any) -> Any:
@@ -173,8 +209,62 @@ def _average(total: Any, count: Any) -> Any:
         return None
     if isinstance(total, int):
         # PostgreSQL's avg() of integers is numeric.
-        return Decimal(total) / Decimal(count)
+        return numeric_divide(Decimal(total), int(count))
+    if isinstance(total, Decimal):
+        return numeric_divide(total, int(count))
     return total / count
+
+
+def _weight_and_first_group(value: Decimal) -> tuple[int, int]:
+    """PostgreSQL's numeric layout (base 10000): the weight of the first non-zero group of
+    four decimal digits, and that group's value; (0, 0) for zero."""
+    if not value:
+        return 0, 0
+    weight = value.adjusted() // 4
+    first = int(abs(value).scaleb(-4 * weight, _EXACT)) % 10000
+    return weight, first
+
+
+def numeric_divide(total: Decimal, count: int) -> Decimal:
+    """``total / count`` as PostgreSQL's ``numeric_div`` computes it for ``avg()``: the
+    result scale of ``select_div_scale`` (at least 16 significant digits, at least the
+    dividend's scale) and rounding half away from zero."""
+    if not total.is_finite():
+        return _DIVIDE.divide(total, Decimal(count))  # NaN stays NaN, Infinity stays Infinity
+    divisor = Decimal(count)
+    weight1, first1 = _weight_and_first_group(total)
+    weight2, first2 = _weight_and_first_group(divisor)
+    quotient_weight = weight1 - weight2 - (1 if first1 <= first2 else 0)
+    scale = max(16 - quotient_weight * 4, -min(total.as_tuple().exponent, 0), 0)  # type: ignore[operator]
+    scale = min(scale, 1000)
+    digits = max(total.adjusted() - divisor.adjusted() + 2, 1) + scale + 2
+    exact = decimal.Context(prec=digits, rounding=decimal.ROUND_DOWN, traps=[])
+    quotient = exact.divide(total, divisor)
+    return quotient.quantize(
+        Decimal(1).scaleb(-scale), rounding=decimal.ROUND_HALF_UP, context=_EXACT
+    )
+
+
+def group_key(value: Any) -> Any:
+    """A hashable key under which PostgreSQL puts ``value`` in the same group (all NaNs
+    together; arrays by their elements, jsonb objects by their items)."""
+    if is_nan(value):
+        return _NAN
+    if isinstance(value, list):
+        return tuple(group_key(v) for v in value)
+    if isinstance(value, dict):  # jsonb: equal when the same keys have equal values
+        return frozenset((k, group_key(v)) for k, v in value.items())
+    return value
+
+
+class _NaN:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NaN"
+
+
+_NAN = _NaN()
 
 
 def merge_aggregates(
@@ -193,12 +283,14 @@ def merge_aggregates(
     shard had any row (``count`` is then 0 and the others NULL, as in SQL).
     """
     groups: dict[tuple[Any, ...], list[Any]] = {}
+    values_of: dict[tuple[Any, ...], tuple[Any, ...]] = {}
     for row in partials:
-        group = tuple(row[:group_width])
+        group = tuple(group_key(v) for v in row[:group_width])
         pos = group_width
         current = groups.get(group)
         if current is None:
             current = groups[group] = [None] * len(kinds)
+            values_of[group] = tuple(row[:group_width])
             fresh = True
         else:
             fresh = False
@@ -230,5 +322,5 @@ def merge_aggregates(
             _average(*value) if kind == "avg" and value is not None else value
             for kind, value in zip(kinds, values, strict=True)
         ]
-        out.append((*group, *final))
+        out.append((*values_of.get(group, group), *final))
     return out

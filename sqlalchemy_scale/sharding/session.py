@@ -11,8 +11,17 @@ so applications write none. What it adds to horizontal_shard:
   shards; ``execution_options(shard_key=v)`` and ``session.get(Model, pk,
   shard_key=v)`` route explicitly; ``set_shard_id``, ``shard_id`` and
   ``bind_arguments={"shard_id": ...}`` keep working;
+* every statement is first proven to need only the shards it runs on
+  (:func:`~sqlalchemy_scale.sharding._pinning.prove`: co-located joins,
+  subqueries correlated on the key or pruned to the same shard), else it raises
+  :class:`~sqlalchemy_scale.CrossShardQueryError` before anything runs;
 * other SELECTs fan out to every shard *concurrently* and are merged into one
-  database's answer (:mod:`~sqlalchemy_scale.sharding.fanout`);
+  database's answer (:mod:`~sqlalchemy_scale.sharding.planner`,
+  :mod:`~sqlalchemy_scale.sharding.fanout`); ``SELECT EXISTS`` is the OR of the
+  shards' answers, ``Query.count()`` counts merged rows, and a bulk write of a
+  global table reports one copy's rowcount;
+* reads of a key no shard owns (a range gap, a directory miss) find nothing,
+  and ``get()`` returns None, as one database would;
 * inside a shard that is a :class:`~sqlalchemy_scale.ReplicaSet`, reads and
   writes are routed by :meth:`sqlalchemy_scale.RoutingSession.get_bind` itself
   (one router per shard), so the rules are the same, not a copy;
@@ -31,7 +40,8 @@ silently read other snapshots.
 
 When *not* to use it: data that fits one server (sharding costs joins,
 unique constraints and transactions across shards), and queries that need
-DISTINCT, window functions or joins across shard keys over all shards.
+DISTINCT, window functions, joins across shard keys or subqueries over all
+shards (global averages, top-N lists) in one statement.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from typing import Any, Final
 from sqlalchemy import event, inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.engine.result import Result
+from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction, sessionmaker
 from sqlalchemy.orm.state import InstanceState
@@ -65,9 +75,11 @@ from ..errors import (
 from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession, decide_role
 from ..topology import Role
 from . import _two_phase as two_phase
-from ._pinning import shards_for_statement
+from ._pinning import Proof, prove, shards_for_statement
 from ._shard_set import ShardRule, ShardSet, rule_for_mapper
-from .fanout import execute_fanout
+from ._stored_key import stored_key
+from .fanout import execute_exists, execute_fanout
+from .shapes import refuse
 from .strategies import ShardId
 
 __all__ = ["SHARDING_OPTIONS", "ShardedSession", "set_shard_id", "sharded_sessionmaker"]
@@ -218,48 +230,43 @@ class ShardedSession(horizontal_shard.ShardedSession):
         fixed = self.shard_set.fixed_shard(self.rule_for_mapper(mapper))
         if fixed is not None:
             return [fixed]
-        attr = _key_attr(mapper)
         key_column = _key_column(mapper)
         if "shard_key" in options:
-            return [
-                self.shard_set.shard_for(
-                    options["shard_key"],
-                    model=mapper.class_.__name__,
-                    column=attr,
-                    key_column=key_column,
-                )
-            ]
+            return _read_owners(self.shard_set, mapper, options["shard_key"])
         pk = primary_key if isinstance(primary_key, tuple | list) else (primary_key,)
         for column, value in zip(mapper.primary_key, pk, strict=False):
             if column is key_column and value is not None:
-                return [
-                    self.shard_set.shard_for(
-                        value, model=mapper.class_.__name__, column=attr, key_column=key_column
-                    )
-                ]
+                return _read_owners(self.shard_set, mapper, value)
         return list(self.shard_set.shard_ids)
 
     def _choose_execute_shards(self, orm_context: ORMExecuteState) -> list[ShardId]:
+        return self._prove(orm_context).shards
+
+    def _prove(self, orm_context: ORMExecuteState) -> Proof:
+        """Which shards an ORM execution's statement needs, proven (see
+        :func:`~sqlalchemy_scale.sharding._pinning.prove`); raises CrossShardQueryError
+        before anything runs when the answer over those shards is not exact."""
         options = orm_context.execution_options
         params = orm_context.parameters if isinstance(orm_context.parameters, Mapping) else None
         if "shard_key" in options:
-            return shards_for_statement(
+            return prove(
                 orm_context.statement, self.shard_set, params, shard_key=options["shard_key"]
             )
-        return shards_for_statement(orm_context.statement, self.shard_set, params)
+        return prove(orm_context.statement, self.shard_set, params)
 
     # -- explicit routing ---------------------------------------------------------------------
 
     def get(self, entity: Any, ident: Any, *, shard_key: Any = _UNKNOWN, **kw: Any) -> Any:
-        """:meth:`Session.get`, plus ``shard_key=v`` to look in the owning shard only."""
+        """:meth:`Session.get`, plus ``shard_key=v`` to look in the owning shard only.
+
+        A key no shard owns (a range gap, a directory miss) finds nothing: None, as one
+        database would answer."""
         if shard_key is not _UNKNOWN and kw.get("identity_token") is None:
             mapper = inspect(entity)
-            kw["identity_token"] = self.shard_set.shard_for(
-                shard_key,
-                model=mapper.class_.__name__,
-                column=_key_attr(mapper),
-                key_column=_key_column(mapper),
-            )
+            owners = _read_owners(self.shard_set, mapper, shard_key)
+            if not owners:
+                return None
+            kw["identity_token"] = owners[0]
         return super().get(entity, ident, **kw)
 
     def use_primary(self) -> _PinShards:
@@ -434,22 +441,33 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
         return _run_on_shard(orm_context, shard_id)
     statement = orm_context.statement
     if isinstance(statement, TextClause | TextualSelect):
-        raise CrossShardQueryError(
-            "a text() statement names no table we can place; run it on one shard with "
-            "execution_options(shard_id=...) or bind_arguments={'shard_id': ...}"
+        refuse(
+            "not_a_select",
+            "a text() statement names no table the planner can place",
+            remedy="run it on one shard with execution_options(shard_id=...) or "
+            "bind_arguments={'shard_id': ...}",
         )
     if orm_context.is_insert:
         shard_ids = _insert_shards(session, orm_context)
+        if len(shard_ids) > 1:
+            proof = session._prove(orm_context)
+        else:  # its subqueries must read only the rows' shard
+            proof = prove(statement, session.shard_set, None, rows_on=shard_ids)
     else:
-        shard_ids = session._choose_execute_shards(orm_context)
+        proof = session._prove(orm_context)  # raises before anything runs
+    if proof.count_of is not None:
+        return _count_merged_rows(orm_context, proof.count_of)
+    shard_ids = proof.shards
     if len(shard_ids) == 1:
         return _run_on_shard(orm_context, shard_ids[0])
     if orm_context.is_select:
-        return execute_fanout(
+        run = execute_exists if proof.exists else execute_fanout
+        return run(
             orm_context,
             shard_ids,
             session.shard_set,
             functools.partial(_bind_arguments, orm_context),
+            functions=proof.functions,
         )
     if statement.is_select:
         raise CrossShardQueryError(
@@ -467,7 +485,47 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     # transaction, so the two-phase commit rules apply; one after the other, as
     # horizontal_shard does.
     results = [_run_on_shard(orm_context, s) for s in shard_ids]
-    return results[0].merge(*results[1:])
+    if proof.global_write:
+        # Every shard holds a copy of a global table: report one copy's rows and rowcount.
+        for other in results[1:]:
+            other.close()
+        return results[0]
+    merged = results[0].merge(*results[1:])
+    merged.rowcount = sum(getattr(r, "rowcount", 0) or 0 for r in results)
+    return merged
+
+
+def _count_merged_rows(orm_context: ORMExecuteState, inner: Any) -> Result[Any]:
+    """``Query.count()`` of a statement that needs merging: the number of its merged rows."""
+    statement: Any = orm_context.statement
+    options = {k: v for k, v in orm_context.execution_options.items() if not k.startswith("_sa")}
+    rows = orm_context.session.execute(
+        inner,
+        orm_context.parameters,
+        execution_options=options,
+    ).all()
+    keys = [str(k) for k in statement.selected_columns.keys()]  # noqa: SIM118
+    return IteratorResult(SimpleResultMetaData(keys), iter([(len(rows),)]))
+
+
+def _read_owners(shard_set: ShardSet, mapper: Mapper[Any], value: Any) -> list[ShardId]:
+    """The shard that may hold rows with shard key ``value``, or none when no shard owns it
+    (a read of such a key finds nothing; a bad value still raises)."""
+    attr = _key_attr(mapper)
+    key_column = _key_column(mapper)
+    place = functools.partial(
+        shard_set.shard_for, model=mapper.class_.__name__, column=attr, key_column=key_column
+    )
+    if value is None:
+        return []
+    try:
+        stored_key(value, key_column)
+    except (ValueError, TypeError, ArithmeticError):
+        return [place(value)]  # raises ShardKeyError naming the bad value
+    try:
+        return [place(value)]
+    except ShardKeyError:
+        return []
 
 
 def _refuse_shard_key_change(session: ShardedSession, orm_context: ORMExecuteState) -> None:
