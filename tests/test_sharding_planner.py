@@ -316,7 +316,7 @@ def test_writes_with_a_key_no_shard_owns_raise() -> None:
     """An UPDATE/DELETE pruned by a key no shard owns raises ShardKeyError, as inserts do."""
     with pytest.raises(ShardKeyError, match=r"plan_orders\.customer_id = 400"):
         prove(delete(Order).where(Order.customer_id == 400), SHARDS, None)
-    with pytest.raises(ShardKeyError, match="'x' is not a valid INTEGER"):
+    with pytest.raises(ShardKeyError, match="'x' cannot be placed as a INTEGER key"):
         prove(select(Order).where(Order.customer_id == "x"), SHARDS, None)
 
 
