@@ -312,9 +312,13 @@ class HealthMonitor:
             if roles_only:
                 for node in due:
                     answer = self._outcome(futures[node.name])
-                    if isinstance(answer, _Answer) and not answer.in_recovery:
-                        probe = self._probes[node.name]
+                    if not isinstance(answer, _Answer):
+                        continue
+                    probe = self._probes[node.name]
+                    if not answer.in_recovery:
                         self._apply_writable(replica_set, node, probe, answer, now)
+                    elif answer.receiver is not None:
+                        probe.has_streamed = True  # replication is configured: see _not_receiving
                 return
             primary_answer = self._outcome(futures[primary.node.name])
             primary_lsn = self._apply_primary(primary, primary_answer, now)

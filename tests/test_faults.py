@@ -194,7 +194,15 @@ def test_after_promotion_the_promoted_replica_is_writable_and_the_orphan_leaves(
         Session = ss.routing_sessionmaker(replica_set)
         with Session() as session:
             session.execute(WHERE)
-        assert wait_until(lambda: all(n.is_usable for n in replica_set.replicas))
+        # The monitor has seen both replicas streaming (what tells a replica that stopped
+        # following from one never fed by streaming).
+        assert wait_until(
+            lambda: all(
+                h.receiver == "streaming"
+                for h in replica_set.health(refresh=False)
+                if h.name != "primary"
+            )
+        )
         old.stop()
         promoted.promote()
         promoted_at = time.monotonic()
