@@ -1200,3 +1200,34 @@ def test_move_commits_forward_when_one_commit_prepared_fails(
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 for gid in conn.scalars(text("SELECT gid FROM pg_prepared_xacts")).all():
                     conn.execute(text(f"ROLLBACK PREPARED '{gid}'"))
+
+
+def test_a_write_through_connection_to_a_second_shard_is_refused(
+    make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """Without two-phase commit, session.connection(bind_arguments={"shard_id": ...}) to a
+    second shard is refused before anything is sent on it, as session.execute() would be."""
+    shards = make_shards(RangeSharding([0, 3, 6, 8, 10]))
+    with sharded_sessionmaker(shards)() as session:
+        session.add(Order(id=1, customer_id=1, v=1))
+        session.flush()
+        with pytest.raises(ss.CrossShardWriteError, match="already wrote to shard"):
+            session.connection(bind_arguments={"shard_id": "s3"})
+        session.commit()
+    assert _counts(primaries, "shtest_orders") == {"s0": 1, "s1": 0, "s2": 0, "s3": 0}
+
+
+def test_a_write_through_connection_takes_part_in_two_phase_commit(
+    make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """With two-phase commit, a shard written through session.connection() is prepared and
+    committed with the others."""
+    shards = make_shards(RangeSharding([0, 3, 6, 8, 10]), two_phase=True)
+    with sharded_sessionmaker(shards)() as session:
+        session.add(Order(id=1, customer_id=1, v=1))
+        session.flush()
+        conn = session.connection(bind_arguments={"shard_id": "s3"})
+        conn.execute(insert(Order).values(id=2, customer_id=9, v=1))
+        assert session.written_shards == ["s0", "s3"]
+        session.commit()
+    assert _counts(primaries, "shtest_orders") == {"s0": 1, "s1": 0, "s2": 0, "s3": 1}

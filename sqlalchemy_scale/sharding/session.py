@@ -93,6 +93,10 @@ set_shard_id = horizontal_shard.set_shard_id
 
 _UNKNOWN: Any = object()
 
+# bind_arguments key: the connection copies a global table's rows (not a write the
+# cross-shard rules count; see _copy_to_other_shards).
+_GLOBAL_COPY: Final = "_sqlalchemy_scale_global_copy"
+
 # decide_role() reasons refused once commit() has begun committing the shards.
 _LATE_WRITES: Final = frozenset({"flush", "write", "ddl"})
 
@@ -331,6 +335,30 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s", shard_id, render_url(engine.engine))
         return engine
+
+    def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Connection:
+        """The transaction's connection to one shard (``bind_arguments={"shard_id": ...}``).
+
+        Asked for without a statement, a connection to a shard's primary may be written
+        through, so it counts as a write to that shard: the cross-shard write rules apply
+        before it is returned (:class:`~sqlalchemy_scale.CrossShardWriteError` when another
+        shard was written and two-phase commit is off; nothing was sent), and the shard takes
+        part in the two-phase commit.
+        """
+        arguments = dict(bind_arguments or {})
+        replicating = arguments.pop(_GLOBAL_COPY, False)
+        conn = super().connection(
+            bind_arguments=arguments or None, execution_options=execution_options
+        )
+        if replicating or arguments.get("clause") is not None:
+            return conn
+        for shard_id in self.shard_set.shard_ids:
+            engine = self.shard_set.replica_set(shard_id).primary.engine
+            if conn.engine is engine:
+                self._note_write(shard_id, engine)
+                self.router(shard_id)._has_written = True  # the rest of it reads the primary
+                break
+        return conn
 
     def router(self, shard_id: ShardId) -> RoutingSession:
         """The RoutingSession that routes this session's statements inside shard ``shard_id``."""
@@ -662,7 +690,9 @@ def _copy_to_other_shards(
     for shard_id in session.shard_set.shard_ids:
         if shard_id == home:
             continue
-        conn = session.connection(bind_arguments={"shard_id": shard_id, "mapper": mapper})
+        conn = session.connection(
+            bind_arguments={"shard_id": shard_id, "mapper": mapper, _GLOBAL_COPY: True}
+        )
         if deleted:
             criteria = [table.c[name] == values[name] for name in pk]
             conn.execute(table.delete().where(*criteria))
