@@ -61,7 +61,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typing(session: nox.Session) -> None:
     """mypy --strict over the package."""
-    _install(session, "typing", extras="[psycopg,fastapi,flask,sqlmodel]")
+    _install(session, "typing", extras="[psycopg,asyncpg,fastapi,flask,sqlmodel,alembic]")
     session.run("mypy", "sqlalchemy_scale")
     session.run("mypy", "--strict", "tests/typing")
 
