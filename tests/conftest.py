@@ -9,13 +9,13 @@ test is read from ``SQLALCHEMY_SCALE_TEST_DRIVER``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale import routing
-from sqlalchemy_scale.local import LocalCluster
+from sqlalchemy_scale.local import LocalCluster, PgNode
 
 DRIVERS = ("psycopg2", "psycopg")
 
@@ -56,3 +56,18 @@ def replicas(scale_cluster: LocalCluster, driver: str) -> Iterator[ss.ReplicaSet
 def shard_urls(scale_cluster: LocalCluster, driver: str) -> dict[str, str]:
     """The shard servers' primaries by shard id (``s0``, ``s1``...), for the driver under test."""
     return {f"s{i}": node.url(driver) for i, node in enumerate(scale_cluster.shards)}
+
+
+@pytest.fixture
+def paused(scale_cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
+    """pause(node) pauses WAL replay on a replica; every paused replica resumes and catches up."""
+    nodes: list[PgNode] = []
+
+    def pause(node: PgNode) -> None:
+        node.pause_replay()
+        nodes.append(node)
+
+    yield pause
+    for node in nodes:
+        node.resume_replay()
+        node.wait_for_replay()

@@ -71,21 +71,6 @@ def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
     scale_cluster.primary.execute("DROP TABLE IF EXISTS aio_items")
 
 
-@pytest.fixture
-def paused(cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
-    """pause(node) pauses WAL replay on a replica; every paused replica resumes and catches up."""
-    nodes: list[PgNode] = []
-
-    def pause(node: PgNode) -> None:
-        node.pause_replay()
-        nodes.append(node)
-
-    yield pause
-    for node in nodes:
-        node.resume_replay()
-        node.wait_for_replay()
-
-
 def async_set(cluster: LocalCluster, driver: str, **kw: Any) -> ss.ReplicaSet:
     return ss.ReplicaSet(
         primary=cluster.primary.url(driver),

@@ -44,21 +44,6 @@ def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
     scale_cluster.primary.execute("DROP TABLE IF EXISTS causal_items, causal_bulk")
 
 
-@pytest.fixture
-def paused(cluster: LocalCluster) -> Iterator[Callable[[PgNode], None]]:
-    """pause(node) pauses WAL replay on a replica; every paused replica resumes and catches up."""
-    nodes: list[PgNode] = []
-
-    def pause(node: PgNode) -> None:
-        node.pause_replay()
-        nodes.append(node)
-
-    yield pause
-    for node in nodes:
-        node.resume_replay()
-        node.wait_for_replay()
-
-
 def write_row(Session: sessionmaker[ss.RoutingSession]) -> tuple[int, str]:
     """Insert one row through a routing session; return its id and the session's token."""
     row_id = next(_ids)
