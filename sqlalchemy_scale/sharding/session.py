@@ -25,9 +25,11 @@ so applications write none. What it adds to horizontal_shard:
 * inside a shard that is a :class:`~sqlalchemy_scale.ReplicaSet`, reads and
   writes are routed by :meth:`sqlalchemy_scale.RoutingSession.get_bind` itself
   (one router per shard), so the rules are the same, not a copy;
-* a transaction that writes to two shards commits with two-phase commit when
-  the ShardSet allows it, else raises :class:`~sqlalchemy_scale.CrossShardWriteError`
-  before the second shard is written;
+* a transaction that writes to two shards follows the ShardSet's
+  ``cross_shard_writes``: ``"refuse"`` raises :class:`~sqlalchemy_scale.CrossShardWriteError`
+  before the second shard is written, ``"two_phase"`` commits with two-phase commit,
+  ``"best_effort"`` commits shard by shard and raises
+  :class:`~sqlalchemy_scale.PartialCommitError` naming what committed when one fails;
 * global tables (``__shard__ = "all"``) are written to every shard and read
   from the ShardSet's home shard; ``__shard__ = "<shard id>"`` pins a table.
 
@@ -74,6 +76,7 @@ from ..errors import (
 )
 from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession, decide_role
 from ..topology import Role
+from . import _best_effort as best_effort
 from . import _two_phase as two_phase
 from ._pinning import Proof, prove, shards_for_statement
 from ._shard_set import ShardRule, ShardSet, rule_for_mapper
@@ -136,6 +139,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._written: dict[ShardId, Engine] = {}
         self._routers: dict[ShardId, RoutingSession] = {}
         self._preparing = False
+        # The transaction whose best-effort commit raised PartialCommitError, if any.
+        self._partial_commit: SessionTransaction | None = None
         super().__init__(
             shard_chooser=self._choose_shard,
             identity_chooser=self._choose_identity_shards,
@@ -160,7 +165,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def twophase(self, value: bool) -> None:
         if value:
             raise ConfigurationError(
-                "ShardedSession decides two-phase commit itself; use ShardSet(two_phase=True)"
+                "ShardedSession decides two-phase commit itself; use "
+                "ShardSet(cross_shard_writes='two_phase')"
             )
 
     @property
@@ -298,8 +304,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         RoutingSession that never executes anything), so "the transaction has
         written" and the transaction's replica are tracked per shard.
 
-        A write to a second shard raises :class:`CrossShardWriteError` unless the
-        ShardSet allows two-phase commit.
+        A write to a second shard raises :class:`CrossShardWriteError` when the
+        ShardSet's ``cross_shard_writes`` is ``"refuse"``.
         """
         if bind is not None:
             return bind
@@ -372,12 +378,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _note_write(self, shard_id: ShardId, engine: Engine) -> None:
         if shard_id in self._written:
             return
-        if self._written and not self.shard_set.two_phase:
+        if self._written and self.shard_set.cross_shard_writes == "refuse":
             raise CrossShardWriteError(
                 f"this transaction already wrote to shard(s) {self.written_shards} and now writes "
-                f"to {shard_id!r}; nothing was committed. Enable ShardSet(two_phase=True) "
-                "(PostgreSQL two-phase commit, needs max_prepared_transactions > 0) or write "
-                "each shard in its own transaction"
+                f"to {shard_id!r}; nothing was committed. Use "
+                "ShardSet(cross_shard_writes='two_phase') (PostgreSQL two-phase commit, needs "
+                "max_prepared_transactions > 0) or write each shard in its own transaction"
             )
         self._written[shard_id] = engine
 
@@ -502,15 +508,15 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
             f"a {type(statement).__name__} across shards cannot be merged; pass "
             "execution_options(shard_id=...) or shard_key=..."
         )
-    if not session.shard_set.two_phase:
+    if session.shard_set.cross_shard_writes == "refuse":
         # Refuse before any shard runs it: a shard that ran it would commit with the next commit().
         raise CrossShardWriteError(
             f"a {type(statement).__name__} on shards {shard_ids} needs a transaction on several "
-            "shards; nothing was run. Enable ShardSet(two_phase=True), or pin it to one shard "
-            "with shard_key=... or execution_options(shard_id=...)"
+            "shards; nothing was run. Use ShardSet(cross_shard_writes='two_phase'), or pin it to "
+            "one shard with shard_key=... or execution_options(shard_id=...)"
         )
     # INSERT (global tables), UPDATE or DELETE on several shards: each shard in the session's
-    # transaction, so the two-phase commit rules apply; one after the other, as
+    # transaction, so the cross-shard commit rules apply; one after the other, as
     # horizontal_shard does.
     results = [_run_on_shard(orm_context, s) for s in shard_ids]
     if proof.global_write:
@@ -717,12 +723,25 @@ def _before_commit(session: Session) -> None:
     transaction = session._transaction
     if transaction is None or transaction.nested or transaction.parent is not None:
         return
+    if session._partial_commit is transaction:
+        raise CrossShardWriteError(
+            "this transaction's best-effort commit already stopped at a shard "
+            "(PartialCommitError); roll it back before using the session again"
+        )
     session.flush()  # the last flush may write to another shard: decide after it
     # From here writes are refused (get_bind): SQLAlchemy flushes again after this listener.
     session._preparing = True
     if len(session._written) < 2:
         return
-    if not session.shard_set.two_phase:  # get_bind refuses earlier; this is the safety net
+    mode = session.shard_set.cross_shard_writes
+    if mode == "best_effort":
+        session._partial_commit = transaction
+        best_effort.commit_shards(
+            [(s, transaction._connections[session._written[s]][0]) for s in session.written_shards]
+        )
+        session._partial_commit = None
+        return
+    if mode != "two_phase":  # get_bind refuses earlier; this is the safety net
         raise CrossShardWriteError(
             f"the transaction wrote to shards {session.written_shards}; nothing was committed"
         )
