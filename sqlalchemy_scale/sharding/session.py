@@ -81,6 +81,7 @@ from . import _two_phase as two_phase
 from ._pinning import Proof, prove, shards_for_statement
 from ._shard_set import ShardRule, ShardSet, rule_for_mapper
 from ._stored_key import stored_key
+from ._user_choosers import execute_with_user_choosers
 from .fanout import execute_exists, execute_fanout
 from .shapes import refuse
 from .strategies import ShardId
@@ -106,34 +107,100 @@ _LATE_WRITES: Final = frozenset({"flush", "write", "ddl"})
 
 class ShardedSession(horizontal_shard.ShardedSession):
     """A horizontal_shard :class:`~sqlalchemy.ext.horizontal_shard.ShardedSession`
-    whose choosers come from ``__shard_key__`` and a :class:`~sqlalchemy_scale.ShardSet`.
+    whose choosers come from ``__shard_key__`` and a :class:`~sqlalchemy_scale.ShardSet`,
+    or, given SQLAlchemy's own arguments, a drop-in for horizontal_shard's.
 
+    Built one of two ways (not both):
+
+    * ``ShardedSession(shard_set=ShardSet(...))``: the choosers are derived from the
+      models and the ShardSet's strategy, statements are proven to need only the shards
+      they run on, fan-outs are merged into one database's answer, and each shard is
+      routed to its primary or replicas (the rest of this class);
+    * ``ShardedSession(shard_chooser=..., identity_chooser=..., execute_chooser=...,
+      shards={...})``: exactly SQLAlchemy's horizontal_shard (``set_shard_id``,
+      ``Query.set_shard()``, ``bind_arguments={"shard_id": ...}``, identity tokens, the
+      deprecated ``id_chooser``/``query_chooser`` with SQLAlchemy's warnings), on any
+      engines, with the shards of a fan-out SELECT queried concurrently and concatenated
+      as horizontal_shard does (see :mod:`~sqlalchemy_scale.sharding._user_choosers`).
+
+    :param shard_chooser: SQLAlchemy's ``shard_chooser`` (user-chooser sessions only).
+    :param identity_chooser: SQLAlchemy's ``identity_chooser``.
+    :param execute_chooser: SQLAlchemy's ``execute_chooser``.
+    :param shards: shard id -> :class:`~sqlalchemy.engine.Engine`, as SQLAlchemy's.
+    :param query_cls: as SQLAlchemy's (default its ``ShardedQuery``, with ``set_shard()``).
     :param shard_set: the shards and the strategy placing keys on them.
-    :param default_role: inside each shard, ``"replica"`` (default) routes plain
-        reads to the shard's replicas, ``"primary"`` keeps everything on its primary
-        unless a statement says ``use_replica=True`` (as in RoutingSession).
+    :param default_role: inside each shard of a ``shard_set``, ``"replica"`` (default)
+        routes plain reads to the shard's replicas, ``"primary"`` keeps everything on its
+        primary unless a statement says ``use_replica=True`` (as in RoutingSession).
+    :param id_chooser: deprecated by SQLAlchemy 2.0 (use ``identity_chooser``); warns.
+    :param query_chooser: deprecated by SQLAlchemy 1.4 (use ``execute_chooser``); warns.
 
     Other keyword arguments are :class:`~sqlalchemy.orm.Session`'s. Build it with
-    :func:`sharded_sessionmaker`.
+    :func:`sharded_sessionmaker`, or ``sessionmaker(class_=ss.ShardedSession, ...)``.
 
     .. versionadded:: 0.1
+
+    .. versionchanged:: 0.3
+        Accepts horizontal_shard's arguments instead of ``shard_set``.
     """
 
     def __init__(
         self,
+        shard_chooser: Any = None,
+        identity_chooser: Any = None,
+        execute_chooser: Any = None,
+        shards: Mapping[str, Any] | None = None,
+        query_cls: Any = horizontal_shard.ShardedQuery,
         *,
-        shard_set: ShardSet,
+        shard_set: ShardSet | None = None,
         default_role: Role = "replica",
+        id_chooser: Any = None,
+        query_chooser: Any = None,
         **kw: Any,
     ) -> None:
+        sa_arguments = {
+            "shard_chooser": shard_chooser,
+            "identity_chooser": identity_chooser,
+            "execute_chooser": execute_chooser,
+            "shards": shards,
+            "id_chooser": id_chooser,
+            "query_chooser": query_chooser,
+        }
+        given = sorted(name for name, value in sa_arguments.items() if value is not None)
+        if shard_set is None and given:
+            #: True when built with SQLAlchemy's choosers rather than a ShardSet.
+            self.has_user_choosers = True
+            self._twophase = False
+            super().__init__(
+                shard_chooser,
+                identity_chooser,
+                execute_chooser,
+                dict(shards) if shards is not None else None,
+                query_cls,
+                id_chooser=id_chooser,
+                query_chooser=query_chooser,
+                **kw,
+            )
+            # Same results as horizontal_shard's executor; fan-out SELECTs run concurrently.
+            event.remove(self, "do_orm_execute", horizontal_shard.execute_and_instances)
+            event.listen(self, "do_orm_execute", execute_with_user_choosers, retval=True)
+            return
+        if given:
+            raise ConfigurationError(
+                f"ShardedSession got shard_set= and {', '.join(given)}: give either a ShardSet "
+                "(the choosers are derived from it) or horizontal_shard's choosers and shards"
+            )
         if not isinstance(shard_set, ShardSet):
             raise ConfigurationError(
-                f"ShardedSession needs shard_set=ShardSet(...), got {type(shard_set).__name__}"
+                "ShardedSession needs shard_set=ShardSet(...), or horizontal_shard's "
+                f"shard_chooser/identity_chooser/execute_chooser and shards; got "
+                f"shard_set={type(shard_set).__name__}"
             )
         if default_role not in ("primary", "replica"):
             raise ConfigurationError(
                 f"default_role must be 'primary' or 'replica', got {default_role!r}"
             )
+        self.has_user_choosers = False
         self.shard_set = shard_set
         self.default_role: Role = default_role
         self._written: dict[ShardId, Engine] = {}
@@ -146,6 +213,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             identity_chooser=self._choose_identity_shards,
             execute_chooser=self._choose_execute_shards,
             shards={s: shard_set.replica_set(s).primary.engine for s in shard_set.shard_ids},
+            query_cls=query_cls,
             **kw,
         )
         # Replace horizontal_shard's sequential executor with ours (single shard, fan-out).
@@ -156,14 +224,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     @property
     def twophase(self) -> bool:
-        """Always False for SQLAlchemy: transactions begin as plain ones, and when the
-        ShardSet allows 2PC, ``before_commit`` prepares the shards written (only when there
-        are several) under names it chooses, then commits them (see ``_two_phase``)."""
-        return False
+        """Always False for SQLAlchemy with a ShardSet: transactions begin as plain ones,
+        and when the ShardSet allows 2PC, ``before_commit`` prepares the shards written
+        (only when there are several) under names it chooses, then commits them (see
+        ``_two_phase``). A user-chooser session keeps Session's ``twophase`` argument."""
+        return self._twophase if self.has_user_choosers else False
 
     @twophase.setter
     def twophase(self, value: bool) -> None:
-        if value:
+        if self.has_user_choosers:
+            self._twophase = value
+        elif value:
             raise ConfigurationError(
                 "ShardedSession decides two-phase commit itself; use "
                 "ShardSet(cross_shard_writes='two_phase')"
@@ -271,6 +342,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
         A key no shard owns (a range gap, a directory miss) finds nothing: None, as one
         database would answer."""
+        if shard_key is not _UNKNOWN and self.has_user_choosers:
+            raise ConfigurationError(
+                "get(..., shard_key=...) needs a ShardedSession built with shard_set=; with "
+                "user choosers pass identity_token=<shard id>"
+            )
         if shard_key is not _UNKNOWN and kw.get("identity_token") is None:
             mapper = inspect(entity)
             owners = _read_owners(self.shard_set, mapper, shard_key)
@@ -282,6 +358,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def use_primary(self) -> _PinShards:
         """Pin this session's statements to each shard's primary: ``with session.use_primary():``
         (also a decorator of plain functions; ``ss.use_primary()`` pins every session)."""
+        if self.has_user_choosers:
+            raise ConfigurationError(
+                "use_primary() needs a ShardedSession built with shard_set= (a user-chooser "
+                "session's shards are plain engines, with no replicas to route away from)"
+            )
         return _PinShards(self)
 
     # -- routing inside a shard -------------------------------------------------------------
@@ -309,6 +390,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """
         if bind is not None:
             return bind
+        if self.has_user_choosers:  # horizontal_shard's own rule
+            return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause)
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance, clause=clause)
         assert shard_id is not None
@@ -351,6 +434,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         shard was written and two-phase commit is off; nothing was sent), and the shard takes
         part in the two-phase commit.
         """
+        if self.has_user_choosers:
+            return super().connection(
+                bind_arguments=bind_arguments, execution_options=execution_options
+            )
         arguments = dict(bind_arguments or {})
         replicating = arguments.pop(_GLOBAL_COPY, False)
         conn = super().connection(
@@ -642,7 +729,7 @@ def _insert_shards(session: ShardedSession, orm_context: ORMExecuteState) -> lis
 
 @event.listens_for(ShardedSession, "before_flush")
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    if not isinstance(session, ShardedSession):
+    if not isinstance(session, ShardedSession) or session.has_user_choosers:
         return
     # Place every new object before any SQL is sent: a bad key raises with nothing written.
     for obj in session.new:
@@ -668,7 +755,7 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
 
 @event.listens_for(ShardedSession, "after_flush")
 def _replicate_global_rows(session: Session, flush_context: Any) -> None:
-    if not isinstance(session, ShardedSession):
+    if not isinstance(session, ShardedSession) or session.has_user_choosers:
         return
     written = [(obj, False) for obj in session.new] + [
         (obj, False) for obj in session.dirty if session.is_modified(obj)
@@ -718,7 +805,7 @@ def _copy_to_other_shards(
 
 @event.listens_for(ShardedSession, "before_commit")
 def _before_commit(session: Session) -> None:
-    if not isinstance(session, ShardedSession):
+    if not isinstance(session, ShardedSession) or session.has_user_choosers:
         return
     transaction = session._transaction
     if transaction is None or transaction.nested or transaction.parent is not None:
@@ -805,7 +892,11 @@ def _decide_and_commit(shard_set: ShardSet, txid: str, parts: list[two_phase.Par
 
 @event.listens_for(ShardedSession, "after_transaction_end")
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None and isinstance(session, ShardedSession):
+    if (
+        transaction.parent is None
+        and isinstance(session, ShardedSession)
+        and not session.has_user_choosers
+    ):
         session._end_transaction()
 
 
