@@ -256,3 +256,46 @@ def test_fan_out_runs_on_the_shards_concurrently(pg_shards: dict[str, Engine]) -
     assert not errors
     assert waiting == {"east": 1, "west": 1}
     assert [row[0] for row in result] == [1, 3, 2, 4]  # concatenated in chooser order
+
+
+def test_commit_failing_on_the_second_shard_says_what_committed(
+    pg_shards: dict[str, Engine],
+) -> None:
+    """A transaction on both shards whose COMMIT fails on the second (a deferred constraint
+    trigger) raises PartialCommitError: east committed and holds the row, west holds nothing."""
+    with pg_shards["west"].begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION hstest_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'hstest: refused at commit'; END $$"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE CONSTRAINT TRIGGER hstest_refuse AFTER INSERT ON hstest_items "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION hstest_refuse()"
+            )
+        )
+    try:
+        with ss.ShardedSession(shards=pg_shards, **_choosers()) as session:
+            session.add_all([Item(id=20, region="west", v=7), Item(id=21, region="east", v=7)])
+            with pytest.raises(ss.PartialCommitError) as caught:
+                session.commit()
+            error = caught.value
+            assert (error.committed, error.failed, error.unknown, error.rolled_back) == (
+                ["east"],
+                ["west"],
+                [],
+                [],
+            )
+            assert "hstest: refused at commit" in str(error.orig)
+            session.rollback()
+        held = {}
+        for region, engine in pg_shards.items():
+            with engine.connect() as conn:
+                held[region] = list(conn.scalars(text("SELECT id FROM hstest_items WHERE v = 7")))
+        assert held == {"east": [21], "west": []}
+    finally:
+        with pg_shards["west"].begin() as conn:
+            conn.execute(text("DROP TABLE hstest_items"))
+            conn.execute(text("DROP FUNCTION hstest_refuse()"))

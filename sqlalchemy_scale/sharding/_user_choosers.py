@@ -19,6 +19,15 @@ latency is the slowest shard's, not the sum. They run one after another, as in
 horizontal_shard, when two shards share a connection (one engine for several
 shards, e.g. ``schema_translate_map``) or an engine keeps connections per thread
 (``SingletonThreadPool``: SQLite ``:memory:``), and for UPDATE and DELETE.
+
+Commit is where it keeps the project's promise rather than horizontal_shard's
+silence: SQLAlchemy commits a transaction's connections one by one, in no set
+order, and a failure in the middle surfaces as the driver's error although
+earlier shards have committed. Here a transaction on several shards commits
+them in the order of ``shards`` and a failure raises
+:class:`~sqlalchemy_scale.PartialCommitError` listing what committed (as
+``ShardSet(cross_shard_writes="best_effort")`` does); a transaction on one shard,
+and ``twophase=True``, are SQLAlchemy's own.
 """
 
 from __future__ import annotations
@@ -30,12 +39,13 @@ from typing import Any
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.result import Result
 from sqlalchemy.ext import horizontal_shard
-from sqlalchemy.orm import ORMExecuteState
+from sqlalchemy.orm import ORMExecuteState, SessionTransaction
 from sqlalchemy.pool import SingletonThreadPool
 
+from ._best_effort import commit_shards
 from .fanout import run_concurrently
 
-__all__ = ["execute_with_user_choosers"]
+__all__ = ["commit_shard_by_shard", "execute_with_user_choosers"]
 
 # Threads shared by every user-chooser session (a ShardSet session uses its ShardSet's pool).
 _MAX_WORKERS = 16
@@ -137,3 +147,21 @@ def _run_concurrently(orm_context: ORMExecuteState, shard_ids: list[Any]) -> Res
             for s in shard_ids
         ]
     return results[0].merge(*results[1:])
+
+
+def commit_shard_by_shard(
+    transaction: SessionTransaction, shard_names: dict[int, str], order: list[str]
+) -> None:
+    """COMMIT the transaction's connections one shard at a time (in ``order``) when there are
+    several; raises PartialCommitError when one fails. ``shard_names`` maps ``id(engine)``."""
+    entries: dict[int, tuple[str, Connection]] = {}
+    for conn, trans, should_commit, _ in transaction._connections.values():
+        if should_commit and trans.is_active:
+            name = shard_names.get(id(conn.engine), repr(conn.engine))
+            entries[id(conn)] = (name, conn)
+    if len(entries) < 2:
+        return
+    ranked = sorted(
+        entries.values(), key=lambda e: order.index(e[0]) if e[0] in order else len(order)
+    )
+    commit_shards(ranked)

@@ -81,7 +81,7 @@ from . import _two_phase as two_phase
 from ._pinning import Proof, prove, shards_for_statement
 from ._shard_set import ShardRule, ShardSet, rule_for_mapper
 from ._stored_key import stored_key
-from ._user_choosers import execute_with_user_choosers
+from ._user_choosers import commit_shard_by_shard, execute_with_user_choosers
 from .fanout import execute_exists, execute_fanout
 from .shapes import refuse
 from .strategies import ShardId
@@ -144,6 +144,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         Accepts horizontal_shard's arguments instead of ``shard_set``.
     """
 
+    # The transaction whose shard-by-shard commit raised PartialCommitError, if any.
+    _partial_commit: SessionTransaction | None
+
     def __init__(
         self,
         shard_chooser: Any = None,
@@ -181,6 +184,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 query_chooser=query_chooser,
                 **kw,
             )
+            self._shard_names = {id(e): str(k) for k, e in (shards or {}).items()}
+            self._partial_commit = None
             # Same results as horizontal_shard's executor; fan-out SELECTs run concurrently.
             event.remove(self, "do_orm_execute", horizontal_shard.execute_and_instances)
             event.listen(self, "do_orm_execute", execute_with_user_choosers, retval=True)
@@ -206,8 +211,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._written: dict[ShardId, Engine] = {}
         self._routers: dict[ShardId, RoutingSession] = {}
         self._preparing = False
-        # The transaction whose best-effort commit raised PartialCommitError, if any.
-        self._partial_commit: SessionTransaction | None = None
+        self._partial_commit = None
         super().__init__(
             shard_chooser=self._choose_shard,
             identity_chooser=self._choose_identity_shards,
@@ -805,7 +809,7 @@ def _copy_to_other_shards(
 
 @event.listens_for(ShardedSession, "before_commit")
 def _before_commit(session: Session) -> None:
-    if not isinstance(session, ShardedSession) or session.has_user_choosers:
+    if not isinstance(session, ShardedSession):
         return
     transaction = session._transaction
     if transaction is None or transaction.nested or transaction.parent is not None:
@@ -815,6 +819,15 @@ def _before_commit(session: Session) -> None:
             "this transaction's best-effort commit already stopped at a shard "
             "(PartialCommitError); roll it back before using the session again"
         )
+    if session.has_user_choosers:
+        if not session.twophase:
+            session.flush()
+            session._partial_commit = transaction
+            commit_shard_by_shard(
+                transaction, session._shard_names, list(session._shard_names.values())
+            )
+            session._partial_commit = None
+        return
     session.flush()  # the last flush may write to another shard: decide after it
     # From here writes are refused (get_bind): SQLAlchemy flushes again after this listener.
     session._preparing = True
