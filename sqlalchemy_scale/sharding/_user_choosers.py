@@ -16,8 +16,8 @@ What changes is only when the shards run: a SELECT that the ``execute_chooser``
 sends to several shards runs on all of them at once (each on the session's own
 connection to that shard, inside its transaction; the calling thread waits), so
 latency is the slowest shard's, not the sum. They run one after another, as in
-horizontal_shard, when two shards share a connection (one engine for several
-shards, e.g. ``schema_translate_map``) or an engine keeps connections per thread
+horizontal_shard, when two shards share a driver connection (one engine for
+several shards through ``schema_translate_map`` copies, over one connection) or an engine keeps connections per thread
 (``SingletonThreadPool``: SQLite ``:memory:``), and for UPDATE and DELETE.
 
 Commit is where it keeps the project's promise rather than horizontal_shard's
@@ -115,7 +115,9 @@ def _run_concurrently(orm_context: ORMExecuteState, shard_ids: list[Any]) -> Res
         arguments["shard_id"] = shard_id
         bind_arguments[shard_id] = arguments
         connections[shard_id] = session.connection(bind_arguments=arguments)
-    distinct = {id(conn) for conn in connections.values()}
+    # Distinct driver connections: two shards may be one engine's option copies
+    # (schema_translate_map) over a pool that hands out one connection (StaticPool).
+    distinct = {id(conn.connection.dbapi_connection) for conn in connections.values()}
     if len(distinct) < len(shard_ids) or any(
         isinstance(conn.engine.pool, SingletonThreadPool) for conn in connections.values()
     ):
