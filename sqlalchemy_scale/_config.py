@@ -5,7 +5,8 @@ A replica set is the table :meth:`ReplicaSet.from_config` reads (``primary``,
 
     strategy = "hash"            # "hash", "jump_hash", {range = [0, 1000, 2000]},
                                  # or "package.module:attribute" (a strategy object)
-    two_phase = false
+    cross_shard_writes = "refuse"   # or "two_phase", "best_effort" (`two_phase = true` is
+                                    # deprecated: cross_shard_writes = "two_phase")
     pool = "pgbouncer-transaction"   # ReplicaSet settings shared by every shard ...
     max_lag_seconds = 5
     [engine]                     # ... and create_engine() keyword arguments
@@ -24,6 +25,7 @@ tables the CLI reads (``[status]``), which the constructors never see.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Mapping
 from os import PathLike
 from typing import TYPE_CHECKING, Any
@@ -40,7 +42,9 @@ ConfigSource = str | PathLike[str] | Mapping[str, Any]
 
 # ShardSet keyword arguments a configuration file may set; the ReplicaSet keys (but not
 # `primary`/`replicas`/`name`) are shared defaults for every shard.
-_SHARD_SET_KEYS = frozenset({"shards", "strategy", "two_phase", "max_workers", "engine"})
+_SHARD_SET_KEYS = frozenset(
+    {"shards", "strategy", "cross_shard_writes", "two_phase", "max_workers", "engine"}
+)
 _SHARED_KEYS = _CONFIG_KEYS - {"primary", "replicas", "name"}
 #: Tables that may sit beside a topology in one file; no constructor reads them.
 SIDE_TABLES = frozenset({"status", "alembic"})
@@ -121,13 +125,33 @@ def shard_set_from_config(config: Mapping[str, Any]) -> ShardSet:
         return ShardSet(
             sets,
             strategy=strategy,
-            two_phase=bool(config.get("two_phase", False)),
+            cross_shard_writes=_cross_shard_writes(config),
             max_workers=config.get("max_workers"),
         )
     except BaseException:
         for replica_set in sets.values():
             replica_set.dispose()
         raise
+
+
+def _cross_shard_writes(config: Mapping[str, Any]) -> Any:
+    """The ``cross_shard_writes`` key, or the deprecated ``two_phase`` one (with a warning)."""
+    mode = config.get("cross_shard_writes")
+    if "two_phase" not in config:
+        return mode
+    replacement = "two_phase" if config["two_phase"] else "refuse"
+    warnings.warn(
+        "the shard set key 'two_phase' is deprecated since sqlalchemy-scale 0.3 and will be "
+        f"removed in 0.4; write cross_shard_writes = {replacement!r}",
+        DeprecationWarning,
+        stacklevel=4,
+    )
+    if mode is not None and mode != replacement:
+        raise ConfigurationError(
+            f"the shard set has two_phase = {config['two_phase']!r} and cross_shard_writes = "
+            f"{mode!r}, which disagree; keep only cross_shard_writes"
+        )
+    return replacement
 
 
 def _strategy(value: Any) -> ShardingStrategy:

@@ -56,7 +56,7 @@ def shard_set_for(cluster: LocalCluster, driver: str, *, two_phase: bool) -> Sha
     return ShardSet(
         {f"s{i}": shard.url(driver) for i, shard in enumerate(cluster.shards)},
         strategy=HashSharding(),
-        two_phase=two_phase,
+        cross_shard_writes="two_phase" if two_phase else "refuse",
     )
 
 
@@ -297,7 +297,7 @@ def _toml(cluster: LocalCluster, driver: str) -> str:
         "",
     ]
     if cluster.shards:
-        lines += ["[shard_set]", 'strategy = "hash"', "two_phase = true"]
+        lines += ["[shard_set]", 'strategy = "hash"', 'cross_shard_writes = "two_phase"']
         for index, shard in enumerate(cluster.shards):
             lines += [f"[shard_set.shards.s{index}]", f"primary = {quoted(shard.url(driver))}"]
             replicas = cluster.shard_replicas.get(index, [])

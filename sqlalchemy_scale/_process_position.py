@@ -16,7 +16,7 @@ sends to the primary (locking reads, ``nextval()``...). A plain SELECT marks
 nothing, so a read-only transaction's COMMIT costs nothing extra.
 The position is read after the DBAPI commit by wrapping the engine dialect's
 ``do_commit`` (SQLAlchemy's ``commit`` event fires *before* COMMIT is sent).
-Two-phase commits (sharding's ``two_phase=True``) are not tracked.
+Two-phase commits (sharding's ``cross_shard_writes="two_phase"``) are not tracked.
 
 When *not* to use it: many processes (each has its own floor; carry causal tokens
 between them), or write-heavy processes whose reads should keep using replicas:

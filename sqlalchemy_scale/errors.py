@@ -21,6 +21,7 @@ __all__ = [
     "CrossShardQueryError",
     "CrossShardWriteError",
     "NodeUnavailableError",
+    "PartialCommitError",
     "ReplicaWriteError",
     "ScaleError",
     "ShardKeyError",
@@ -169,6 +170,43 @@ class CommitOutcomeUnknown(ScaleError, sa_exc.OperationalError):
 
     def __str__(self) -> str:
         return self._text
+
+
+class PartialCommitError(ScaleError):
+    """A best-effort cross-shard commit (``ShardSet(cross_shard_writes="best_effort")``)
+    stopped at a shard: some shards committed the transaction's writes, others did not.
+
+    Not a :class:`CrossShardWriteError` (which promises that nothing committed). The
+    shards are listed, each in one attribute:
+
+    * ``committed``: shards whose COMMIT succeeded; their writes are durable;
+    * ``failed``: the shard whose COMMIT the server refused (a deferred constraint, a
+      serialization failure); its writes were rolled back;
+    * ``unknown``: the shard whose connection was lost during its COMMIT; its writes may
+      or may not have committed (read them back to know);
+    * ``rolled_back``: shards after it, not committed; their writes were rolled back.
+
+    ``orig`` is the exception the failing COMMIT raised.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        committed: list[str],
+        failed: list[str],
+        unknown: list[str],
+        rolled_back: list[str],
+        orig: BaseException,
+    ) -> None:
+        super().__init__(message)
+        self.committed = committed
+        self.failed = failed
+        self.unknown = unknown
+        self.rolled_back = rolled_back
+        self.orig = orig
 
 
 class TransactionPoolingError(ScaleError):

@@ -61,7 +61,7 @@ def test_from_config_reads_shards_strategy_and_replica_sets(tmp_path: Path) -> N
     config.write_text(
         "[sharding]\n"
         "strategy = { range = [0, 10, 20] }\n"
-        "two_phase = true\n"
+        'cross_shard_writes = "two_phase"\n'
         "[sharding.engine]\n"
         "pool_size = 3\n"
         "[sharding.shards]\n"

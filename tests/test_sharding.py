@@ -194,7 +194,11 @@ def make_shards(
                 )
             else:
                 targets[shard_id] = url(node)
-        shard_set = ShardSet(targets, strategy=strategy or HashSharding(), two_phase=two_phase)
+        shard_set = ShardSet(
+            targets,
+            strategy=strategy or HashSharding(),
+            cross_shard_writes="two_phase" if two_phase else "refuse",
+        )
         made.append(shard_set)
         return shard_set
 

@@ -274,7 +274,9 @@ def world(
 ) -> Iterator[World]:
     """The data loaded into the single database and, placed by one strategy, into the shards."""
     shard_engines, single = engines
-    shards = ShardSet(shard_urls, strategy=STRATEGIES[request.param](), two_phase=True)
+    shards = ShardSet(
+        shard_urls, strategy=STRATEGIES[request.param](), cross_shard_writes="two_phase"
+    )
     placed: dict[str, dict[type[Base], list[dict[str, Any]]]] = {s: {} for s in shard_engines}
     for model, rows in ROWS.items():
         for row in rows:

@@ -38,7 +38,9 @@ class Account(Base):
 
 def shard_set(urls: dict[str, str]) -> ShardSet:
     """The ShardSet the application and the tests use: key i on the i-th shard."""
-    return ShardSet(urls, strategy=RangeSharding(list(range(len(urls) + 1))), two_phase=True)
+    return ShardSet(
+        urls, strategy=RangeSharding(list(range(len(urls) + 1))), cross_shard_writes="two_phase"
+    )
 
 
 def transfer(shards: ShardSet) -> None:

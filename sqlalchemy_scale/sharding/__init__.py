@@ -6,7 +6,7 @@ See ``docs/sharding.md`` for the guide.
 
 from __future__ import annotations
 
-from ._shard_set import ShardSet
+from ._shard_set import CrossShardWrites, ShardSet
 from .merge import SortKey, merge_aggregates, merge_ordered
 from .planner import FanoutPlan, plan_fanout
 from .recovery import (
@@ -30,6 +30,7 @@ from .strategies import (
 )
 
 __all__ = [
+    "CrossShardWrites",
     "DirectorySharding",
     "FanoutPlan",
     "HashSharding",

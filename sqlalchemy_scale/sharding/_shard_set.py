@@ -7,10 +7,11 @@ sharding session only so that the sharding work could land in one package.)
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self, get_args
 
 from sqlalchemy import Table
 from sqlalchemy.orm import Mapper
@@ -24,7 +25,10 @@ from .strategies import ShardId, ShardingStrategy
 if TYPE_CHECKING:
     from .recovery import PreparedTransaction, RecoveryReport
 
-__all__ = ["ShardRule", "ShardSet"]
+__all__ = ["CrossShardWrites", "ShardRule", "ShardSet"]
+
+#: What a transaction that writes to several shards does at commit (see ShardSet).
+CrossShardWrites = Literal["refuse", "two_phase", "best_effort"]
 
 #: How a table is placed: ("key", column name), ("all", None) or ("pinned", shard id).
 ShardRule = tuple[str, str | None]
@@ -40,19 +44,30 @@ class ShardSet:
         :class:`~sqlalchemy_scale.HashSharding`, :class:`~sqlalchemy_scale.JumpHashSharding`,
         :class:`~sqlalchemy_scale.RangeSharding`, :class:`~sqlalchemy_scale.DirectorySharding`
         or a function ``(value, shard_ids) -> shard_id | None``.
-    :param two_phase: allow a transaction to write to more than one shard,
-        committing with PostgreSQL two-phase commit (the servers need
-        ``max_prepared_transactions > 0``); the decision is recorded on the home
+    :param cross_shard_writes: what a transaction that writes to more than one
+        shard does. ``"refuse"`` (the default): the write to the second shard raises
+        :class:`~sqlalchemy_scale.CrossShardWriteError` before it is sent, so nothing of
+        it commits. ``"two_phase"``: commit with PostgreSQL two-phase commit (the servers
+        need ``max_prepared_transactions > 0``); the decision is recorded on the home
         shard (the first) before the first ``COMMIT PREPARED``, and
-        :meth:`recover_prepared` finishes what a failure leaves prepared. When
-        False (the default) such a transaction raises
-        :class:`~sqlalchemy_scale.CrossShardWriteError` before anything is committed.
+        :meth:`recover_prepared` finishes what a failure leaves prepared: every shard
+        commits or none does. ``"best_effort"``: commit the shards one after another, in
+        ShardSet order, as SQLAlchemy's horizontal_shard does; a COMMIT that fails stops
+        there and raises :class:`~sqlalchemy_scale.PartialCommitError`, which lists the
+        shards that committed, the one that failed and those rolled back. Some shards keep
+        the transaction's writes and others do not: use it only for writes that are
+        idempotent or that the application reconciles.
+    :param two_phase: deprecated since 0.3, removed in 0.4: ``two_phase=True`` is
+        ``cross_shard_writes="two_phase"``, ``False`` is ``"refuse"``.
     :param max_workers: threads that run fan-out queries (default: two per
         shard). The pool is shared by every session of this ShardSet.
     :param engine_kwargs: passed to :func:`~sqlalchemy.create_engine` for every
         URL given (see :class:`~sqlalchemy_scale.ReplicaSet`).
 
     .. versionadded:: 0.1
+
+    .. versionchanged:: 0.3
+        ``cross_shard_writes`` replaces ``two_phase`` and adds ``"best_effort"``.
     """
 
     def __init__(
@@ -60,7 +75,8 @@ class ShardSet:
         shards: Mapping[ShardId, EngineTarget | ReplicaSet],
         *,
         strategy: ShardingStrategy,
-        two_phase: bool = False,
+        cross_shard_writes: CrossShardWrites | None = None,
+        two_phase: bool | None = None,
         max_workers: int | None = None,
         **engine_kwargs: Any,
     ) -> None:
@@ -98,13 +114,22 @@ class ShardSet:
         if callable(validate):
             validate(self.shard_ids)
         self.strategy = strategy
-        self.two_phase = two_phase
+        #: "refuse", "two_phase" or "best_effort": see the class docstring.
+        self.cross_shard_writes: CrossShardWrites = _cross_shard_writes(
+            cross_shard_writes, two_phase
+        )
         self.max_workers = max_workers or 2 * len(self.shard_ids)
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._rules: dict[Table, ShardRule | None] = {}
         #: Each shard database's default collation, read at the first fan-out that sorts text.
         self.collations: dict[ShardId, str] = {}
+
+    @property
+    def two_phase(self) -> bool:
+        """Whether cross-shard transactions commit with two-phase commit
+        (``cross_shard_writes == "two_phase"``)."""
+        return self.cross_shard_writes == "two_phase"
 
     # -- placement ---------------------------------------------------------------------------
 
@@ -307,6 +332,31 @@ class ShardSet:
 
     def __repr__(self) -> str:
         return f"<ShardSet {self.shard_ids} strategy={self.strategy!r}>"
+
+
+def _cross_shard_writes(mode: str | None, two_phase: bool | None) -> CrossShardWrites:
+    """The cross_shard_writes mode from the new keyword and the deprecated ``two_phase``."""
+    if two_phase is not None:
+        replacement = "two_phase" if two_phase else "refuse"
+        warnings.warn(
+            "ShardSet(two_phase=...) is deprecated since sqlalchemy-scale 0.3 and will be "
+            f"removed in 0.4; use ShardSet(cross_shard_writes={replacement!r})",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if mode is not None and mode != replacement:
+            raise ConfigurationError(
+                f"ShardSet got two_phase={two_phase!r} and cross_shard_writes={mode!r}, which "
+                "disagree; give only cross_shard_writes"
+            )
+        mode = replacement
+    if mode is None:
+        return "refuse"
+    if mode not in get_args(CrossShardWrites):
+        raise ConfigurationError(
+            f"cross_shard_writes must be one of {list(get_args(CrossShardWrites))}, got {mode!r}"
+        )
+    return mode  # type: ignore[return-value]
 
 
 def _same_kind(sets: Mapping[ShardId, ReplicaSet]) -> bool:

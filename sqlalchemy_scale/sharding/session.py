@@ -25,9 +25,11 @@ so applications write none. What it adds to horizontal_shard:
 * inside a shard that is a :class:`~sqlalchemy_scale.ReplicaSet`, reads and
   writes are routed by :meth:`sqlalchemy_scale.RoutingSession.get_bind` itself
   (one router per shard), so the rules are the same, not a copy;
-* a transaction that writes to two shards commits with two-phase commit when
-  the ShardSet allows it, else raises :class:`~sqlalchemy_scale.CrossShardWriteError`
-  before the second shard is written;
+* a transaction that writes to two shards follows the ShardSet's
+  ``cross_shard_writes``: ``"refuse"`` raises :class:`~sqlalchemy_scale.CrossShardWriteError`
+  before the second shard is written, ``"two_phase"`` commits with two-phase commit,
+  ``"best_effort"`` commits shard by shard and raises
+  :class:`~sqlalchemy_scale.PartialCommitError` naming what committed when one fails;
 * global tables (``__shard__ = "all"``) are written to every shard and read
   from the ShardSet's home shard; ``__shard__ = "<shard id>"`` pins a table.
 
@@ -74,10 +76,12 @@ from ..errors import (
 )
 from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession, decide_role
 from ..topology import Role
+from . import _best_effort as best_effort
 from . import _two_phase as two_phase
 from ._pinning import Proof, prove, shards_for_statement
 from ._shard_set import ShardRule, ShardSet, rule_for_mapper
 from ._stored_key import stored_key
+from ._user_choosers import commit_shard_by_shard, execute_with_user_choosers
 from .fanout import execute_exists, execute_fanout
 from .shapes import refuse
 from .strategies import ShardId
@@ -103,44 +107,117 @@ _LATE_WRITES: Final = frozenset({"flush", "write", "ddl"})
 
 class ShardedSession(horizontal_shard.ShardedSession):
     """A horizontal_shard :class:`~sqlalchemy.ext.horizontal_shard.ShardedSession`
-    whose choosers come from ``__shard_key__`` and a :class:`~sqlalchemy_scale.ShardSet`.
+    whose choosers come from ``__shard_key__`` and a :class:`~sqlalchemy_scale.ShardSet`,
+    or, given SQLAlchemy's own arguments, a drop-in for horizontal_shard's.
 
+    Built one of two ways (not both):
+
+    * ``ShardedSession(shard_set=ShardSet(...))``: the choosers are derived from the
+      models and the ShardSet's strategy, statements are proven to need only the shards
+      they run on, fan-outs are merged into one database's answer, and each shard is
+      routed to its primary or replicas (the rest of this class);
+    * ``ShardedSession(shard_chooser=..., identity_chooser=..., execute_chooser=...,
+      shards={...})``: exactly SQLAlchemy's horizontal_shard (``set_shard_id``,
+      ``Query.set_shard()``, ``bind_arguments={"shard_id": ...}``, identity tokens, the
+      deprecated ``id_chooser``/``query_chooser`` with SQLAlchemy's warnings), on any
+      engines, with the shards of a fan-out SELECT queried concurrently and concatenated
+      as horizontal_shard does (see :mod:`~sqlalchemy_scale.sharding._user_choosers`).
+
+    :param shard_chooser: SQLAlchemy's ``shard_chooser`` (user-chooser sessions only).
+    :param identity_chooser: SQLAlchemy's ``identity_chooser``.
+    :param execute_chooser: SQLAlchemy's ``execute_chooser``.
+    :param shards: shard id -> :class:`~sqlalchemy.engine.Engine`, as SQLAlchemy's.
+    :param query_cls: as SQLAlchemy's (default its ``ShardedQuery``, with ``set_shard()``).
     :param shard_set: the shards and the strategy placing keys on them.
-    :param default_role: inside each shard, ``"replica"`` (default) routes plain
-        reads to the shard's replicas, ``"primary"`` keeps everything on its primary
-        unless a statement says ``use_replica=True`` (as in RoutingSession).
+    :param default_role: inside each shard of a ``shard_set``, ``"replica"`` (default)
+        routes plain reads to the shard's replicas, ``"primary"`` keeps everything on its
+        primary unless a statement says ``use_replica=True`` (as in RoutingSession).
+    :param id_chooser: deprecated by SQLAlchemy 2.0 (use ``identity_chooser``); warns.
+    :param query_chooser: deprecated by SQLAlchemy 1.4 (use ``execute_chooser``); warns.
 
     Other keyword arguments are :class:`~sqlalchemy.orm.Session`'s. Build it with
-    :func:`sharded_sessionmaker`.
+    :func:`sharded_sessionmaker`, or ``sessionmaker(class_=ss.ShardedSession, ...)``.
 
     .. versionadded:: 0.1
+
+    .. versionchanged:: 0.3
+        Accepts horizontal_shard's arguments instead of ``shard_set``.
     """
+
+    # The transaction whose shard-by-shard commit raised PartialCommitError, if any.
+    _partial_commit: SessionTransaction | None
 
     def __init__(
         self,
+        shard_chooser: Any = None,
+        identity_chooser: Any = None,
+        execute_chooser: Any = None,
+        shards: Mapping[str, Any] | None = None,
+        query_cls: Any = horizontal_shard.ShardedQuery,
         *,
-        shard_set: ShardSet,
+        shard_set: ShardSet | None = None,
         default_role: Role = "replica",
+        id_chooser: Any = None,
+        query_chooser: Any = None,
         **kw: Any,
     ) -> None:
+        sa_arguments = {
+            "shard_chooser": shard_chooser,
+            "identity_chooser": identity_chooser,
+            "execute_chooser": execute_chooser,
+            "shards": shards,
+            "id_chooser": id_chooser,
+            "query_chooser": query_chooser,
+        }
+        given = sorted(name for name, value in sa_arguments.items() if value is not None)
+        if shard_set is None and given:
+            #: True when built with SQLAlchemy's choosers rather than a ShardSet.
+            self.has_user_choosers = True
+            self._twophase = False
+            super().__init__(
+                shard_chooser,
+                identity_chooser,
+                execute_chooser,
+                dict(shards) if shards is not None else None,
+                query_cls,
+                id_chooser=id_chooser,
+                query_chooser=query_chooser,
+                **kw,
+            )
+            self._shard_names = {id(e): str(k) for k, e in (shards or {}).items()}
+            self._partial_commit = None
+            # Same results as horizontal_shard's executor; fan-out SELECTs run concurrently.
+            event.remove(self, "do_orm_execute", horizontal_shard.execute_and_instances)
+            event.listen(self, "do_orm_execute", execute_with_user_choosers, retval=True)
+            return
+        if given:
+            raise ConfigurationError(
+                f"ShardedSession got shard_set= and {', '.join(given)}: give either a ShardSet "
+                "(the choosers are derived from it) or horizontal_shard's choosers and shards"
+            )
         if not isinstance(shard_set, ShardSet):
             raise ConfigurationError(
-                f"ShardedSession needs shard_set=ShardSet(...), got {type(shard_set).__name__}"
+                "ShardedSession needs shard_set=ShardSet(...), or horizontal_shard's "
+                f"shard_chooser/identity_chooser/execute_chooser and shards; got "
+                f"shard_set={type(shard_set).__name__}"
             )
         if default_role not in ("primary", "replica"):
             raise ConfigurationError(
                 f"default_role must be 'primary' or 'replica', got {default_role!r}"
             )
+        self.has_user_choosers = False
         self.shard_set = shard_set
         self.default_role: Role = default_role
         self._written: dict[ShardId, Engine] = {}
         self._routers: dict[ShardId, RoutingSession] = {}
         self._preparing = False
+        self._partial_commit = None
         super().__init__(
             shard_chooser=self._choose_shard,
             identity_chooser=self._choose_identity_shards,
             execute_chooser=self._choose_execute_shards,
             shards={s: shard_set.replica_set(s).primary.engine for s in shard_set.shard_ids},
+            query_cls=query_cls,
             **kw,
         )
         # Replace horizontal_shard's sequential executor with ours (single shard, fan-out).
@@ -151,16 +228,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     @property
     def twophase(self) -> bool:
-        """Always False for SQLAlchemy: transactions begin as plain ones, and when the
-        ShardSet allows 2PC, ``before_commit`` prepares the shards written (only when there
-        are several) under names it chooses, then commits them (see ``_two_phase``)."""
-        return False
+        """Always False for SQLAlchemy with a ShardSet: transactions begin as plain ones,
+        and when the ShardSet allows 2PC, ``before_commit`` prepares the shards written
+        (only when there are several) under names it chooses, then commits them (see
+        ``_two_phase``). A user-chooser session keeps Session's ``twophase`` argument."""
+        return self._twophase if self.has_user_choosers else False
 
     @twophase.setter
     def twophase(self, value: bool) -> None:
-        if value:
+        if self.has_user_choosers:
+            self._twophase = value
+        elif value:
             raise ConfigurationError(
-                "ShardedSession decides two-phase commit itself; use ShardSet(two_phase=True)"
+                "ShardedSession decides two-phase commit itself; use "
+                "ShardSet(cross_shard_writes='two_phase')"
             )
 
     @property
@@ -265,6 +346,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
         A key no shard owns (a range gap, a directory miss) finds nothing: None, as one
         database would answer."""
+        if shard_key is not _UNKNOWN and self.has_user_choosers:
+            raise ConfigurationError(
+                "get(..., shard_key=...) needs a ShardedSession built with shard_set=; with "
+                "user choosers pass identity_token=<shard id>"
+            )
         if shard_key is not _UNKNOWN and kw.get("identity_token") is None:
             mapper = inspect(entity)
             owners = _read_owners(self.shard_set, mapper, shard_key)
@@ -276,6 +362,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def use_primary(self) -> _PinShards:
         """Pin this session's statements to each shard's primary: ``with session.use_primary():``
         (also a decorator of plain functions; ``ss.use_primary()`` pins every session)."""
+        if self.has_user_choosers:
+            raise ConfigurationError(
+                "use_primary() needs a ShardedSession built with shard_set= (a user-chooser "
+                "session's shards are plain engines, with no replicas to route away from)"
+            )
         return _PinShards(self)
 
     # -- routing inside a shard -------------------------------------------------------------
@@ -298,11 +389,13 @@ class ShardedSession(horizontal_shard.ShardedSession):
         RoutingSession that never executes anything), so "the transaction has
         written" and the transaction's replica are tracked per shard.
 
-        A write to a second shard raises :class:`CrossShardWriteError` unless the
-        ShardSet allows two-phase commit.
+        A write to a second shard raises :class:`CrossShardWriteError` when the
+        ShardSet's ``cross_shard_writes`` is ``"refuse"``.
         """
         if bind is not None:
             return bind
+        if self.has_user_choosers:  # horizontal_shard's own rule
+            return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause)
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance, clause=clause)
         assert shard_id is not None
@@ -345,6 +438,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         shard was written and two-phase commit is off; nothing was sent), and the shard takes
         part in the two-phase commit.
         """
+        if self.has_user_choosers:
+            return super().connection(
+                bind_arguments=bind_arguments, execution_options=execution_options
+            )
         arguments = dict(bind_arguments or {})
         replicating = arguments.pop(_GLOBAL_COPY, False)
         conn = super().connection(
@@ -372,12 +469,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _note_write(self, shard_id: ShardId, engine: Engine) -> None:
         if shard_id in self._written:
             return
-        if self._written and not self.shard_set.two_phase:
+        if self._written and self.shard_set.cross_shard_writes == "refuse":
             raise CrossShardWriteError(
                 f"this transaction already wrote to shard(s) {self.written_shards} and now writes "
-                f"to {shard_id!r}; nothing was committed. Enable ShardSet(two_phase=True) "
-                "(PostgreSQL two-phase commit, needs max_prepared_transactions > 0) or write "
-                "each shard in its own transaction"
+                f"to {shard_id!r}; nothing was committed. Use "
+                "ShardSet(cross_shard_writes='two_phase') (PostgreSQL two-phase commit, needs "
+                "max_prepared_transactions > 0) or write each shard in its own transaction"
             )
         self._written[shard_id] = engine
 
@@ -502,15 +599,15 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
             f"a {type(statement).__name__} across shards cannot be merged; pass "
             "execution_options(shard_id=...) or shard_key=..."
         )
-    if not session.shard_set.two_phase:
+    if session.shard_set.cross_shard_writes == "refuse":
         # Refuse before any shard runs it: a shard that ran it would commit with the next commit().
         raise CrossShardWriteError(
             f"a {type(statement).__name__} on shards {shard_ids} needs a transaction on several "
-            "shards; nothing was run. Enable ShardSet(two_phase=True), or pin it to one shard "
-            "with shard_key=... or execution_options(shard_id=...)"
+            "shards; nothing was run. Use ShardSet(cross_shard_writes='two_phase'), or pin it to "
+            "one shard with shard_key=... or execution_options(shard_id=...)"
         )
     # INSERT (global tables), UPDATE or DELETE on several shards: each shard in the session's
-    # transaction, so the two-phase commit rules apply; one after the other, as
+    # transaction, so the cross-shard commit rules apply; one after the other, as
     # horizontal_shard does.
     results = [_run_on_shard(orm_context, s) for s in shard_ids]
     if proof.global_write:
@@ -636,7 +733,7 @@ def _insert_shards(session: ShardedSession, orm_context: ORMExecuteState) -> lis
 
 @event.listens_for(ShardedSession, "before_flush")
 def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
-    if not isinstance(session, ShardedSession):
+    if not isinstance(session, ShardedSession) or session.has_user_choosers:
         return
     # Place every new object before any SQL is sent: a bad key raises with nothing written.
     for obj in session.new:
@@ -662,7 +759,7 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
 
 @event.listens_for(ShardedSession, "after_flush")
 def _replicate_global_rows(session: Session, flush_context: Any) -> None:
-    if not isinstance(session, ShardedSession):
+    if not isinstance(session, ShardedSession) or session.has_user_choosers:
         return
     written = [(obj, False) for obj in session.new] + [
         (obj, False) for obj in session.dirty if session.is_modified(obj)
@@ -717,12 +814,34 @@ def _before_commit(session: Session) -> None:
     transaction = session._transaction
     if transaction is None or transaction.nested or transaction.parent is not None:
         return
+    if session._partial_commit is transaction:
+        raise CrossShardWriteError(
+            "this transaction's best-effort commit already stopped at a shard "
+            "(PartialCommitError); roll it back before using the session again"
+        )
+    if session.has_user_choosers:
+        if not session.twophase:
+            session.flush()
+            session._partial_commit = transaction
+            commit_shard_by_shard(
+                transaction, session._shard_names, list(session._shard_names.values())
+            )
+            session._partial_commit = None
+        return
     session.flush()  # the last flush may write to another shard: decide after it
     # From here writes are refused (get_bind): SQLAlchemy flushes again after this listener.
     session._preparing = True
     if len(session._written) < 2:
         return
-    if not session.shard_set.two_phase:  # get_bind refuses earlier; this is the safety net
+    mode = session.shard_set.cross_shard_writes
+    if mode == "best_effort":
+        session._partial_commit = transaction
+        best_effort.commit_shards(
+            [(s, transaction._connections[session._written[s]][0]) for s in session.written_shards]
+        )
+        session._partial_commit = None
+        return
+    if mode != "two_phase":  # get_bind refuses earlier; this is the safety net
         raise CrossShardWriteError(
             f"the transaction wrote to shards {session.written_shards}; nothing was committed"
         )
@@ -786,7 +905,11 @@ def _decide_and_commit(shard_set: ShardSet, txid: str, parts: list[two_phase.Par
 
 @event.listens_for(ShardedSession, "after_transaction_end")
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None and isinstance(session, ShardedSession):
+    if (
+        transaction.parent is None
+        and isinstance(session, ShardedSession)
+        and not session.has_user_choosers
+    ):
         session._end_transaction()
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -78,3 +78,28 @@ async def async_sharding(shards: ss.ShardSet) -> User | None:
         user: User | None = await session.get(User, 1, shard_key=1)
     await shards.adispose()
     return user
+
+
+def cross_shard_writes(urls: dict[str, str]) -> list[str]:
+    mode: ss.sharding.CrossShardWrites = "best_effort"
+    shards = ss.ShardSet(urls, strategy=ss.HashSharding(), cross_shard_writes=mode)
+    try:
+        with ss.sharded_sessionmaker(shards)() as session:
+            session.commit()
+    except ss.PartialCommitError as exc:
+        return exc.committed + exc.failed + exc.unknown + exc.rolled_back
+    return []
+
+
+def horizontal_shard_drop_in(engines: dict[str, Engine]) -> list[int]:
+    def shard_chooser(mapper: object, instance: object, clause: object = None) -> str:
+        return "east"
+
+    session = ss.ShardedSession(
+        shards=engines,
+        shard_chooser=shard_chooser,
+        identity_chooser=lambda mapper, primary_key, **kw: list(engines),
+        execute_chooser=lambda context: list(engines),
+    )
+    with session:
+        return list(session.scalars(select(User.id)).all())
