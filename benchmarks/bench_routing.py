@@ -2,6 +2,10 @@
 
 - a primary-key lookup through ``RoutingSession`` (served by a replica) against a plain
   ``Session`` bound to the same replica server (target ratio <= 1.05);
+- the same lookup through a ``ReplicaSet`` built from URLs and one built from the user's
+  own engines, each against the plain ``Session``, all three timed in one interleaved loop
+  (target < 1.03 for both: the read-only view of a user's engine adds no per-execution
+  event dispatch);
 - one ``get_bind`` decision for a SELECT (target < 5 us);
 - causal routing on reads (token already replayed) against plain routing (target: same,
   within noise: no extra round trip);
@@ -71,6 +75,21 @@ def replica_set(cluster: LocalCluster) -> Iterator[ss.ReplicaSet]:
         yield replica_set
 
 
+def interleaved_medians(runs: list[Any], *, rounds: int = 1000) -> list[float]:
+    """Median time of each of ``runs``, timed one after the other in each round, the order
+    rotating from round to round so that none always runs first (warm caches) or last."""
+    for run in runs:
+        run()
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds):
+        for i in range(len(runs)):
+            index = (i + r) % len(runs)
+            t0 = time.perf_counter()
+            runs[index]()
+            times[index].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def interleaved_ratio(
     candidate: Any, baseline: Any, *, pairs: int = 1000
 ) -> tuple[float, float, float]:
@@ -115,6 +134,33 @@ def test_pk_lookup_routed_vs_plain(
     RESULTS["pk routed / plain"] = interleaved_ratio(routed, _lookup(sessionmaker(engine)))
     benchmark(routed)
     engine.dispose()
+
+
+def test_pk_lookup_user_engines_vs_urls(benchmark: Any, cluster: LocalCluster) -> None:
+    """The PK lookup through ReplicaSets of URLs and of the user's engines, each vs plain."""
+    plain_engine = create_engine(cluster.replicas[0].url())
+    primary = create_engine(cluster.primary.url())
+    replica = create_engine(cluster.replicas[0].url())
+    with (
+        ss.ReplicaSet(
+            primary=cluster.primary.url(), replicas=[cluster.replicas[0].url()]
+        ) as from_urls,
+        ss.ReplicaSet(primary=primary, replicas=[replica]) as from_engines,
+    ):
+        user_engines = _lookup(ss.routing_sessionmaker(from_engines))
+        plain, urls, engines = interleaved_medians(
+            [
+                _lookup(sessionmaker(plain_engine)),
+                _lookup(ss.routing_sessionmaker(from_urls)),
+                user_engines,
+            ],
+            rounds=1500,
+        )
+        benchmark(user_engines)
+    RESULTS["pk routed / plain, URLs"] = (urls / plain, urls, plain)
+    RESULTS["pk routed / plain, user engines"] = (engines / plain, engines, plain)
+    for engine in (plain_engine, primary, replica):
+        engine.dispose()
 
 
 def test_pk_lookup_causal_vs_routed(
@@ -212,6 +258,8 @@ def report(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     targets = {
         "pk routed / plain": "target <= 1.05",
+        "pk routed / plain, URLs": "target < 1.03",
+        "pk routed / plain, user engines": "target < 1.03",
         "pk causal / routed": "target ~1.0: no extra round trip",
         "write routed / plain (psycopg2)": "target <= 1.05; psycopg2 keeps the SELECT after COMMIT",
         "write routed / plain (psycopg)": "target <= 1.05: the SELECT travels with the COMMIT",

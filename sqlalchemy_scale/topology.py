@@ -27,7 +27,7 @@ import threading
 import time
 import tomllib
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from typing import Any, Literal, Self, TypeVar
 
@@ -35,6 +35,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from ._async_bridge import pause, run_blocking
@@ -47,7 +48,7 @@ from .consistency import (
     take_commit_position,
 )
 from .decisions import DecisionListener
-from .errors import ConfigurationError, ReplicaWriteError, render_url
+from .errors import ConfigurationError, ReplicaWriteError, render_url, sqlstate
 from .health import PROBING, HealthMonitor, NodeHealth
 from .policies import PolicyName, ReplicaPolicy, make_policy
 
@@ -447,7 +448,7 @@ class ReplicaSet:
         elif owns:
             _make_read_only(engine)
         else:
-            engine = _read_only_view(engine)
+            engine = _ReadOnlyView(engine)
         node = Node(node_name, engine, role=role, owns_engine=owns)
         if role == "replica":
             # handle_error is a dialect event: the handler checks it is our engine that failed.
@@ -803,32 +804,62 @@ def _make_read_only(engine: Engine) -> None:
     event.listen(engine.pool, "connect", on_connect)
 
 
-def _read_only_view(engine: Engine) -> Engine:
-    """A read-only engine over the pool of an engine the user owns.
+class _ReadOnlyView(Engine):
+    """A read-only engine over the pool (and dialect) of an engine the user owns.
 
-    The flag is set per checkout and put back to the driver's default (None: the server's
-    default) when the connection returns to the pool, so the user's own use of the engine
-    is unchanged. (SQLAlchemy's ``postgresql_readonly`` option resets it to False instead,
-    which makes the next user of the shared pool send ``BEGIN READ WRITE``: an error on a
-    standby.) Connection events cost a little per checkout: pass URLs to avoid it.
+    Each checkout sets the driver's read-only flag, so every transaction on it begins
+    ``READ ONLY``; a pool ``checkin`` event puts the flag back to the driver's default
+    (None: the server's default) when the connection returns to the pool, so the user's
+    own use of the engine is unchanged. (SQLAlchemy's ``postgresql_readonly`` option resets
+    it to False instead, which makes the next user of the shared pool send ``BEGIN READ
+    WRITE``: an error on a standby.)
+
+    The flag is set in :meth:`raw_connection` rather than by an ``engine_connect`` event:
+    an engine with events of its own takes SQLAlchemy's slower event-dispatching path on
+    every execution, which cost about 10% of a primary-key lookup. The user's engine-level
+    event listeners therefore do not run on this view (its pool and dialect events do, as
+    both are shared); give them to the view's engine through ``node.engine`` if needed.
     """
-    # An OptionEngine shares the pool but not the user's engine settings or events.
-    read_only = engine.execution_options()
-    dialect: Any = read_only.dialect  # PGDialect: set_readonly() is PostgreSQL-specific
 
-    def on_connect(conn: Connection) -> None:
-        pooled = conn.connection
-        dialect.set_readonly(pooled.dbapi_connection, True)
-        pooled.info[_READ_ONLY_MARK] = True
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(
+            engine.pool,
+            engine.dialect,
+            engine.url,
+            logging_name=engine.logging_name,
+            echo=engine.echo,
+            execution_options=engine.get_execution_options(),
+            hide_parameters=engine.hide_parameters,
+        )
+        #: Called with each DB-API connection checked out (see _track_connections).
+        self.on_checkout: Callable[[Any], None] | None = None
+        pool = engine.pool
+        if not event.contains(pool, "checkin", _reset_read_only):
+            event.listen(pool, "checkin", _reset_read_only)
 
-    def on_checkin(dbapi_connection: Any, record: Any) -> None:
-        if dbapi_connection is not None and record.info.pop(_READ_ONLY_MARK, False):
-            dialect.set_readonly(dbapi_connection, None)
+    def raw_connection(self) -> PoolProxiedConnection:
+        pooled = super().raw_connection()
+        try:
+            dialect: Any = self.dialect  # PGDialect: set_readonly() is PostgreSQL-specific
+            dialect.set_readonly(pooled.dbapi_connection, True)
+            pooled.info[_READ_ONLY_MARK] = dialect
+            if self.on_checkout is not None:
+                self.on_checkout(pooled.dbapi_connection)
+        except BaseException:
+            pooled.invalidate()
+            pooled.close()
+            raise
+        return pooled
 
-    event.listen(read_only, "engine_connect", on_connect)
-    event.listen(read_only.pool, "checkin", on_checkin)
-    return read_only
 
+def _reset_read_only(dbapi_connection: Any, record: Any) -> None:
+    dialect = record.info.pop(_READ_ONLY_MARK, None)
+    if dbapi_connection is not None and dialect is not None:
+        dialect.set_readonly(dbapi_connection, None)
+
+
+# routing.py imports the SQLSTATE lookup from here; the one copy is errors.sqlstate.
+_sqlstate = sqlstate
 
 _REPLICA_SETS: weakref.WeakSet[ReplicaSet] = weakref.WeakSet()
 
@@ -918,12 +949,8 @@ def _track_connections(node: Node, *, owns: bool) -> None:
                 )
 
         event.listen(node.engine, "do_connect", refuse_while_down)
-    else:
-
-        def on_engine_connect(conn: Connection) -> None:
-            node.track_connection(conn.connection.dbapi_connection)
-
-        event.listen(node.engine, "engine_connect", on_engine_connect)
+    elif isinstance(node.engine, _ReadOnlyView):
+        node.engine.on_checkout = node.track_connection
 
 
 def _shutdown_socket(dbapi_connection: Any) -> bool:
@@ -1015,11 +1042,6 @@ def _refuse_transaction_control(
         event.listen(engine, name, check)
 
 
-def _sqlstate(exc: BaseException | None) -> str | None:
-    # psycopg2 calls it pgcode, psycopg 3 and asyncpg sqlstate.
-    return getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
-
-
 def _replica_write_error(engine: Engine, set_name: str, node_name: str) -> Any:
     # Weakly: the listener lives on the engine's dialect (see install_primary_hooks).
     engine_ref = weakref.ref(engine)
@@ -1027,7 +1049,7 @@ def _replica_write_error(engine: Engine, set_name: str, node_name: str) -> Any:
     def handle_error(context: ExceptionContext) -> BaseException | None:
         if context.engine is not engine_ref():
             return None
-        if _sqlstate(context.original_exception) != _READ_ONLY_SQLSTATE:
+        if sqlstate(context.original_exception) != _READ_ONLY_SQLSTATE:
             return None
         statement = context.statement
         return ReplicaWriteError(
