@@ -448,7 +448,7 @@ class ReplicaSet:
         elif owns:
             _make_read_only(engine)
         else:
-            engine = _ReadOnlyView(engine)
+            engine = _read_only_view(engine)
         node = Node(node_name, engine, role=role, owns_engine=owns)
         if role == "replica":
             # handle_error is a dialect event: the handler checks it is our engine that failed.
@@ -805,37 +805,11 @@ def _make_read_only(engine: Engine) -> None:
 
 
 class _ReadOnlyView(Engine):
-    """A read-only engine over the pool (and dialect) of an engine the user owns.
+    """Checkouts that begin ``READ ONLY``: mixed into SQLAlchemy's ``OptionEngine`` class by
+    :func:`_read_only_view`, never instantiated alone."""
 
-    Each checkout sets the driver's read-only flag, so every transaction on it begins
-    ``READ ONLY``; a pool ``checkin`` event puts the flag back to the driver's default
-    (None: the server's default) when the connection returns to the pool, so the user's
-    own use of the engine is unchanged. (SQLAlchemy's ``postgresql_readonly`` option resets
-    it to False instead, which makes the next user of the shared pool send ``BEGIN READ
-    WRITE``: an error on a standby.)
-
-    The flag is set in :meth:`raw_connection` rather than by an ``engine_connect`` event:
-    an engine with events of its own takes SQLAlchemy's slower event-dispatching path on
-    every execution, which cost about 10% of a primary-key lookup. The user's engine-level
-    event listeners therefore do not run on this view (its pool and dialect events do, as
-    both are shared); give them to the view's engine through ``node.engine`` if needed.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(
-            engine.pool,
-            engine.dialect,
-            engine.url,
-            logging_name=engine.logging_name,
-            echo=engine.echo,
-            execution_options=engine.get_execution_options(),
-            hide_parameters=engine.hide_parameters,
-        )
-        #: Called with each DB-API connection checked out (see _track_connections).
-        self.on_checkout: Callable[[Any], None] | None = None
-        pool = engine.pool
-        if not event.contains(pool, "checkin", _reset_read_only):
-            event.listen(pool, "checkin", _reset_read_only)
+    #: Called with each DB-API connection checked out (see _track_connections).
+    on_checkout: Callable[[Any], None] | None = None
 
     def raw_connection(self) -> PoolProxiedConnection:
         pooled = super().raw_connection()
@@ -850,6 +824,36 @@ class _ReadOnlyView(Engine):
             pooled.close()
             raise
         return pooled
+
+
+_VIEW_CLASSES: dict[type[Engine], Callable[[Engine, dict[str, Any]], _ReadOnlyView]] = {}
+
+
+def _read_only_view(engine: Engine) -> _ReadOnlyView:
+    """A read-only engine over the pool of an engine the user owns.
+
+    Like ``engine.execution_options()`` (an ``OptionEngine``: the user's pool, dialect,
+    settings and event listeners), but each checkout sets the driver's read-only flag, so
+    every transaction on it begins ``READ ONLY``; a pool ``checkin`` event puts the flag back
+    to the driver's default (None: the server's default) when the connection returns to the
+    pool, so the user's own use of the engine is unchanged. (SQLAlchemy's
+    ``postgresql_readonly`` option resets it to False instead, which makes the next user of
+    the shared pool send ``BEGIN READ WRITE``: an error on a standby.)
+
+    The flag is set in ``raw_connection()`` rather than by an ``engine_connect`` listener: an
+    engine with listeners takes SQLAlchemy's event-dispatching path on every execution, which
+    cost about 10% of a fresh session's primary-key lookup.
+    """
+    option_engine = type(engine.execution_options())  # SQLAlchemy's OptionEngine class
+    make = _VIEW_CLASSES.get(option_engine)
+    if make is None:
+        make = _VIEW_CLASSES.setdefault(
+            option_engine, type("ReadOnlyView", (_ReadOnlyView, option_engine), {})
+        )
+    view = make(engine, {})
+    if not event.contains(engine.pool, "checkin", _reset_read_only):
+        event.listen(engine.pool, "checkin", _reset_read_only)
+    return view
 
 
 def _reset_read_only(dbapi_connection: Any, record: Any) -> None:
