@@ -18,6 +18,7 @@ naming the node.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
@@ -808,8 +809,8 @@ class _ReadOnlyView(Engine):
     """Checkouts that begin ``READ ONLY``: mixed into SQLAlchemy's ``OptionEngine`` class by
     :func:`_read_only_view`, never instantiated alone."""
 
-    #: Called with each DB-API connection checked out (see _track_connections).
-    on_checkout: Callable[[Any], None] | None = None
+    #: Called with each connection checked out (see _track_connections).
+    on_checkout: Callable[[PoolProxiedConnection], None] | None = None
 
     def raw_connection(self) -> PoolProxiedConnection:
         pooled = super().raw_connection()
@@ -818,7 +819,7 @@ class _ReadOnlyView(Engine):
             dialect.set_readonly(pooled.dbapi_connection, True)
             pooled.info[_READ_ONLY_MARK] = dialect
             if self.on_checkout is not None:
-                self.on_checkout(pooled.dbapi_connection)
+                self.on_checkout(pooled)
         except BaseException:
             pooled.invalidate()
             pooled.close()
@@ -826,6 +827,7 @@ class _ReadOnlyView(Engine):
         return pooled
 
 
+_TRACK_MARKS = itertools.count()
 _VIEW_CLASSES: dict[type[Engine], Callable[[Engine, dict[str, Any]], _ReadOnlyView]] = {}
 
 
@@ -930,7 +932,7 @@ def _track_connections(node: Node, *, owns: bool) -> None:
 
     For an engine we built, a pool ``connect`` event: it is copied into the health
     monitor's pool (``Pool.recreate()``), so probe connections are tracked too. For a
-    user's engine, the read-only view's ``engine_connect`` (its pool is the user's).
+    user's engine, the read-only view's checkout hook (its pool is the user's).
     """
     if owns:
 
@@ -954,7 +956,15 @@ def _track_connections(node: Node, *, owns: bool) -> None:
 
         event.listen(node.engine, "do_connect", refuse_while_down)
     elif isinstance(node.engine, _ReadOnlyView):
-        node.engine.on_checkout = node.track_connection
+        # Once per DB-API connection (a pooled connection's info lives as long as it does).
+        mark = f"sqlalchemy_scale_tracked_{next(_TRACK_MARKS)}"
+
+        def on_checkout(pooled: PoolProxiedConnection) -> None:
+            if mark not in pooled.info:
+                pooled.info[mark] = True
+                node.track_connection(pooled.dbapi_connection)
+
+        node.engine.on_checkout = on_checkout
 
 
 def _shutdown_socket(dbapi_connection: Any) -> bool:

@@ -463,6 +463,21 @@ def test_a_users_writable_engine_as_replica_is_read_only_and_stays_the_users(
     engine.dispose()
 
 
+def test_a_users_replica_engine_hands_each_connection_to_the_node_once(
+    cluster: LocalCluster, driver: str
+) -> None:
+    """The connections a user's replica engine serves reads on are known to their node, so
+    abort_connections() (read_timeout's cut) reaches them: one pooled connection, one socket."""
+    engine: Engine = create_engine(cluster.replicas[0].url(driver), pool_size=1, max_overflow=0)
+    with ss.ReplicaSet(primary=cluster.primary.url(driver), replicas={"mine": engine}) as rs:
+        Session = ss.routing_sessionmaker(rs)
+        for _ in range(3):
+            with Session() as session:
+                assert session.execute(WHERE).one() == (cluster.replicas[0].port, True)
+        assert rs.replicas[0].abort_connections() == 1
+    engine.dispose()
+
+
 # -- policies and stats -------------------------------------------------------------
 
 
