@@ -22,8 +22,6 @@ PoolMode = Literal["transaction", "session"]
 StopMode = Literal["fast", "immediate", "smart"]
 
 HOST = "127.0.0.1"
-# Each node's retries when its port was taken between choosing and binding it.
-_PORT_ATTEMPTS = 3
 
 
 class ClusterError(RuntimeError):

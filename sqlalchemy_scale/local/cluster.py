@@ -44,7 +44,6 @@ from pathlib import Path
 
 from sqlalchemy_scale.local import _process
 from sqlalchemy_scale.local._runtime import (
-    _PORT_ATTEMPTS,
     HOST,
     ClusterError,
     PoolMode,
@@ -66,6 +65,7 @@ KEEP_ENV = "SQLALCHEMY_SCALE_KEEP"
 _OWNER_FILE = "owner.pid"
 # Unix socket paths are limited to 107 bytes; ".s.PGSQL.65535.lock" needs 20.
 _MAX_SOCKET_DIR = 80
+_PORT_ATTEMPTS = 3
 _SHM = Path("/dev/shm")
 _SHM_MIN_FREE = 2 << 30
 
