@@ -77,9 +77,12 @@ def replica_set(cluster: LocalCluster) -> Iterator[ss.ReplicaSet]:
 
 def interleaved_ratios(runs: list[Any], *, rounds: int = 1000) -> tuple[list[float], list[float]]:
     """For each of ``runs[1:]``, the median over rounds of its time / ``runs[0]``'s time in
-    the same round (and each run's median time). Each round times every run once, the order rotating from round to round
-    so that none always runs first; pairing within a round cancels load that drifts over
-    seconds on a shared machine, which medians taken over the whole loop do not."""
+    the same round, and each run's median time.
+
+    Each round times every run once, the order rotating from round to round so that none
+    always runs first; pairing within a round cancels load that drifts over seconds on a
+    shared machine, which medians taken over the whole loop do not.
+    """
     for run in runs:
         run()
     times: list[list[float]] = [[] for _ in runs]
@@ -89,9 +92,10 @@ def interleaved_ratios(runs: list[Any], *, rounds: int = 1000) -> tuple[list[flo
             t0 = time.perf_counter()
             runs[index]()
             times[index].append(time.perf_counter() - t0)
-    return [
+    ratios = [
         statistics.median(t / b for t, b in zip(own, times[0], strict=True)) for own in times[1:]
     ]
+    return ratios, [statistics.median(t) for t in times]
 
 
 def interleaved_ratio(
