@@ -2,6 +2,10 @@
 
 - a primary-key lookup through ``RoutingSession`` (served by a replica) against a plain
   ``Session`` bound to the same replica server (target ratio <= 1.05);
+- the same lookup through a ``ReplicaSet`` built from URLs and one built from the user's
+  own engines, each against the plain ``Session``, all three timed in one interleaved loop
+  (target < 1.03 for both: the read-only view of a user's engine adds no per-execution
+  event dispatch);
 - one ``get_bind`` decision for a SELECT (target < 5 us);
 - causal routing on reads (token already replayed) against plain routing (target: same,
   within noise: no extra round trip);
@@ -71,6 +75,29 @@ def replica_set(cluster: LocalCluster) -> Iterator[ss.ReplicaSet]:
         yield replica_set
 
 
+def interleaved_ratios(runs: list[Any], *, rounds: int = 1000) -> tuple[list[float], list[float]]:
+    """For each of ``runs[1:]``, the median over rounds of its time / ``runs[0]``'s time in
+    the same round, and each run's median time.
+
+    Each round times every run once, the order rotating from round to round so that none
+    always runs first; pairing within a round cancels load that drifts over seconds on a
+    shared machine, which medians taken over the whole loop do not.
+    """
+    for run in runs:
+        run()
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(rounds):
+        for i in range(len(runs)):
+            index = (i + r) % len(runs)
+            t0 = time.perf_counter()
+            runs[index]()
+            times[index].append(time.perf_counter() - t0)
+    ratios = [
+        statistics.median(t / b for t, b in zip(own, times[0], strict=True)) for own in times[1:]
+    ]
+    return ratios, [statistics.median(t) for t in times]
+
+
 def interleaved_ratio(
     candidate: Any, baseline: Any, *, pairs: int = 1000
 ) -> tuple[float, float, float]:
@@ -115,6 +142,33 @@ def test_pk_lookup_routed_vs_plain(
     RESULTS["pk routed / plain"] = interleaved_ratio(routed, _lookup(sessionmaker(engine)))
     benchmark(routed)
     engine.dispose()
+
+
+def test_pk_lookup_user_engines_vs_urls(benchmark: Any, cluster: LocalCluster) -> None:
+    """The PK lookup through ReplicaSets of URLs and of the user's engines, each vs plain."""
+    plain_engine = create_engine(cluster.replicas[0].url())
+    primary = create_engine(cluster.primary.url())
+    replica = create_engine(cluster.replicas[0].url())
+    with (
+        ss.ReplicaSet(
+            primary=cluster.primary.url(), replicas=[cluster.replicas[0].url()]
+        ) as from_urls,
+        ss.ReplicaSet(primary=primary, replicas=[replica]) as from_engines,
+    ):
+        user_engines = _lookup(ss.routing_sessionmaker(from_engines))
+        (urls, engines), (plain, url_time, engine_time) = interleaved_ratios(
+            [
+                _lookup(sessionmaker(plain_engine)),
+                _lookup(ss.routing_sessionmaker(from_urls)),
+                user_engines,
+            ],
+            rounds=1500,
+        )
+        benchmark(user_engines)
+    RESULTS["pk routed / plain, URLs"] = (urls, url_time, plain)
+    RESULTS["pk routed / plain, user engines"] = (engines, engine_time, plain)
+    for engine in (plain_engine, primary, replica):
+        engine.dispose()
 
 
 def test_pk_lookup_causal_vs_routed(
@@ -212,6 +266,8 @@ def report(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     targets = {
         "pk routed / plain": "target <= 1.05",
+        "pk routed / plain, URLs": "target < 1.03; median of per-round ratios",
+        "pk routed / plain, user engines": "target < 1.03; median of per-round ratios",
         "pk causal / routed": "target ~1.0: no extra round trip",
         "write routed / plain (psycopg2)": "target <= 1.05; psycopg2 keeps the SELECT after COMMIT",
         "write routed / plain (psycopg)": "target <= 1.05: the SELECT travels with the COMMIT",

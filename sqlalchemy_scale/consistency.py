@@ -40,7 +40,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.interfaces import ExceptionContext
 
-from .errors import CommitOutcomeUnknown, ConfigurationError
+from .errors import CommitOutcomeUnknown, ConfigurationError, sqlstate
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import SessionTransaction
@@ -295,8 +295,8 @@ def _connection_lost(context: ExceptionContext) -> bool:
     if context.is_disconnect:
         return True
     orig = context.original_exception
-    sqlstate = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
-    return sqlstate is None or str(sqlstate)[:2] in _LOST_CLASSES
+    code = sqlstate(orig)
+    return code is None or code[:2] in _LOST_CLASSES
 
 
 def _in_commit(context: ExceptionContext) -> bool:

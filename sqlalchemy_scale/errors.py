@@ -88,6 +88,17 @@ def render_url(target: str | URL | Engine) -> str:
     return url.render_as_string(hide_password=True).replace("%2A%2A%2A", _MASK)
 
 
+def sqlstate(exc: BaseException | None) -> str | None:
+    """The SQLSTATE of a driver error, or of the SQLAlchemy error wrapping one, else None.
+
+    psycopg2 calls it ``pgcode``, psycopg 3 and asyncpg ``sqlstate``.
+    """
+    if isinstance(exc, sa_exc.DBAPIError):
+        exc = exc.orig
+    code = getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
+    return str(code) if code else None
+
+
 class ScaleError(sa_exc.SQLAlchemyError):
     """Base class of every sqlalchemy-scale error."""
 

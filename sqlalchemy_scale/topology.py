@@ -18,6 +18,7 @@ naming the node.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import threading
 import time
 import tomllib
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from os import PathLike
 from typing import Any, Literal, Self, TypeVar
 
@@ -35,6 +36,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from ._async_bridge import pause, run_blocking
@@ -47,7 +49,7 @@ from .consistency import (
     take_commit_position,
 )
 from .decisions import DecisionListener
-from .errors import ConfigurationError, ReplicaWriteError, render_url
+from .errors import ConfigurationError, ReplicaWriteError, render_url, sqlstate
 from .health import PROBING, HealthMonitor, NodeHealth
 from .policies import PolicyName, ReplicaPolicy, make_policy
 
@@ -803,32 +805,67 @@ def _make_read_only(engine: Engine) -> None:
     event.listen(engine.pool, "connect", on_connect)
 
 
-def _read_only_view(engine: Engine) -> Engine:
+class _ReadOnlyView(Engine):
+    """Checkouts that begin ``READ ONLY``: mixed into SQLAlchemy's ``OptionEngine`` class by
+    :func:`_read_only_view`, never instantiated alone."""
+
+    #: Called with each connection checked out (see _track_connections).
+    on_checkout: Callable[[PoolProxiedConnection], None] | None = None
+
+    def raw_connection(self) -> PoolProxiedConnection:
+        pooled = super().raw_connection()
+        try:
+            dialect: Any = self.dialect  # PGDialect: set_readonly() is PostgreSQL-specific
+            dialect.set_readonly(pooled.dbapi_connection, True)
+            pooled.info[_READ_ONLY_MARK] = dialect
+            if self.on_checkout is not None:
+                self.on_checkout(pooled)
+        except BaseException:
+            pooled.invalidate()
+            pooled.close()
+            raise
+        return pooled
+
+
+_TRACK_MARKS = itertools.count()
+_VIEW_CLASSES: dict[type[Engine], Callable[[Engine, dict[str, Any]], _ReadOnlyView]] = {}
+
+
+def _read_only_view(engine: Engine) -> _ReadOnlyView:
     """A read-only engine over the pool of an engine the user owns.
 
-    The flag is set per checkout and put back to the driver's default (None: the server's
-    default) when the connection returns to the pool, so the user's own use of the engine
-    is unchanged. (SQLAlchemy's ``postgresql_readonly`` option resets it to False instead,
-    which makes the next user of the shared pool send ``BEGIN READ WRITE``: an error on a
-    standby.) Connection events cost a little per checkout: pass URLs to avoid it.
+    Like ``engine.execution_options()`` (an ``OptionEngine``: the user's pool, dialect,
+    settings and event listeners), but each checkout sets the driver's read-only flag, so
+    every transaction on it begins ``READ ONLY``; a pool ``checkin`` event puts the flag back
+    to the driver's default (None: the server's default) when the connection returns to the
+    pool, so the user's own use of the engine is unchanged. (SQLAlchemy's
+    ``postgresql_readonly`` option resets it to False instead, which makes the next user of
+    the shared pool send ``BEGIN READ WRITE``: an error on a standby.)
+
+    The flag is set in ``raw_connection()`` rather than by an ``engine_connect`` listener: an
+    engine with listeners takes SQLAlchemy's event-dispatching path on every execution, which
+    cost about 10% of a fresh session's primary-key lookup.
     """
-    # An OptionEngine shares the pool but not the user's engine settings or events.
-    read_only = engine.execution_options()
-    dialect: Any = read_only.dialect  # PGDialect: set_readonly() is PostgreSQL-specific
+    option_engine = type(engine.execution_options())  # SQLAlchemy's OptionEngine class
+    make = _VIEW_CLASSES.get(option_engine)
+    if make is None:
+        make = _VIEW_CLASSES.setdefault(
+            option_engine, type("ReadOnlyView", (_ReadOnlyView, option_engine), {})
+        )
+    view = make(engine, {})
+    if not event.contains(engine.pool, "checkin", _reset_read_only):
+        event.listen(engine.pool, "checkin", _reset_read_only)
+    return view
 
-    def on_connect(conn: Connection) -> None:
-        pooled = conn.connection
-        dialect.set_readonly(pooled.dbapi_connection, True)
-        pooled.info[_READ_ONLY_MARK] = True
 
-    def on_checkin(dbapi_connection: Any, record: Any) -> None:
-        if dbapi_connection is not None and record.info.pop(_READ_ONLY_MARK, False):
-            dialect.set_readonly(dbapi_connection, None)
+def _reset_read_only(dbapi_connection: Any, record: Any) -> None:
+    dialect = record.info.pop(_READ_ONLY_MARK, None)
+    if dbapi_connection is not None and dialect is not None:
+        dialect.set_readonly(dbapi_connection, None)
 
-    event.listen(read_only, "engine_connect", on_connect)
-    event.listen(read_only.pool, "checkin", on_checkin)
-    return read_only
 
+# routing.py imports the SQLSTATE lookup from here; the one copy is errors.sqlstate.
+_sqlstate = sqlstate
 
 _REPLICA_SETS: weakref.WeakSet[ReplicaSet] = weakref.WeakSet()
 
@@ -895,7 +932,7 @@ def _track_connections(node: Node, *, owns: bool) -> None:
 
     For an engine we built, a pool ``connect`` event: it is copied into the health
     monitor's pool (``Pool.recreate()``), so probe connections are tracked too. For a
-    user's engine, the read-only view's ``engine_connect`` (its pool is the user's).
+    user's engine, the read-only view's checkout hook (its pool is the user's).
     """
     if owns:
 
@@ -918,12 +955,16 @@ def _track_connections(node: Node, *, owns: bool) -> None:
                 )
 
         event.listen(node.engine, "do_connect", refuse_while_down)
-    else:
+    elif isinstance(node.engine, _ReadOnlyView):
+        # Once per DB-API connection (a pooled connection's info lives as long as it does).
+        mark = f"sqlalchemy_scale_tracked_{next(_TRACK_MARKS)}"
 
-        def on_engine_connect(conn: Connection) -> None:
-            node.track_connection(conn.connection.dbapi_connection)
+        def on_checkout(pooled: PoolProxiedConnection) -> None:
+            if mark not in pooled.info:
+                pooled.info[mark] = True
+                node.track_connection(pooled.dbapi_connection)
 
-        event.listen(node.engine, "engine_connect", on_engine_connect)
+        node.engine.on_checkout = on_checkout
 
 
 def _shutdown_socket(dbapi_connection: Any) -> bool:
@@ -1015,11 +1056,6 @@ def _refuse_transaction_control(
         event.listen(engine, name, check)
 
 
-def _sqlstate(exc: BaseException | None) -> str | None:
-    # psycopg2 calls it pgcode, psycopg 3 and asyncpg sqlstate.
-    return getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
-
-
 def _replica_write_error(engine: Engine, set_name: str, node_name: str) -> Any:
     # Weakly: the listener lives on the engine's dialect (see install_primary_hooks).
     engine_ref = weakref.ref(engine)
@@ -1027,7 +1063,7 @@ def _replica_write_error(engine: Engine, set_name: str, node_name: str) -> Any:
     def handle_error(context: ExceptionContext) -> BaseException | None:
         if context.engine is not engine_ref():
             return None
-        if _sqlstate(context.original_exception) != _READ_ONLY_SQLSTATE:
+        if sqlstate(context.original_exception) != _READ_ONLY_SQLSTATE:
             return None
         statement = context.statement
         return ReplicaWriteError(

@@ -433,6 +433,51 @@ def test_a_writable_server_named_as_replica_is_still_read_only(
     assert cluster.primary.execute("SELECT count(*) FROM routing_users WHERE id = 108") == [(0,)]
 
 
+def test_a_users_writable_engine_as_replica_is_read_only_and_stays_the_users(
+    cluster: LocalCluster, driver: str
+) -> None:
+    """A user's engine on a writable server, given as a replica, cannot be written through
+    the ReplicaSet (every transaction READ ONLY), while the user's own use of that engine
+    (sharing its pool) still writes."""
+    engine: Engine = create_engine(cluster.primary.url(driver), pool_size=1, max_overflow=0)
+    with ss.ReplicaSet(
+        primary=cluster.primary.url(driver),
+        replicas={"users-engine": engine},
+        allow_writable_replicas=True,
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        show = text("SHOW transaction_read_only").execution_options(use_replica=True)
+        with Session() as session:
+            assert session.execute(show).scalar() == "on"
+        statement = text("INSERT INTO routing_users (id, name) VALUES (109, 'lost')")
+        with Session() as session, pytest.raises(ss.ReplicaWriteError) as caught:
+            session.execute(statement.execution_options(use_replica=True))
+        assert caught.value.node == "users-engine"
+        with engine.begin() as conn:  # the one pooled connection, back in the user's hands
+            assert conn.execute(text("SHOW transaction_read_only")).scalar() == "off"
+            conn.execute(text("INSERT INTO routing_users (id, name) VALUES (110, 'mine')"))
+    assert cluster.primary.execute("SELECT count(*) FROM routing_users WHERE id = 109") == [(0,)]
+    assert cluster.primary.execute("DELETE FROM routing_users WHERE id = 110 RETURNING id") == [
+        (110,)
+    ]
+    engine.dispose()
+
+
+def test_a_users_replica_engine_hands_each_connection_to_the_node_once(
+    cluster: LocalCluster, driver: str
+) -> None:
+    """The connections a user's replica engine serves reads on are known to their node, so
+    abort_connections() (read_timeout's cut) reaches them: one pooled connection, one socket."""
+    engine: Engine = create_engine(cluster.replicas[0].url(driver), pool_size=1, max_overflow=0)
+    with ss.ReplicaSet(primary=cluster.primary.url(driver), replicas={"mine": engine}) as rs:
+        Session = ss.routing_sessionmaker(rs)
+        for _ in range(3):
+            with Session() as session:
+                assert session.execute(WHERE).one() == (cluster.replicas[0].port, True)
+        assert rs.replicas[0].abort_connections() == 1
+    engine.dispose()
+
+
 # -- policies and stats -------------------------------------------------------------
 
 

@@ -7,16 +7,11 @@ PgBouncer. Not for production databases: servers run with ``fsync=off``.
 
 from __future__ import annotations
 
+from sqlalchemy_scale.local._runtime import ClusterError, PoolMode, StopMode
 from sqlalchemy_scale.local.binaries import PgBinaries, find_binaries, find_pgbouncer
-from sqlalchemy_scale.local.cluster import (
-    ClusterError,
-    LocalCluster,
-    PgBouncerNode,
-    PgNode,
-    PoolMode,
-    StopMode,
-    reap_leaked_clusters,
-)
+from sqlalchemy_scale.local.cluster import LocalCluster, reap_leaked_clusters
+from sqlalchemy_scale.local.pgbouncer import PgBouncerNode
+from sqlalchemy_scale.local.postgres import PgNode
 
 __all__ = [
     "ClusterError",

@@ -56,9 +56,9 @@ _INSTALL_HINT = (
 
 
 def _fail(message: str) -> NoReturn:
-    # Imported here because cluster.py imports this module; ClusterError stays
+    # Imported here because _runtime.py imports this module; ClusterError stays
     # one class defined in one place.
-    from sqlalchemy_scale.local.cluster import ClusterError
+    from sqlalchemy_scale.local._runtime import ClusterError
 
     raise ClusterError(message)
 

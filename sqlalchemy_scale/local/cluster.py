@@ -30,43 +30,38 @@ owning process died without cleaning up.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import re
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
 
-from sqlalchemy.engine import URL
-
-from sqlalchemy_scale.consistency import format_lsn, reachable_position
 from sqlalchemy_scale.local import _process
-from sqlalchemy_scale.local._process import RunAs
+from sqlalchemy_scale.local._runtime import (
+    HOST,
+    ClusterError,
+    PoolMode,
+    StopMode,
+    _Runtime,
+)
 from sqlalchemy_scale.local.binaries import PgBinaries, find_binaries, find_pgbouncer
+from sqlalchemy_scale.local.pgbouncer import PgBouncerNode
+from sqlalchemy_scale.local.postgres import _NODE_CONF, PgNode
 
+# ClusterError, PgNode, PgBouncerNode, PoolMode and StopMode live in their own modules and
+# are re-exported here, where they were first defined.
 __all__ = ["ClusterError", "LocalCluster", "PgBouncerNode", "PgNode", "PoolMode", "StopMode"]
 
 log = logging.getLogger("sqlalchemy_scale.local")
 
-PoolMode = Literal["transaction", "session"]
-StopMode = Literal["fast", "immediate", "smart"]
-
-HOST = "127.0.0.1"
 BASE_DIR_PREFIX = "sqlalchemy-scale-"
 KEEP_ENV = "SQLALCHEMY_SCALE_KEEP"
-_LOG_NAME = "postgres.log"
-_NODE_CONF = "node.conf"
 _OWNER_FILE = "owner.pid"
 # Unix socket paths are limited to 107 bytes; ".s.PGSQL.65535.lock" needs 20.
 _MAX_SOCKET_DIR = 80
@@ -117,499 +112,6 @@ local   replication  all                  trust
 host    all          all   127.0.0.1/32   scram-sha-256
 host    replication  all   127.0.0.1/32   scram-sha-256
 """
-
-
-class ClusterError(RuntimeError):
-    """A local server or PgBouncer could not be set up, started, stopped or reached.
-
-    The message names the node and its data directory and, when a server did
-    not start, ends with the last lines of its log. It never holds a password.
-    """
-
-
-# --- shared runtime ---------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Runtime:
-    """What every node of one cluster shares: programs, account, credentials."""
-
-    binaries: PgBinaries
-    run_as: RunAs | None
-    base_dir: Path
-    socket_dir: Path
-    user: str
-    database: str
-    password: str = field(repr=False)
-
-    def run(
-        self,
-        args: Sequence[str],
-        *,
-        timeout: float = 60.0,
-        env: Mapping[str, str] | None = None,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        try:
-            return _process.run_program(
-                args, run_as=self.run_as, cwd=self.base_dir, timeout=timeout, env=env, input=input
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise ClusterError(
-                f"{Path(args[0]).name} did not finish within {timeout:.0f}s "
-                f"({' '.join(args[1:3])} ...)"
-            ) from exc
-        except OSError as exc:
-            raise ClusterError(self.cannot_run(args[0], exc)) from exc
-
-    def cannot_run(self, program: str, exc: OSError) -> str:
-        who = f" as user {self.run_as.name}" if self.run_as else ""
-        hint = (
-            f"; as root, servers run as {self.run_as.name}, who must be able to reach and run it"
-            if self.run_as
-            else ""
-        )
-        return f"could not run {program}{who}: {exc}{hint}"
-
-    def program(self, name: str) -> str:
-        return self.binaries.path(name)
-
-    def write(self, path: Path, text: str, mode: int = 0o600) -> None:
-        path.write_text(text)
-        path.chmod(mode)
-        _process.chown_tree(path, self.run_as)
-
-    def url(self, port: int, driver: str, database: str | None) -> URL:
-        return URL.create(
-            f"postgresql+{driver}" if driver else "postgresql",
-            username=self.user,
-            password=self.password,
-            host=HOST,
-            port=port,
-            database=database or self.database,
-        )
-
-    def connect(self, port: int, database: str, *, timeout: int = 5) -> Any:
-        """An autocommit DB-API connection (psycopg2, else psycopg 3) as the cluster user."""
-        return _process.connect(HOST, port, self.user, self.password, database, timeout=timeout)
-
-
-# --- PostgreSQL node --------------------------------------------------------
-
-
-class PgNode:
-    """One PostgreSQL server of a :class:`LocalCluster`: a primary, a shard or a replica.
-
-    Nodes are created by the cluster; their methods drive the real server
-    (``pg_ctl``) and ask it questions over TCP as the cluster's superuser.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        *,
-        port: int,
-        data_dir: Path,
-        runtime: _Runtime,
-        upstream: PgNode | None = None,
-    ) -> None:
-        self.name = name
-        self.port = port
-        self.host = HOST
-        self.data_dir = data_dir
-        self.upstream = upstream
-        self.is_replica = upstream is not None
-        self._rt = runtime
-        self._promoted = False
-
-    def __repr__(self) -> str:
-        return (
-            f"<PgNode {self.name} ({self.role}) {self.host}:{self.port} data_dir={self.data_dir}>"
-        )
-
-    @property
-    def role(self) -> str:
-        """``primary``, ``replica of <upstream>`` or ``primary (promoted)``."""
-        if self.upstream is not None:
-            return f"replica of {self.upstream.name}"
-        return "primary (promoted)" if self._promoted else "primary"
-
-    # URLs ---------------------------------------------------------------
-
-    def sa_url(self, driver: str = "psycopg2", *, database: str | None = None) -> URL:
-        """SQLAlchemy URL for this server; ``driver`` as in ``postgresql+<driver>``."""
-        return self._rt.url(self.port, driver, database)
-
-    def url(self, driver: str = "psycopg2", *, database: str | None = None) -> str:
-        """URL string with the password, e.g. ``postgresql+psycopg2://scale:...@127.0.0.1:PORT/app``."""
-        return self.sa_url(driver, database=database).render_as_string(hide_password=False)
-
-    # process control ----------------------------------------------------
-
-    @property
-    def log_file(self) -> Path:
-        """The server's log (``pg_ctl -l``), inside the data directory."""
-        return self.data_dir / _LOG_NAME
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the running postmaster, or None."""
-        pid = _process.read_pid(self.data_dir / "postmaster.pid")
-        if pid is not None and _process.pid_matches(pid, str(self.data_dir)):
-            return pid
-        return None
-
-    def is_running(self) -> bool:
-        """True if a postmaster for this data directory is alive."""
-        return self.pid is not None
-
-    def start(self, *, wait: bool = True) -> None:
-        """Start the server (``pg_ctl start``); with ``wait`` until it accepts connections."""
-        if self.is_running():
-            return
-        self._clear_stale_locks()
-        offset = _process.file_size(self.log_file)
-        waiting = ["-w", "-t", "60"] if wait else ["-W"]
-        proc = self._pg_ctl("start", "-l", str(self.log_file), *waiting, timeout=60)
-        if proc.returncode != 0:
-            raise ClusterError(self._describe_failure("failed to start", proc, offset))
-        log.debug("started %s on port %d", self.name, self.port)
-
-    def stop(self, mode: StopMode = "fast") -> None:
-        """Stop the server (``pg_ctl stop -m mode``), escalating to immediate, then SIGKILL."""
-        if not self.is_running():
-            self._clear_stale_locks()
-            return
-        proc = self._pg_ctl_stop(mode, timeout=30)
-        if proc.returncode == 0 and not self.is_running():
-            log.debug("stopped %s (%s)", self.name, mode)
-            return
-        log.warning(
-            "%s: pg_ctl stop -m %s failed (%s); escalating", self.name, mode, proc.stderr.strip()
-        )
-        if mode != "immediate":
-            self._pg_ctl_stop("immediate", timeout=15)
-        if self.is_running():
-            self.kill()
-        if self.is_running():
-            raise ClusterError(f"{self.name}: could not stop the server (data dir {self.data_dir})")
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster (a simulated crash); its children exit by themselves.
-
-        Returns once the postmaster and the children it had are gone, so that
-        :meth:`start` can run crash recovery straight away.
-        """
-        pid = self.pid
-        if pid is None:
-            log.debug("kill %s: not running", self.name)
-            return
-        children = _process.children_of(pid)
-        _process.signal_pid(pid, signal.SIGKILL)
-        if not _process.wait_gone([pid, *children], timeout=15):
-            raise ClusterError(
-                f"{self.name}: postmaster {pid} or its children still alive 15s after SIGKILL "
-                f"(data dir {self.data_dir})"
-            )
-        log.debug("killed %s (postmaster %d)", self.name, pid)
-
-    def restart(self) -> None:
-        """Stop (fast) and start the server."""
-        self.stop()
-        self.start()
-
-    def _pg_ctl(self, command: str, *args: str, timeout: int) -> subprocess.CompletedProcess[str]:
-        pg_ctl = self._rt.program("pg_ctl")
-        return self._rt.run(
-            [pg_ctl, command, "-D", str(self.data_dir), "-s", *args], timeout=timeout + 15
-        )
-
-    def _pg_ctl_stop(self, mode: StopMode, *, timeout: int) -> subprocess.CompletedProcess[str]:
-        return self._pg_ctl("stop", "-m", mode, "-w", "-t", str(timeout), timeout=timeout)
-
-    def _clear_stale_locks(self) -> None:
-        # A postmaster killed with SIGKILL leaves its lock files behind; where
-        # PID 1 does not reap orphans it is also a zombie whose PID still
-        # "exists", and postgres would refuse to start over it.
-        for lock in (
-            self.data_dir / "postmaster.pid",
-            self._rt.socket_dir / f".s.PGSQL.{self.port}.lock",
-        ):
-            pid = _process.read_pid(lock)
-            if pid is not None and not _process.pid_matches(pid, str(self.data_dir)):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                    log.debug(
-                        "%s: removed stale %s (PID %d is not ours)", self.name, lock.name, pid
-                    )
-
-    def _describe_failure(
-        self, what: str, proc: subprocess.CompletedProcess[str] | None, offset: int = 0
-    ) -> str:
-        detail = (proc.stderr or proc.stdout).strip() if proc else ""
-        lines = _process.tail(self.log_file, since=offset) or "(log is empty)"
-        message = f"{self.name}: PostgreSQL {what} (port {self.port}, data dir {self.data_dir})"
-        if detail:
-            message += f"\n{detail}"
-        return f"{message}\nlast lines of {self.log_file}:\n{lines}"
-
-    def _address_in_use(self, offset: int) -> bool:
-        text = _process.tail(self.log_file, lines=50, since=offset)
-        return "could not bind" in text or "Address already in use" in text
-
-    def _configure(self, settings: Mapping[str, str | int]) -> None:
-        lines = [
-            f"# written by sqlalchemy_scale.local for node {self.name}",
-            f"port = {self.port}",
-            _process.render_setting("cluster_name", self.name),
-            _process.render_setting("unix_socket_directories", str(self._rt.socket_dir)),
-            *(_process.render_setting(k, v) for k, v in settings.items()),
-        ]
-        self._rt.write(self.data_dir / _NODE_CONF, "\n".join(lines) + "\n")
-
-    # replication ---------------------------------------------------------
-
-    @property
-    def slot_name(self) -> str:
-        """Name of this replica's physical replication slot on its upstream."""
-        return re.sub(r"[^a-z0-9_]", "_", self.name.lower())
-
-    def _require_replica(self, action: str) -> PgNode:
-        if not self.is_replica or self.upstream is None:
-            raise ClusterError(f"{self.name}: {action} needs a replica, and this node is a primary")
-        return self.upstream
-
-    def pause_replay(self) -> None:
-        """Pause WAL replay (``pg_wal_replay_pause()``) and wait until it is paused."""
-        self._require_replica("pause_replay")
-        self.execute("SELECT pg_wal_replay_pause()")
-        if self._rt.binaries.version >= 14:
-            check = "SELECT pg_get_wal_replay_pause_state() = 'paused'"
-        else:
-            check = "SELECT pg_is_wal_replay_paused()"
-        if not _process.wait_until(lambda: bool(self.execute(check)[0][0]), timeout=10):
-            raise ClusterError(
-                f"{self.name}: WAL replay still not paused after 10s (data dir {self.data_dir})"
-            )
-
-    def resume_replay(self) -> None:
-        """Resume WAL replay (``pg_wal_replay_resume()``)."""
-        self._require_replica("resume_replay")
-        self.execute("SELECT pg_wal_replay_resume()")
-
-    def promote(self) -> None:
-        """Promote this replica to a primary (``pg_ctl promote -w``)."""
-        self._require_replica("promote")
-        proc = self._pg_ctl("promote", "-w", "-t", "60", timeout=60)
-        if proc.returncode != 0:
-            raise ClusterError(self._describe_failure("was not promoted", proc))
-        self.is_replica = False
-        self.upstream = None
-        self._promoted = True
-        log.info("promoted %s to primary", self.name)
-
-    def wait_for_replay(self, lsn: str | None = None, timeout: float = 10.0) -> None:
-        """Wait until this replica has replayed ``lsn``.
-
-        :param lsn: target position; by default everything the upstream had
-          flushed when called (``pg_current_wal_flush_lsn()``; the insert position
-          under ``synchronous_commit=off``, so unflushed commits count). WAL that
-          is inserted but not flushed (e.g. page pruning by a SELECT) is not waited
-          for: it is not sent to replicas until the next flush.
-        :param timeout: seconds before :class:`ClusterError`.
-        """
-        upstream = self._require_replica("wait_for_replay")
-        target = lsn if lsn is not None else upstream._reachable_lsn()
-        done = "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn"
-        if not _process.wait_until(lambda: bool(self.execute(done, (target,))[0][0]), timeout):
-            replayed = self.execute("SELECT pg_last_wal_replay_lsn()")[0][0]
-            raise ClusterError(
-                f"{self.name}: replay reached {replayed}, not {target}, within {timeout}s "
-                f"(data dir {self.data_dir}; is replay paused?)"
-            )
-
-    def _reachable_lsn(self) -> str:
-        lsn, block = self.execute(
-            "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-            " WHEN current_setting('synchronous_commit') = 'off' THEN pg_current_wal_insert_lsn()"
-            " ELSE pg_current_wal_flush_lsn() END, current_setting('wal_block_size')::int"
-        )[0]
-        # A position just past a fresh page's header is the page boundary to a replica.
-        return format_lsn(reachable_position(lsn, block))
-
-    def wait_for_streaming(self, timeout: float = 30.0) -> None:
-        """Wait until the upstream's ``pg_stat_replication`` shows this replica streaming."""
-        upstream = self._require_replica("wait_for_streaming")
-        sql = (
-            "SELECT r.state FROM pg_replication_slots s"
-            " JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = %s"
-        )
-        last_error: list[str] = []
-
-        def streaming() -> bool:
-            if not self.is_running():
-                raise ClusterError(
-                    self._describe_failure("stopped while waiting for streaming", None)
-                )
-            try:
-                rows = upstream.execute(sql, (self.slot_name,))
-            except Exception as exc:  # upstream restarting: keep waiting
-                last_error[:] = [str(exc).strip()]
-                return False
-            return bool(rows) and rows[0][0] == "streaming"
-
-        if not _process.wait_until(streaming, timeout, interval=0.1):
-            why = f"; last error from {upstream.name}: {last_error[0]}" if last_error else ""
-            raise ClusterError(
-                self._describe_failure(
-                    f"is not streaming from {upstream.name} (slot {self.slot_name}) after {timeout:.0f}s{why}",
-                    None,
-                )
-            )
-
-    # SQL -------------------------------------------------------------------
-
-    def execute(
-        self,
-        sql: str,
-        params: Sequence[Any] | Mapping[str, Any] | None = None,
-        *,
-        database: str | None = None,
-    ) -> list[tuple[Any, ...]]:
-        """Run one statement on a short-lived autocommit connection; return its rows."""
-        conn = self._rt.connect(self.port, database or self._rt.database)
-        return _process.query(conn, sql, params)
-
-
-# --- PgBouncer --------------------------------------------------------------
-
-
-class PgBouncerNode:
-    """PgBouncer in front of the cluster's servers, run as our child process.
-
-    Database ``app`` (the cluster's database) reaches the primary; a database
-    named after a node (``shard0``, ``replica1``...) reaches that server.
-    """
-
-    def __init__(
-        self, *, port: int, mode: PoolMode, config_path: Path, program: str, runtime: _Runtime
-    ) -> None:
-        self.port = port
-        self.host = HOST
-        self.mode: PoolMode = mode
-        self.config_path = config_path
-        self._program = program
-        self._rt = runtime
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def __repr__(self) -> str:
-        return f"<PgBouncerNode {self.mode} {self.host}:{self.port} config={self.config_path}>"
-
-    @property
-    def log_file(self) -> Path:
-        return self.config_path.with_name("pgbouncer.log")
-
-    @property
-    def pidfile(self) -> Path:
-        return self.config_path.with_name("pgbouncer.pid")
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the running PgBouncer, or None."""
-        return self._proc.pid if self.is_running() and self._proc else None
-
-    def sa_url(self, driver: str = "psycopg2", *, database: str | None = None) -> URL:
-        """SQLAlchemy URL through PgBouncer; ``database`` is ``app`` or a node name."""
-        return self._rt.url(self.port, driver, database)
-
-    def url(self, driver: str = "psycopg2", *, database: str | None = None) -> str:
-        """URL string with the password through PgBouncer."""
-        return self.sa_url(driver, database=database).render_as_string(hide_password=False)
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> None:
-        """Start PgBouncer in the foreground as our child and wait until a query passes through it."""
-        if self.is_running():
-            return
-        offset = _process.file_size(self.log_file)
-        kwargs = self._rt.run_as.popen_kwargs() if self._rt.run_as else {}
-        with self.log_file.open("ab") as log_fh:
-            _process.chown_tree(self.log_file, self._rt.run_as)
-            try:
-                self._proc = subprocess.Popen(
-                    [self._program, str(self.config_path)],
-                    cwd=self.config_path.parent,
-                    env=_process.program_env(),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fh,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # a terminal's Ctrl-C reaches us, and we stop it
-                    **kwargs,
-                )
-            except OSError as exc:
-                raise ClusterError("pgbouncer: " + self._rt.cannot_run(self._program, exc)) from exc
-        last_error: list[str] = []
-
-        def answers() -> bool:
-            if self._proc is None or self._proc.poll() is not None:
-                raise ClusterError(self._describe_failure("exited during startup", offset))
-            try:
-                rows = _process.query(
-                    self._rt.connect(self.port, self._rt.database, timeout=2), "SELECT 1", None
-                )
-            except Exception as exc:
-                last_error[:] = [str(exc).strip()]
-                return False
-            return rows == [(1,)]
-
-        if not _process.wait_until(answers, timeout=15, interval=0.1):
-            self.kill()
-            why = last_error[0] if last_error else "no answer"
-            raise ClusterError(
-                self._describe_failure(f"did not answer SELECT 1 within 15s ({why})", offset)
-            )
-        log.debug("started pgbouncer (%s) on port %d", self.mode, self.port)
-
-    def stop(self) -> None:
-        """Stop PgBouncer (SIGTERM, then SIGKILL after 10 s)."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                log.warning("pgbouncer %d ignored SIGTERM for 10s; killing it", proc.pid)
-                proc.kill()
-                proc.wait(timeout=10)
-        self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL PgBouncer (a simulated crash)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def admin(self, command: str) -> list[tuple[Any, ...]]:
-        """Run an admin console command (``SHOW POOLS``, ``RELOAD``...) and return its rows."""
-        return _process.query(self._rt.connect(self.port, "pgbouncer"), command, None)
-
-    def _address_in_use(self, offset: int) -> bool:
-        return "Address already in use" in _process.tail(self.log_file, lines=50, since=offset)
-
-    def _describe_failure(self, what: str, offset: int = 0) -> str:
-        lines = _process.tail(self.log_file, since=offset) or "(log is empty)"
-        return (
-            f"pgbouncer: {what} (port {self.port}, config {self.config_path})\n"
-            f"last lines of {self.log_file}:\n{lines}"
-        )
 
 
 # --- the cluster ------------------------------------------------------------
@@ -974,10 +476,15 @@ class LocalCluster:
             "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (rt.user,)
         )[0][0]
         rt.write(
-            bouncer.config_path.with_name("userlist.txt"), f'"{_ini_quote(rt.user)}" "{verifier}"\n'
+            bouncer.config_path.with_name("userlist.txt"), bouncer.auth_file(rt.user, verifier)
         )
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            rt.write(bouncer.config_path, self._pgbouncer_ini(bouncer))
+            databases = {self.database: self.primary}
+            databases.update({node.name: node for node in self.nodes})
+            rt.write(
+                bouncer.config_path,
+                bouncer.config(databases, database=self.database, settings=self.pgbouncer_settings),
+            )
             offset = _process.file_size(bouncer.log_file)
             try:
                 bouncer.start()
@@ -986,34 +493,6 @@ class LocalCluster:
                 if attempt == _PORT_ATTEMPTS or not bouncer._address_in_use(offset):
                     raise
                 bouncer.port = _process.free_ports(1)[0]
-
-    def _pgbouncer_ini(self, bouncer: PgBouncerNode) -> str:
-        databases = {self.database: self.primary}
-        databases.update({node.name: node for node in self.nodes})
-        settings: dict[str, str | int] = {
-            "listen_addr": HOST,
-            "listen_port": bouncer.port,
-            "unix_socket_dir": "",
-            "auth_type": "scram-sha-256",
-            "auth_file": str(bouncer.config_path.with_name("userlist.txt")),
-            "admin_users": self.user,
-            "pool_mode": bouncer.mode,
-            "default_pool_size": 10,
-            "max_client_conn": 500,
-            "server_reset_query": "DISCARD ALL",
-            "ignore_startup_parameters": "extra_float_digits,options",
-            "server_login_retry": 1,  # a restarted server is usable again within a second
-            "pidfile": str(bouncer.pidfile),
-            **self.pgbouncer_settings,
-        }
-        lines = ["; written by sqlalchemy_scale.local", "[databases]"]
-        lines += [
-            f"{name} = host={HOST} port={node.port} dbname={self.database}"
-            for name, node in databases.items()
-        ]
-        lines += ["", "[pgbouncer]"]
-        lines += [f"{key} = {value}" for key, value in settings.items()]
-        return "\n".join(lines) + "\n"
 
     # stopping ----------------------------------------------------------
 
@@ -1060,10 +539,6 @@ class LocalCluster:
         else:
             (base / _OWNER_FILE).unlink(missing_ok=True)
         self.base_dir = None
-
-
-def _ini_quote(value: str) -> str:
-    return value.replace('"', '""')
 
 
 # --- leaked clusters, atexit and signals -------------------------------------

@@ -376,8 +376,7 @@ def _rule_from_info(info: Mapping[str, Any]) -> ShardRule | None:
     if "shard_key" in info:
         return ("key", str(info["shard_key"]))
     if "shard" in info:
-        shard = str(info["shard"])
-        return ("all", None) if shard == "all" else ("pinned", shard)
+        return _placed_on(info["shard"])
     return None
 
 
@@ -408,5 +407,10 @@ def rule_for_class(cls: type) -> ShardRule | None:
     if key is not None:
         return ("key", str(key))
     if shard is not None:
-        return ("all", None) if shard == "all" else ("pinned", str(shard))
+        return _placed_on(shard)
     return None
+
+
+def _placed_on(shard: object) -> ShardRule:
+    """The rule for ``__shard__``/``{"shard": ...}``: every shard (``"all"``) or one."""
+    return ("all", None) if str(shard) == "all" else ("pinned", str(shard))

@@ -52,7 +52,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.base import TwoPhaseTransaction
 from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
 
-from ..errors import CommitOutcomeUnknown, CrossShardWriteError, NodeUnavailableError
+from ..errors import CommitOutcomeUnknown, CrossShardWriteError, NodeUnavailableError, sqlstate
 
 __all__ = [
     "DECISION_TABLE",
@@ -365,13 +365,6 @@ def rollback_parts(parts: Sequence[Part]) -> None:
                 part.gid,
                 exc,
             )
-
-
-def sqlstate(exc: DBAPIError) -> str | None:
-    """The SQLSTATE of a driver error (psycopg2 ``pgcode``, psycopg 3 ``sqlstate``)."""
-    orig = exc.orig
-    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return str(code) if code else None
 
 
 # -- DirectorySharding.move ----------------------------------------------------------------------

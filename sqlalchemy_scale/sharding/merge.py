@@ -46,7 +46,6 @@ __all__ = [
     "merge_aggregates",
     "merge_ordered",
     "numeric_divide",
-    "partial_width",
     "sort_key",
     "sort_rows",
 ]
@@ -171,11 +170,6 @@ def merge_ordered(
 def sort_rows(rows: Iterable[R], keys: Sequence[SortKey]) -> list[R]:
     """Rows sorted as PostgreSQL would sort them by ``keys`` (stable)."""
     return sorted(rows, key=sort_key(keys))
-
-
-def partial_width(kind: AggregateKind) -> int:
-    """How many columns a shard returns for one aggregate (``avg`` needs sum and count)."""
-    return 2 if kind == "avg" else 1
 
 
 def _add(a: Any, b: Any) -> Any:

@@ -86,12 +86,9 @@ from .fanout import execute_exists, execute_fanout
 from .shapes import refuse
 from .strategies import ShardId
 
-__all__ = ["SHARDING_OPTIONS", "ShardedSession", "set_shard_id", "sharded_sessionmaker"]
+__all__ = ["ShardedSession", "set_shard_id", "sharded_sessionmaker"]
 
 log = logging.getLogger("sqlalchemy_scale.sharding")
-
-#: Execution options read by the sharded session, besides use_primary/use_replica.
-SHARDING_OPTIONS: Final = frozenset({"shard_key", "shard_id"})
 
 set_shard_id = horizontal_shard.set_shard_id
 

@@ -187,8 +187,6 @@ class RangeSharding:
         if any(not a < b for a, b in itertools.pairwise(closed)):
             raise ConfigurationError(f"RangeSharding bounds must be strictly ascending: {bounds}")
         self.bounds = bounds
-        self._low_open = bounds[0] is None
-        self._high_open = bounds[-1] is None
         self._inner = inner
 
     def validate(self, shard_ids: Sequence[ShardId]) -> None:
