@@ -139,7 +139,7 @@ def test_get_bind_decision(benchmark: Any, replica_set: ss.ReplicaSet) -> None:
 
     def decide() -> None:
         session.get_bind(clause=statement)
-        session._end_transaction()  # each decision starts afresh, as a new transaction would
+        session.router.end_transaction()  # each decision starts afresh, as a new transaction would
 
     benchmark(decide)
     session.close()

@@ -41,6 +41,7 @@ from .pooling import (
     preset_needs_guard,
     size_pools,
 )
+from .router import Router
 from .routing import RoutingSession, decide_role, routing_sessionmaker, use_primary
 from .sharding import (
     DirectorySharding,
@@ -91,6 +92,7 @@ __all__ = [
     "ReplicaWriteError",
     "Role",
     "RoundRobin",
+    "Router",
     "RoutingDecision",
     "RoutingSession",
     "ScaleError",

@@ -23,8 +23,8 @@ so applications write none. What it adds to horizontal_shard:
 * reads of a key no shard owns (a range gap, a directory miss) find nothing,
   and ``get()`` returns None, as one database would;
 * inside a shard that is a :class:`~sqlalchemy_scale.ReplicaSet`, reads and
-  writes are routed by :meth:`sqlalchemy_scale.RoutingSession.get_bind` itself
-  (one router per shard), so the rules are the same, not a copy;
+  writes are routed by a :class:`~sqlalchemy_scale.Router` per shard, the one
+  under RoutingSession, so the rules are the same, not a copy;
 * a transaction that writes to two shards commits with two-phase commit when
   the ShardSet allows it, else raises :class:`~sqlalchemy_scale.CrossShardWriteError`
   before the second shard is written;
@@ -49,7 +49,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from contextlib import ContextDecorator, ExitStack
 from typing import Any, Final
 
 from sqlalchemy import event, inspect
@@ -62,7 +61,6 @@ from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
-from ..consistency import _CONTEXT as _CAUSAL_CONTEXT
 from ..errors import (
     CommitOutcomeUnknown,
     ConfigurationError,
@@ -72,7 +70,8 @@ from ..errors import (
     ShardKeyError,
     render_url,
 )
-from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession, decide_role
+from ..router import ROUTING_OPTIONS, Router, use_primary
+from ..routing import CALL_OPTIONS
 from ..topology import Role
 from . import _two_phase as two_phase
 from ._pinning import Proof, prove, shards_for_statement
@@ -134,7 +133,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self.shard_set = shard_set
         self.default_role: Role = default_role
         self._written: dict[ShardId, Engine] = {}
-        self._routers: dict[ShardId, RoutingSession] = {}
+        self._routers: dict[ShardId, Router] = {}
         self._preparing = False
         super().__init__(
             shard_chooser=self._choose_shard,
@@ -273,10 +272,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
             kw["identity_token"] = owners[0]
         return super().get(entity, ident, **kw)
 
-    def use_primary(self) -> _PinShards:
+    def use_primary(self) -> use_primary:
         """Pin this session's statements to each shard's primary: ``with session.use_primary():``
-        (also a decorator of plain functions; ``ss.use_primary()`` pins every session)."""
-        return _PinShards(self)
+        (also a decorator of functions and coroutine functions; ``ss.use_primary()`` pins
+        every session). The same object as :meth:`RoutingSession.use_primary
+        <sqlalchemy_scale.RoutingSession.use_primary>`: every shard's router is pinned."""
+        return use_primary(self)
 
     # -- routing inside a shard -------------------------------------------------------------
 
@@ -293,10 +294,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """The engine for a statement: first the shard (``shard_id``, or the chooser),
         then the node inside it.
 
-        Inside the shard, :meth:`sqlalchemy_scale.RoutingSession.get_bind` decides,
-        with its precedence list, per shard: each shard has its own router (a
-        RoutingSession that never executes anything), so "the transaction has
-        written" and the transaction's replica are tracked per shard.
+        Inside the shard, the shard's :class:`~sqlalchemy_scale.Router` decides, with the
+        precedence list of :meth:`Router.decide <sqlalchemy_scale.Router.decide>`, as in a
+        RoutingSession: each shard has its own router, so "the transaction has written"
+        and the transaction's replica are tracked per shard. An application's causal
+        token does not steer reads inside a shard (it is a WAL position of one server).
 
         A write to a second shard raises :class:`CrossShardWriteError` unless the
         ShardSet allows two-phase commit.
@@ -306,7 +308,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance, clause=clause)
         assert shard_id is not None
-        if self._preparing and decide_role(clause, flushing=self._flushing)[1] in _LATE_WRITES:
+        router = self.router(shard_id)
+        flushing = self._flushing
+        if clause is None and not flushing:
+            # No statement (a bind lookup, connection()): the shard's primary, with no effect
+            # on routing state; connection() notes the write itself.
+            return router.replica_set.primary.engine
+        decision = router.decide(clause, flushing=flushing, call_options=kw.get(CALL_OPTIONS))
+        if self._preparing and decision[2] in _LATE_WRITES:
             # SQLAlchemy flushes again after every before_commit listener; by then the
             # shards may be committed, and rows flushed now would be rolled back at close.
             raise CrossShardWriteError(
@@ -315,23 +324,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 "sent. Flush it before commit() (a before_commit listener that adds objects "
                 "must call session.flush() itself)"
             )
-        router = self.router(shard_id)
-        router._flushing = self._flushing
-        had_written = router.has_written
-        # A causal token is a WAL position of one server; shards have their own WALs, so an
-        # application's token must not steer reads inside a shard.
-        causal = _CAUSAL_CONTEXT.set(None)
-        try:
-            engine = router.get_bind(mapper, clause=clause, **kw)
-        finally:
-            _CAUSAL_CONTEXT.reset(causal)
-        if router.has_written and not had_written:
-            try:
-                self._note_write(shard_id, self.shard_set.replica_set(shard_id).primary.engine)
-            except CrossShardWriteError:
-                # Nothing ran on this shard: a retried write must meet the same check.
-                router._has_written = False
-                raise
+        if decision[3] and not router.has_written:
+            # Refused before anything is recorded: a retried write meets the same check.
+            self._note_write(shard_id, router.replica_set.primary.engine)
+        engine = router.record(decision, clause, self).engine
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s", shard_id, render_url(engine.engine))
         return engine
@@ -356,16 +352,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
             engine = self.shard_set.replica_set(shard_id).primary.engine
             if conn.engine is engine:
                 self._note_write(shard_id, engine)
-                self.router(shard_id)._has_written = True  # the rest of it reads the primary
+                self.router(shard_id).record_connection(engine)  # the rest reads the primary
                 break
         return conn
 
-    def router(self, shard_id: ShardId) -> RoutingSession:
-        """The RoutingSession that routes this session's statements inside shard ``shard_id``."""
+    def router(self, shard_id: ShardId) -> Router:
+        """The :class:`~sqlalchemy_scale.Router` of this session's statements inside shard
+        ``shard_id``."""
         router = self._routers.get(shard_id)
         if router is None:
-            router = self._routers[shard_id] = RoutingSession(
-                replica_set=self.shard_set.replica_set(shard_id), default_role=self.default_role
+            router = self._routers[shard_id] = Router(
+                self.shard_set.replica_set(shard_id),
+                default_role=self.default_role,
+                owner=self,
+                follows_causal_context=False,
             )
         return router
 
@@ -385,24 +385,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._written = {}
         self._preparing = False
         for router in self._routers.values():
-            router._end_transaction()
-
-
-class _PinShards(ContextDecorator):
-    """``session.use_primary()`` of a ShardedSession: pins every shard's router."""
-
-    def __init__(self, session: ShardedSession) -> None:
-        self._session = session
-        self._stacks: list[ExitStack] = []
-
-    def __enter__(self) -> None:
-        stack = ExitStack()
-        for shard_id in self._session.shard_set.shard_ids:
-            stack.enter_context(self._session.router(shard_id).use_primary())
-        self._stacks.append(stack)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stacks.pop().close()
+            router.end_transaction()
 
 
 def _key_attr(mapper: Mapper[Any]) -> str:
@@ -449,7 +432,7 @@ def _bind_arguments(orm_context: ORMExecuteState, shard_id: ShardId) -> dict[str
     bind_arguments["shard_id"] = shard_id
     routing = _call_options(orm_context)
     if routing:
-        bind_arguments[_CALL_OPTIONS] = routing
+        bind_arguments[CALL_OPTIONS] = routing
     return bind_arguments
 
 
