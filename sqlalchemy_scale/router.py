@@ -39,6 +39,7 @@ from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 
+from ._sa import select_head
 from .consistency import CausalContext, current_causal_context
 from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import NodeUnavailableError, ReplicaWriteError
@@ -102,9 +103,10 @@ def decide_role(clause: ClauseElement | None, *, flushing: bool = False) -> tupl
     if getattr(clause, "is_select", False):
         if getattr(clause, "is_text", False):  # text().columns(): rows, but any SQL at all
             return "primary", "text"
-        if getattr(clause, "_for_update_arg", None) is not None:
+        locks, columns = select_head(clause)
+        if locks:
             return "primary", "locking read"
-        for column in getattr(clause, "_raw_columns", ()):
+        for column in columns:
             function = getattr(column, "element", column)  # through a label
             if isinstance(function, FunctionElement):
                 name = function.name.lower()
@@ -274,7 +276,10 @@ class Router:
         """
         role, kind = decide_role(clause, flushing=flushing)
         options = call_options
-        stmt_options: Mapping[str, Any] | None = getattr(clause, "_execution_options", None)
+        try:
+            stmt_options: Mapping[str, Any] | None = clause.get_execution_options()  # type: ignore[union-attr]
+        except AttributeError:  # None (a flush), or a clause that is not a statement
+            stmt_options = None
         if stmt_options:
             options = {**stmt_options, **options} if options else stmt_options
         # text() marked use_replica=True is the user's word that it only reads.

@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin, sessionmaker
 from sqlalchemy.sql.elements import ClauseElement
 
+from ._sa import is_flushing
 from .consistency import _COMMITTING, request_commit_position
 from .errors import ConfigurationError
 from .router import ROUTING_OPTIONS, Router, decide_role, use_primary
@@ -91,7 +92,8 @@ class RoutingSession(Session):
         self.router = Router(
             replica_set, default_role=default_role, causal_token=causal_token, owner=self
         )
-        self._primary_connection: Connection | None = None
+        #: The transaction's connection to the primary, once it has one.
+        self.primary_connection: Connection | None = None
         self._committing: Token[Any] | None = None
         # The transaction's replica connection, joined to the session in "rollback_only"
         # mode so that commit() never sends anything on it (see _replica_bind), and the
@@ -157,7 +159,7 @@ class RoutingSession(Session):
         if bind is not None:
             router.last_node = None  # not ours: a failure on it is not a replica's
             return bind
-        flushing = self._flushing
+        flushing = is_flushing(self)
         if clause is None and not flushing:
             # A bare get_bind() (session.connection(), pandas.read_sql(q, session.get_bind()))
             # names no statement: the primary, with no effect on routing state. connection()
@@ -235,7 +237,7 @@ class RoutingSession(Session):
             conn, self._replica_connection = self._replica_connection, None
             _end_read_only(conn, self._where(self.router.replica))
         self.router.end_transaction()
-        self._primary_connection = None
+        self.primary_connection = None
         self._replica_engine_used = False
 
     def rollback(self) -> None:
@@ -367,7 +369,7 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
         isinstance(session, RoutingSession)
         and connection.engine is session.replica_set.primary.engine
     ):
-        session._primary_connection = connection
+        session.primary_connection = connection
         if session.replica_set.read_your_writes != "off":
             request_commit_position(connection)
 
@@ -381,9 +383,9 @@ def _before_commit(session: Session) -> None:
     if (
         isinstance(session, RoutingSession)
         and session.get_nested_transaction() is None
-        and session._committing is None
+        and session._committing is None  # noqa: SLF001 (this module's class)
     ):
-        session._committing = _COMMITTING.set(session)
+        session._committing = _COMMITTING.set(session)  # noqa: SLF001 (this module's class)
 
 
 @event.listens_for(RoutingSession, "after_commit")
@@ -394,7 +396,7 @@ def _after_commit(session: Session) -> None:
         or session.get_nested_transaction() is not None
     ):
         return
-    position = session.replica_set.position_after_commit(session._primary_connection)
+    position = session.replica_set.position_after_commit(session.primary_connection)
     if position is not None:
         session.replica_set.note_primary_position(position)
         session.router.record_commit(position)
@@ -403,10 +405,11 @@ def _after_commit(session: Session) -> None:
 @event.listens_for(RoutingSession, "after_transaction_end")
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None and isinstance(session, RoutingSession):
-        session._end_transaction()
-        if session._committing is not None:
-            _COMMITTING.reset(session._committing)
-            session._committing = None
+        session._end_transaction()  # noqa: SLF001 (this module's class)
+        committing = session._committing  # noqa: SLF001
+        if committing is not None:
+            _COMMITTING.reset(committing)
+            session._committing = None  # noqa: SLF001
 
 
 def routing_sessionmaker(

@@ -61,6 +61,14 @@ from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
+from .._sa import (
+    dml_values,
+    identity_token_option,
+    is_flushing,
+    non_compile_orm_options,
+    on_conflict_clause,
+    transaction_connection,
+)
 from ..errors import (
     CommitOutcomeUnknown,
     ConfigurationError,
@@ -309,7 +317,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             shard_id = self._choose_shard_and_assign(mapper, instance, clause=clause)
         assert shard_id is not None
         router = self.router(shard_id)
-        flushing = self._flushing
+        flushing = is_flushing(self)
         if clause is None and not flushing:
             # No statement (a bind lookup, connection()): the shard's primary, with no effect
             # on routing state; connection() notes the write itself.
@@ -408,7 +416,7 @@ def _call_options(orm_context: ORMExecuteState) -> dict[str, Any]:
 
 
 def _explicit_shard(orm_context: ORMExecuteState) -> ShardId | None:
-    for option in orm_context._non_compile_orm_options:
+    for option in non_compile_orm_options(orm_context):
         if isinstance(option, horizontal_shard.set_shard_id):
             return str(option.shard_id)
     active: Any = None
@@ -416,8 +424,8 @@ def _explicit_shard(orm_context: ORMExecuteState) -> ShardId | None:
         active = orm_context.load_options
     elif orm_context.is_update or orm_context.is_delete:
         active = orm_context.update_delete_options
-    if active is not None and active._identity_token is not None:
-        return str(active._identity_token)
+    if active is not None and identity_token_option(active) is not None:
+        return str(identity_token_option(active))
     options = orm_context.execution_options
     for name in ("_sa_shard_id", "shard_id"):
         if options.get(name) is not None:
@@ -461,11 +469,11 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     if orm_context.is_insert:
         shard_ids = _insert_shards(session, orm_context)
         if len(shard_ids) > 1:
-            proof = session._prove(orm_context)
+            proof = session._prove(orm_context)  # noqa: SLF001 (this module's class)
         else:  # its subqueries must read only the rows' shard
             proof = prove(statement, session.shard_set, None, rows_on=shard_ids)
     else:
-        proof = session._prove(orm_context)  # raises before anything runs
+        proof = session._prove(orm_context)  # noqa: SLF001 (this module's class): raises before anything runs
     if proof.count_of is not None:
         return _count_merged_rows(orm_context, proof.count_of)
     shard_ids = proof.shards
@@ -554,12 +562,12 @@ def _refuse_shard_key_change(session: ShardedSession, orm_context: ORMExecuteSta
         names.add(_key_attr(mapper))
     sets: list[Any] = []
     if orm_context.is_update:
-        sets += list(stmt._values or ())
+        sets += list(dml_values(stmt) or ())
         params = orm_context.parameters
         rows = [params] if isinstance(params, Mapping) else list(params or [])
-        if not stmt._values and not column.primary_key:  # SET taken from the parameters
+        if not dml_values(stmt) and not column.primary_key:  # SET taken from the parameters
             sets += [k for row in rows for k in row]
-    on_conflict = getattr(stmt, "_post_values_clause", None)
+    on_conflict = on_conflict_clause(stmt)
     sets += list(getattr(on_conflict, "update_values_to_set", None) or ())
     for key in sets:
         if {getattr(key, "key", key), getattr(key, "name", key)} & names:
@@ -581,7 +589,7 @@ def _insert_shards(session: ShardedSession, orm_context: ORMExecuteState) -> lis
     table = stmt.table
     rule = session.shard_set.rule_for(table)
     if rule is None or rule[0] != "key":
-        return session._choose_execute_shards(orm_context)
+        return session._choose_execute_shards(orm_context)  # noqa: SLF001 (this module's class)
     column = rule[1]
     params = orm_context.parameters
     rows: list[Mapping[str, Any]] = (
@@ -590,7 +598,7 @@ def _insert_shards(session: ShardedSession, orm_context: ORMExecuteState) -> lis
     if not rows:  # insert(...).values(...): the values are in the statement
         values = {
             str(getattr(key, "key", key)): getattr(value, "effective_value", value)
-            for key, value in (getattr(stmt, "_values", None) or {}).items()
+            for key, value in (dml_values(stmt) or {}).items()
         }
         rows = [values]
     shards = set()
@@ -697,13 +705,13 @@ def _copy_to_other_shards(
 def _before_commit(session: Session) -> None:
     if not isinstance(session, ShardedSession):
         return
-    transaction = session._transaction
+    transaction = session.get_transaction()
     if transaction is None or transaction.nested or transaction.parent is not None:
         return
     session.flush()  # the last flush may write to another shard: decide after it
     # From here writes are refused (get_bind): SQLAlchemy flushes again after this listener.
-    session._preparing = True
-    if len(session._written) < 2:
+    session._preparing = True  # noqa: SLF001 (this module's class)
+    if len(session._written) < 2:  # noqa: SLF001 (this module's class)
         return
     if not session.shard_set.two_phase:  # get_bind refuses earlier; this is the safety net
         raise CrossShardWriteError(
@@ -726,22 +734,22 @@ def _commit_two_phase(session: ShardedSession, transaction: SessionTransaction) 
     txid = two_phase.new_txid()
     parts: list[two_phase.Part] = []
     for shard_id in session.written_shards:
-        entry = transaction._connections.get(session._written[shard_id])
-        if entry is None:
+        connection = transaction_connection(transaction, session._written[shard_id])  # noqa: SLF001
+        if connection is None:
             continue
         engine = shard_set.replica_set(shard_id).primary.engine
         part = two_phase.Part(shard_id, engine, two_phase.gid_for(txid, shard_id))
         try:
-            two_phase.prepare(entry[0], part.gid)
+            two_phase.prepare(connection, part.gid)
         except BaseException:
             # Nothing is decided: roll back what was prepared (and this part, in case its
             # PREPARE ran before the error); the session rolls back the rest.
             two_phase.rollback_parts([*parts, part])
             raise
         parts.append(part)
-        two_phase._step(f"prepared:{shard_id}")
+        two_phase.step(f"prepared:{shard_id}")
     log.debug("prepared two-phase commit %s on shards %s", txid, session.written_shards)
-    two_phase._step("prepared")
+    two_phase.step("prepared")
     _decide_and_commit(shard_set, txid, parts)
 
 
@@ -758,7 +766,7 @@ def _decide_and_commit(shard_set: ShardSet, txid: str, parts: list[two_phase.Par
         raise
     # Any other error (CommitOutcomeUnknown, an interrupt) leaves the parts prepared: recovery
     # commits them if the 'commit' record exists and rolls them back if it does not.
-    two_phase._step("decided")
+    two_phase.step("decided")
     try:
         two_phase.commit_parts(parts)
     except CommitOutcomeUnknown as exc:
@@ -770,7 +778,7 @@ def _decide_and_commit(shard_set: ShardSet, txid: str, parts: list[two_phase.Par
 @event.listens_for(ShardedSession, "after_transaction_end")
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None and isinstance(session, ShardedSession):
-        session._end_transaction()
+        session._end_transaction()  # noqa: SLF001 (this module's class)
 
 
 def sharded_sessionmaker(
