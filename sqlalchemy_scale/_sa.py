@@ -19,7 +19,8 @@ or anything with a public spelling.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Connection, CursorResult, Engine, Result, TwoPhaseTransaction
@@ -51,6 +52,7 @@ __all__ = [
     "row_getter",
     "select_clauses",
     "select_head",
+    "select_head_of",
     "transaction_connection",
     "type_affinity",
     "with_identity_token",
@@ -59,14 +61,19 @@ __all__ = [
 # -- statements -------------------------------------------------------------------------------
 
 
-def select_head(statement: Any) -> tuple[bool, Sequence[Any]]:
-    """Whether a SELECT locks rows (``FOR UPDATE/SHARE``) and its columns as written
-    (functions and labels unexpanded). Anything else: ``(False, ())``. Per statement:
-    one function for both."""
-    return (
-        getattr(statement, "_for_update_arg", None) is not None,
-        getattr(statement, "_raw_columns", ()),
-    )
+#: ``(for_update, columns)`` of a ``Select``: its ``FOR UPDATE/SHARE`` clause (None: it
+#: locks nothing) and its columns as written (functions and labels unexpanded).
+#: AttributeError for other statements (use :func:`select_head_of`). A C-level getter:
+#: routing calls it for every SELECT.
+select_head: Callable[[Any], tuple[Any, Sequence[Any]]] = operator.attrgetter(
+    "_for_update_arg", "_raw_columns"
+)
+
+
+def select_head_of(statement: Any) -> tuple[Any, Sequence[Any]]:
+    """:data:`select_head` of any statement: ``(None, ())`` for what has neither (a
+    ``CompoundSelect`` has a ``FOR UPDATE`` clause but no columns of its own)."""
+    return getattr(statement, "_for_update_arg", None), getattr(statement, "_raw_columns", ())
 
 
 def select_clauses(statement: Any) -> dict[str, Any]:
@@ -184,11 +191,10 @@ def autoflush(session: Session) -> None:
     session._autoflush()
 
 
-def is_flushing(session: Session) -> bool:
-    """Whether ``session`` is flushing: ``flush()`` and the bulk methods
-    (``bulk_save_objects()``, ``bulk_insert_mappings()``, ...), whose bind lookups name no
-    statement. (Flush events would miss the bulk methods, which emit none.)"""
-    return session._flushing
+#: Whether a Session is flushing: ``flush()`` and the bulk methods (``bulk_save_objects()``,
+#: ``bulk_insert_mappings()``, ...), whose bind lookups name no statement. (Flush events
+#: would miss the bulk methods, which emit none.) A C-level getter: read per statement.
+is_flushing: Callable[[Session], bool] = operator.attrgetter("_flushing")
 
 
 def transaction_connection(transaction: SessionTransaction, engine: Engine) -> Connection | None:

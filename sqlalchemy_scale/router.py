@@ -39,7 +39,7 @@ from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 
-from ._sa import select_head
+from ._sa import select_head, select_head_of
 from .consistency import CausalContext, current_causal_context
 from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import NodeUnavailableError, ReplicaWriteError
@@ -86,7 +86,7 @@ _WRITING_FUNCTIONS: Final = frozenset(
 _DOWN_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
 
 
-def decide_role(clause: ClauseElement | None, *, flushing: bool = False) -> tuple[Role, str]:
+def decide_role(clause: ClauseElement | None, flushing: bool = False) -> tuple[Role, str]:
     """Return the role a statement needs by its kind alone, and the reason.
 
     Flushes, INSERT/UPDATE/DELETE, DDL, ``SELECT ... FOR UPDATE/SHARE``, SELECTs of
@@ -103,8 +103,11 @@ def decide_role(clause: ClauseElement | None, *, flushing: bool = False) -> tupl
     if getattr(clause, "is_select", False):
         if getattr(clause, "is_text", False):  # text().columns(): rows, but any SQL at all
             return "primary", "text"
-        locks, columns = select_head(clause)
-        if locks:
+        try:
+            for_update, columns = select_head(clause)
+        except AttributeError:  # a compound SELECT
+            for_update, columns = select_head_of(clause)
+        if for_update is not None:
             return "primary", "locking read"
         for column in columns:
             function = getattr(column, "element", column)  # through a label
@@ -246,7 +249,6 @@ class Router:
     def decide(
         self,
         clause: ClauseElement | None,
-        *,
         flushing: bool = False,
         call_options: Mapping[str, Any] | None = None,
     ) -> Decision:
@@ -274,7 +276,7 @@ class Router:
         :class:`~sqlalchemy_scale.ReplicaWriteError` for ``use_replica=True`` on a
         statement that writes.
         """
-        role, kind = decide_role(clause, flushing=flushing)
+        role, kind = decide_role(clause, flushing)
         options = call_options
         try:
             stmt_options: Mapping[str, Any] | None = clause.get_execution_options()  # type: ignore[union-attr]

@@ -165,7 +165,9 @@ class RoutingSession(Session):
             # names no statement: the primary, with no effect on routing state. connection()
             # pins the transaction itself, since it hands out something to write through.
             return self.replica_set.primary.engine
-        decision = router.decide(clause, flushing=flushing, call_options=kw.get(CALL_OPTIONS))
+        decision = router.decide(
+            clause, flushing, kw.get(CALL_OPTIONS)
+        )  # positional: per statement
         if not (self._executing or flushing or self._connecting or self.in_transaction()):
             # Asked outside any transaction and not to run a statement of ours (a user's
             # get_bind(clause=...)): where it would go, leaving the next transaction alone.

@@ -96,10 +96,19 @@ def _orm_state(engine: Engine, statement: Any) -> dict[str, Any]:
 
 
 def check_select_head(engine: Engine) -> None:
-    assert _sa.select_head(select(t)) == (False, [t])
-    locks, columns = _sa.select_head(select(func.nextval("s"), t.c.id).with_for_update())
-    assert locks and len(columns) == 2 and columns[1] is t.c.id
-    assert _sa.select_head(insert(t)) == (False, ())
+    assert _sa.select_head(select(t)) == (None, [t])
+    for_update, columns = _sa.select_head(select(func.nextval("s"), t.c.id).with_for_update())
+    assert for_update is not None and len(columns) == 2 and columns[1] is t.c.id
+    with pytest.raises(AttributeError):
+        _sa.select_head(insert(t))
+
+
+def check_select_head_of(engine: Engine) -> None:
+    union = select(t).union_all(select(t)).with_for_update()
+    for_update, columns = _sa.select_head_of(union)
+    assert for_update is not None and columns == ()
+    assert _sa.select_head_of(insert(t)) == (None, ())
+    assert _sa.select_head_of(select(t))[1] == [t]
 
 
 def check_select_clauses(engine: Engine) -> None:
