@@ -321,11 +321,24 @@ class Router:
         if role == "primary":
             node = replica_set.primary
             node.count()
-        elif self.replica is not None:  # the transaction's reads stay on one node
-            node = self.replica
+        elif (replica := self.replica) is not None:  # the transaction's reads stay on one
+            node = replica
             node.count()
-        else:
-            node = self.replica = self._first_read_node()
+        else:  # the transaction's first read (inline: this runs for most transactions)
+            position = self.causal_position()
+            if position is not None:
+                position = self._capped(position)
+            chosen = replica_set.choose_replica(position)
+            if chosen is None:
+                # The rest of this transaction reads from the primary too: no second
+                # choice (and no second wait for a caught-up replica) per statement.
+                self.fallback_reason = fallback_reason(replica_set, position)
+                node = replica_set.primary
+                node.count(fallback=True)
+            else:
+                node = chosen
+                node.count()
+            self.replica = node
         self.statements += 1
         self.last_node = node
         listeners = replica_set.decision_listeners
@@ -338,22 +351,6 @@ class Router:
                     listeners,
                     RoutingDecision(session, replica_set, node, reason, kind, statement),
                 )
-        return node
-
-    def _first_read_node(self) -> Node:
-        replica_set = self.replica_set
-        position = self.causal_position()
-        if position is not None:
-            position = self._capped(position)
-        node = replica_set.choose_replica(position)
-        if node is None:
-            # The rest of this transaction reads from the primary too: no second choice
-            # (and no second wait for a caught-up replica) per statement.
-            self.fallback_reason = fallback_reason(replica_set, position)
-            node = replica_set.primary
-            node.count(fallback=True)
-            return node
-        node.count()
         return node
 
     def peek(self, decision: Decision) -> Node:
