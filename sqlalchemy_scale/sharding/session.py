@@ -302,6 +302,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """The engine for a statement: first the shard (``shard_id``, or the chooser),
         then the node inside it.
 
+        The shard precedence; the first rule that applies decides:
+
+        1. explicit shard id: ``set_shard_id(...)``, ``Query.set_shard()``,
+           ``execution_options(shard_id=...)`` or ``bind_arguments={"shard_id": ...}``;
+        2. ``execution_options(shard_key=v)`` (and ``session.get(..., shard_key=v)``):
+           the shard owning ``v``;
+        3. instance: an object being flushed goes to its shard key's shard;
+        4. WHERE pruning: ``==``/``IN`` on the shard key narrow the shards;
+        5. fan-out: every shard, concurrently, merged into one answer, or refused
+           before anything runs when the merge would not be exact.
+
         Inside the shard, the shard's :class:`~sqlalchemy_scale.Router` decides, with the
         precedence list of :meth:`Router.decide <sqlalchemy_scale.Router.decide>`, as in a
         RoutingSession: each shard has its own router, so "the transaction has written"
