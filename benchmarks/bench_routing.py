@@ -190,10 +190,13 @@ def test_get_bind_decision(benchmark: Any, replica_set: ss.ReplicaSet) -> None:
     """One routing decision for a SELECT, without I/O."""
     session = ss.RoutingSession(replica_set=replica_set)
     statement = select(Account).where(Account.id == 5)
+    # Inside a transaction (which connects nothing until a statement runs): a statement's
+    # decision is recorded; outside one, get_bind() only says where it would go.
+    session.begin()
 
     def decide() -> None:
         session.get_bind(clause=statement)
-        session._end_transaction()  # each decision starts afresh, as a new transaction would
+        session.router.end_transaction()  # each decision starts afresh, as a new transaction would
 
     benchmark(decide)
     session.close()

@@ -42,6 +42,7 @@ from .pooling import (
     preset_needs_guard,
     size_pools,
 )
+from .router import Router
 from .routing import RoutingSession, decide_role, routing_sessionmaker, use_primary
 from .sharding import (
     DirectorySharding,
@@ -93,6 +94,7 @@ __all__ = [
     "ReplicaWriteError",
     "Role",
     "RoundRobin",
+    "Router",
     "RoutingDecision",
     "RoutingSession",
     "ScaleError",

@@ -119,14 +119,14 @@ def install_process_position(engine: Engine) -> ProcessPosition:
         executemany: bool,
     ) -> None:
         if _writes(context, decide_role):
-            tracker._mark(conn.connection.dbapi_connection)
+            tracker._mark(conn.connection.dbapi_connection)  # noqa: SLF001 (this module's class)
 
     def on_rollback(conn: Connection) -> None:
         if not conn.invalidated:
-            tracker._forget(conn.connection.dbapi_connection)
+            tracker._forget(conn.connection.dbapi_connection)  # noqa: SLF001 (this module's class)
 
     def on_reset(dbapi_connection: Any, record: Any, reset_state: Any) -> None:
-        tracker._forget(dbapi_connection)
+        tracker._forget(dbapi_connection)  # noqa: SLF001 (this module's class)
 
     event.listen(engine, "before_cursor_execute", before_cursor_execute)
     event.listen(engine, "rollback", on_rollback)
@@ -139,7 +139,7 @@ def install_process_position(engine: Engine) -> ProcessPosition:
     def do_commit_and_track(connection: Any) -> None:
         do_commit(connection)
         # SQLAlchemy passes the pool's proxy; the bookkeeping is by DBAPI connection.
-        tracker._after_commit(getattr(connection, "dbapi_connection", connection))
+        tracker._after_commit(getattr(connection, "dbapi_connection", connection))  # noqa: SLF001 (this module's class)
 
     dialect.do_commit = do_commit_and_track
     return tracker

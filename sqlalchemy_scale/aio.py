@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from .errors import ConfigurationError
 from .routing import RoutingSession, use_primary
 from .sharding._shard_set import ShardSet
-from .sharding.session import ShardedSession, _PinShards
+from .sharding.session import ShardedSession
 from .sharding.strategies import ShardId
 from .topology import ReplicaSet, Role
 
@@ -160,7 +160,7 @@ class AsyncShardedSession(AsyncSession):
         """The shards the current transaction has written to."""
         return self.sync_session.written_shards
 
-    def use_primary(self) -> _PinShards:
+    def use_primary(self) -> use_primary:
         """Pin this session's reads to each shard's primary (a ``with`` block or decorator)."""
         return self.sync_session.use_primary()
 

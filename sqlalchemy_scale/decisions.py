@@ -1,6 +1,7 @@
 """Routing you can watch: a listener per routing decision, and the reasons it is given.
 
-Every statement a :class:`~sqlalchemy_scale.RoutingSession` routes produces one
+Every statement a :class:`~sqlalchemy_scale.Router` routes (for a routing or a
+sharded session) produces one
 :class:`RoutingDecision`: the session, the node chosen, the reason (``"read"``,
 ``"flush"``, ``"use_primary block"``, ``"transaction has written"``,
 ``"fallback: no replica at 0/16B3748"``, ...) and the statement's kind as
@@ -51,8 +52,7 @@ class RoutingDecision:
     .. versionadded:: 0.1
     """
 
-    #: The session that routed the statement (in a sharded session: the RoutingSession
-    #: that routes inside this shard).
+    #: The session that routed the statement (a RoutingSession or a ShardedSession).
     session: Session
     #: The replica set it was routed within (a shard's, for a sharded session).
     replica_set: ReplicaSet

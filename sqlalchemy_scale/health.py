@@ -616,8 +616,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _reinit_monitors_after_fork() -> None:
-    for monitor in list(HealthMonitor._instances):
-        monitor._after_fork_in_child()
+    for monitor in list(HealthMonitor._instances):  # noqa: SLF001 (this module's class)
+        monitor._after_fork_in_child()  # noqa: SLF001
 
 
 if hasattr(os, "register_at_fork"):

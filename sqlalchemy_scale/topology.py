@@ -625,6 +625,11 @@ class ReplicaSet:
         if position > self._primary_position:
             self._primary_position = position
 
+    def quiet_fallback(self) -> None:
+        """Log no WARNING when reads fall back to the primary: for a replica set without
+        replicas by design (a shard)."""
+        self._fallback_logged = True
+
     def check_causal_position(self, position: int) -> int:
         """``position`` if the primary may have reached it; else the primary's own position.
 
@@ -864,9 +869,6 @@ def _reset_read_only(dbapi_connection: Any, record: Any) -> None:
         dialect.set_readonly(dbapi_connection, None)
 
 
-# routing.py imports the SQLSTATE lookup from here; the one copy is errors.sqlstate.
-_sqlstate = sqlstate
-
 _REPLICA_SETS: weakref.WeakSet[ReplicaSet] = weakref.WeakSet()
 
 
@@ -874,9 +876,9 @@ def _after_fork_in_child() -> None:
     # A forked child must not share the parent's sockets: drop (without closing) the pooled
     # connections of every engine we created, as SQLAlchemy advises for os.fork().
     for replica_set in list(_REPLICA_SETS):
-        replica_set._state_lock = threading.Lock()
+        replica_set._state_lock = threading.Lock()  # noqa: SLF001 (this module's classes)
         for node in replica_set.nodes:
-            node._lock = threading.Lock()
+            node._lock = threading.Lock()  # noqa: SLF001
             if node.owns_engine:
                 node.engine.dispose(close=False)
 

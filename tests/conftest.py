@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import sqlalchemy_scale as ss
-from sqlalchemy_scale import routing
 from sqlalchemy_scale.local import LocalCluster, PgNode
+from sqlalchemy_scale.router import pinned
 
 DRIVERS = ("psycopg2", "psycopg")
 
@@ -34,9 +34,9 @@ def driver() -> str:
 @pytest.fixture(autouse=True)
 def _no_leftover_pins() -> Iterator[None]:
     """Every test starts and ends with no use_primary() pin in its context."""
-    assert routing._PINS.get() == ()
+    assert pinned() == ()
     yield
-    assert routing._PINS.get() == ()
+    assert pinned() == ()
 
 
 @pytest.fixture

@@ -21,11 +21,13 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    column,
     create_engine,
     delete,
     func,
     insert,
     select,
+    table,
     text,
     update,
 )
@@ -606,6 +608,22 @@ def test_a_bare_get_bind_does_not_pin_the_next_transaction(
         assert session.execute(WHERE).one()[0] in replica_ports
         assert session.connection().execute(WHERE).one()[0] == primary
         assert session.has_written  # connection() may be written through: pinned
+
+
+def test_get_bind_of_a_write_outside_a_transaction_leaves_the_next_reads_on_a_replica(
+    cluster: LocalCluster,
+    Session: sessionmaker,
+) -> None:
+    """session.get_bind(clause=insert(...)) outside any transaction names the primary but
+    marks nothing written: the next transaction's reads still go to a replica (issue 9)."""
+    primary, replica_ports = ports(cluster)
+    with Session() as session:
+        engine = session.get_bind(clause=insert(table("t", column("id"))).values(id=1))
+        with engine.connect() as conn:
+            assert conn.execute(WHERE).one()[0] == primary
+        assert not session.has_written
+        assert session.execute(WHERE).one()[0] in replica_ports
+        assert not session.has_written
 
 
 def test_savepoints_are_not_commits(

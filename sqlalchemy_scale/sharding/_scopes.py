@@ -31,6 +31,15 @@ from sqlalchemy.dialects.postgresql.base import PGCompiler
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Select
 
+from .._sa import (
+    deannotate,
+    extra_froms,
+    is_orm_statement,
+    limit_offset,
+    select_clauses,
+    type_affinity,
+)
+
 __all__ = [
     "Scope",
     "SelectParts",
@@ -83,7 +92,7 @@ class _RecordingCompiler(PGCompiler):
         if scope is None and isinstance(enclosing, CompoundSelect | UpdateBase):
             froms: list[FromClause] = []
             if isinstance(enclosing, UpdateBase):
-                froms = [enclosing.table, *getattr(enclosing, "_extra_froms", ())]
+                froms = [enclosing.table, *extra_froms(enclosing)]
             parent = self._parent_scope(self.stack[-2]) if len(self.stack) > 1 else None
             scope = Scope(enclosing, enclosing, froms, parent)
             if parent is not None:
@@ -131,7 +140,7 @@ def scopes_of(statement: Any) -> Scope:
     roots = [s for s in compiler.scopes if s.parent is None]
     if isinstance(statement, UpdateBase) and not roots:
         # DML without subqueries records nothing; with them, _parent_scope made the top scope.
-        froms = [statement.table, *getattr(statement, "_extra_froms", ())]
+        froms = [statement.table, *extra_froms(statement)]
         roots = [Scope(statement, statement, froms, None)]
     if not roots:
         raise AssertionError(f"no SELECT was compiled for {type(statement).__name__}")
@@ -173,52 +182,26 @@ class SelectParts:
 
 def select_parts(statement: Select[Any]) -> SelectParts:
     """The clauses of ``statement`` the planner reads."""
-    return SelectParts(
-        columns=tuple(statement._raw_columns),
-        distinct=bool(statement._distinct or statement._distinct_on),
-        distinct_on=bool(statement._distinct_on)
-        or "DistinctOn" in type(statement._pre_columns_clause).__name__,
-        extensions=tuple(
-            part
-            for part in (
-                *statement._prefixes,
-                *statement._suffixes,
-                *statement._hints.items(),
-                *statement._statement_hints,
-                statement._pre_columns_clause,
-                statement._post_select_clause,
-                statement._post_criteria_clause,
-                statement._post_body_clause,
-            )
-            if part is not None
-        ),
-        group_by=tuple(statement._group_by_clauses),
-        having=tuple(statement._having_criteria),
-        order_by=tuple(statement._order_by_clauses),
-        limit=statement._limit_clause,
-        offset=statement._offset_clause,
-        fetch=statement._fetch_clause,
-        for_update=statement._for_update_arg is not None,
-    )
+    return SelectParts(**select_clauses(statement))
 
 
 def int_limit_offset(statement: Select[Any]) -> tuple[int | None, int | None]:
     """LIMIT and OFFSET as integers; CompileError when they are not plain integers."""
-    return statement._limit, statement._offset
+    return limit_offset(statement)
 
 
 def deannotated(element: Any) -> Any:
     """The element without the ORM's annotations (an ORM statement holds annotated copies of
     its tables; identity comparisons need the originals)."""
-    return element._deannotate()
+    return deannotate(element)
 
 
 def same_type_affinity(a: Any, b: Any) -> bool:
     """Whether two expressions have types of the same family (Integer and BigInteger: yes;
     Integer and String: no)."""
-    return bool(a.type._type_affinity is b.type._type_affinity)
+    return bool(type_affinity(a.type) is type_affinity(b.type))
 
 
 def is_orm(statement: Any) -> bool:
     """Whether the ORM compiles ``statement`` (it names mapped entities or attributes)."""
-    return statement._propagate_attrs.get("compile_state_plugin") == "orm"  # type: ignore[no-any-return]
+    return is_orm_statement(statement)

@@ -17,6 +17,7 @@ from sqlalchemy import Table
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.elements import ColumnElement
 
+from .._sa import deannotate, mapped_registries
 from ..errors import ConfigurationError, ShardKeyError
 from ..topology import EngineTarget, ReplicaSet
 from ._stored_key import stored_key
@@ -98,7 +99,7 @@ class ShardSet:
                 # A shard without replicas reads from its primary by design: not a degraded
                 # state worth a WARNING per shard at its first read (which a ReplicaSet logs
                 # when it has no usable replica).
-                replica_set._fallback_logged = True
+                replica_set.quiet_fallback()
         owners: dict[int, ShardId] = {}
         for shard_id, replica_set in self._sets.items():
             other = owners.setdefault(id(replica_set.primary.engine), shard_id)
@@ -218,16 +219,14 @@ class ShardSet:
     def rule_for(self, table: Table) -> ShardRule | None:
         """How ``table`` is placed, from its model's ``__shard_key__``/``__shard__`` or
         ``Table.info`` (``{"shard_key": ...}`` or ``{"shard": ...}``); None if undeclared."""
-        table = table._deannotate()  # ORM statements hold annotated copies
+        table = deannotate(table)  # ORM statements hold annotated copies
         try:
             return self._rules[table]
         except KeyError:
             pass
         rule = _rule_from_info(table.info)
         if rule is None:
-            from sqlalchemy.orm import mapperlib
-
-            for registry in list(mapperlib._all_registries()):
+            for registry in mapped_registries():
                 for mapper in list(registry.mappers):
                     if mapper.local_table is table:
                         rule = rule_for_mapper(mapper)

@@ -52,6 +52,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.base import TwoPhaseTransaction
 from sqlalchemy.exc import DBAPIError, IntegrityError, ProgrammingError
 
+from .._sa import keep_prepared
 from ..errors import CommitOutcomeUnknown, CrossShardWriteError, NodeUnavailableError, sqlstate
 
 __all__ = [
@@ -109,7 +110,8 @@ _FORGET_MAX: Final = 1000
 _step_hook: Callable[[str], None] | None = None
 
 
-def _step(name: str) -> None:
+def step(name: str) -> None:
+    """A protocol step completed: tell the fault tests' hook, if any."""
     if _step_hook is not None:
         _step_hook(name)
 
@@ -334,7 +336,7 @@ def commit_parts(parts: Sequence[Part]) -> None:
     for part in parts:
         try:
             finish(part.engine, part.gid, "commit")
-            _step(f"committed:{part.shard_id}")
+            step(f"committed:{part.shard_id}")
         except Exception as exc:
             failed.append((part, exc))
     if failed:
@@ -387,7 +389,7 @@ def commit_prepared(
                 on_commit(trans)
         except Exception as exc:
             # Keep the prepared transaction for recovery: cleanup must not roll it back.
-            trans._is_prepared = False
+            keep_prepared(trans)
             failed.append((name, str(trans.xid), exc))
     if failed:
         names = {f[0] for f in failed}

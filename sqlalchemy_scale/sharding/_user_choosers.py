@@ -42,6 +42,7 @@ from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.orm import ORMExecuteState, SessionTransaction
 from sqlalchemy.pool import SingletonThreadPool
 
+from .. import _sa
 from ._best_effort import commit_shards
 from .fanout import run_concurrently
 
@@ -66,7 +67,7 @@ def _shared_executor() -> ThreadPoolExecutor:
 def explicit_shard(orm_context: ORMExecuteState) -> Any:
     """The shard a statement names itself, in horizontal_shard's order: ``set_shard_id``,
     an identity token, ``Query.set_shard()``, ``bind_arguments={"shard_id": ...}``."""
-    for option in orm_context._non_compile_orm_options:
+    for option in _sa.non_compile_orm_options(orm_context):
         if isinstance(option, horizontal_shard.set_shard_id):
             return option.shard_id
     active: Any = None
@@ -74,8 +75,8 @@ def explicit_shard(orm_context: ORMExecuteState) -> Any:
         active = orm_context.load_options
     elif orm_context.is_update or orm_context.is_delete:
         active = orm_context.update_delete_options
-    if active is not None and active._identity_token is not None:
-        return active._identity_token
+    if active is not None and _sa.identity_token_option(active) is not None:
+        return _sa.identity_token_option(active)
     if "_sa_shard_id" in orm_context.execution_options:
         return orm_context.execution_options["_sa_shard_id"]
     return orm_context.bind_arguments.get("shard_id")
@@ -124,7 +125,7 @@ def _run_concurrently(orm_context: ORMExecuteState, shard_ids: list[Any]) -> Res
         return None
     statement = orm_context.statement
     params: Any = orm_context.parameters or {}
-    compile_state_cls: Any = orm_context._compile_state_cls
+    compile_state_cls: Any = _sa.compile_state_cls(orm_context)
     options: dict[Any, Any] = {}
     jobs = []
     for shard_id in shard_ids:
@@ -157,10 +158,9 @@ def commit_shard_by_shard(
     """COMMIT the transaction's connections one shard at a time (in ``order``) when there are
     several; raises PartialCommitError when one fails. ``shard_names`` maps ``id(engine)``."""
     entries: dict[int, tuple[str, Connection]] = {}
-    for conn, trans, should_commit, _ in transaction._connections.values():
-        if should_commit and trans.is_active:
-            name = shard_names.get(id(conn.engine), repr(conn.engine))
-            entries[id(conn)] = (name, conn)
+    for conn in _sa.committing_connections(transaction):
+        name = shard_names.get(id(conn.engine), repr(conn.engine))
+        entries[id(conn)] = (name, conn)
     if len(entries) < 2:
         return
     ranked = sorted(

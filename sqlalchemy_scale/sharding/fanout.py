@@ -36,6 +36,7 @@ from sqlalchemy.engine.cursor import CursorResult
 from sqlalchemy.engine.result import IteratorResult, Result, SimpleResultMetaData
 from sqlalchemy.orm import ORMExecuteState
 
+from .. import _sa
 from ._async_fanout import is_async_connection, run_concurrently_on_loop
 from ._pinning import exists_columns
 from ._shard_set import ShardSet
@@ -173,9 +174,9 @@ def execute_fanout(
     session = orm_context.session
     statement = orm_context.statement
     plan = plan_fanout(statement)  # raises before anything runs
-    compile_state_cls = orm_context._compile_state_cls
-    if compile_state_cls is None or orm_context.load_options._autoflush:
-        session._autoflush()
+    compile_state_cls = _sa.compile_state_cls(orm_context)
+    if compile_state_cls is None or _sa.load_options_autoflush(orm_context):
+        _sa.autoflush(session)
     shard_statement = plan.shard_statement()
     params = dict(orm_context.parameters or {})  # type: ignore[arg-type]
     # Statements without ORM entities (columns only) need no ORM loading: their Core rows
@@ -187,8 +188,7 @@ def execute_fanout(
     for shard_id, (conn, bind_arguments) in connections.items():
         options: Mapping[str, Any] = orm_context.execution_options
         if orm_rows:
-            load_options = orm_context.load_options + {"_identity_token": shard_id}
-            options = options.union({"_sa_orm_load_options": load_options})  # type: ignore[attr-defined]
+            options = _sa.with_identity_token(orm_context, options, shard_id)
         contexts[shard_id] = (options, bind_arguments)
         fetch = functools.partial(_fetch, shard_statement, params, options)
         jobs.append((shard_id, conn, fetch))
@@ -221,7 +221,7 @@ def execute_fanout(
     else:
         merged = merge_ordered(streams, keys, limit=plan.limit, offset=plan.offset)
     if not orm_rows:
-        rewound = first._rewind([row for _, row in merged])
+        rewound = _sa.rewind(first, [row for _, row in merged])
         return rewound.columns(*range(plan.visible)) if plan.hidden else rewound
     assert compile_state_cls is not None
     chosen: list[list[Any]] = [[] for _ in shard_ids]
@@ -232,22 +232,14 @@ def execute_fanout(
     for index, shard_id in enumerate(shard_ids):
         cursor, _ = results[shard_id]
         options, bind_arguments = contexts[shard_id]
-        cursor._rewind(chosen[index])
-        orm_result = compile_state_cls.orm_setup_cursor_result(  # type: ignore[no-untyped-call]
+        _sa.rewind(cursor, chosen[index])
+        orm_result = compile_state_cls.orm_setup_cursor_result(
             session, shard_statement, params, options, bind_arguments, cursor
         )
         loaded.append(orm_result)
-        raw.append(iter(orm_result._fetchall_impl()))
+        raw.append(iter(_sa.orm_rows(orm_result)))
     rows = [next(raw[index]) for index, _ in merged]
-    template = loaded[0]
-    result: IteratorResult[Any] = IteratorResult(
-        template._metadata,
-        iter(rows),
-        _source_supports_scalars=template._source_supports_scalars,
-    )
-    result._attributes = template._attributes
-    result._unique_filter_state = template._unique_filter_state
-    return result
+    return _sa.merged_result_like(loaded[0], rows)
 
 
 def execute_exists(
@@ -259,7 +251,7 @@ def execute_exists(
 ) -> Result[Any]:
     """``SELECT EXISTS (...)`` on ``shard_ids``: one row, each column the OR of the shards'
     answers (the AND for ``NOT EXISTS``)."""
-    orm_context.session._autoflush()
+    _sa.autoflush(orm_context.session)
     params = dict(orm_context.parameters or {})  # type: ignore[arg-type]
     options = orm_context.execution_options
     statement = orm_context.statement
@@ -287,11 +279,11 @@ def sort_keys_for(
     for term in plan.order:
         getter: Callable[[Any], Any] | None = None
         if term.hidden is not None:
-            getter = result._getter(f"_ss_o{term.hidden}", raiseerr=False)
+            getter = _sa.row_getter(result, f"_ss_o{term.hidden}")
         elif not isinstance(term.element, str):
-            getter = result._getter(term.element, raiseerr=False)
+            getter = _sa.row_getter(result, term.element)
         if getter is None and term.output is not None:
-            getter = result._getter(selected_keys[term.output], raiseerr=False)
+            getter = _sa.row_getter(result, selected_keys[term.output])
         if getter is None:
             refuse(
                 "unknown", f"ORDER BY {term.element} across shards: not found in the result columns"

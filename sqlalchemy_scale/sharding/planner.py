@@ -54,13 +54,12 @@ from sqlalchemy.sql.elements import (
     Over,
     UnaryExpression,
     WithinGroup,
-    _label_reference,
-    _textual_label_reference,
 )
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Select
 from sqlalchemy.sql.visitors import iterate
 
+from .._sa import is_label_reference, is_textual_label_reference
 from ._scopes import int_limit_offset, is_orm, select_parts
 from .merge import AggregateKind, SortKey, apply_limit, merge_aggregates, sort_rows
 from .shapes import refuse
@@ -374,9 +373,9 @@ def _group_term(stmt: Select[Any], term: Any) -> ColumnElement[Any]:
     one-column ClauseList, and a label name as a textual reference)."""
     if isinstance(term, ClauseList) and len(term.clauses) == 1:
         term = term.clauses[0]
-    if isinstance(term, _label_reference):
+    if is_label_reference(term):
         term = term.element
-    if isinstance(term, _textual_label_reference):
+    if is_textual_label_reference(term):
         name = str(term.element)
         for key, column in zip(stmt.selected_columns.keys(), stmt.selected_columns, strict=True):
             if key == name:
@@ -642,7 +641,7 @@ def _order_term(
     nulls_first: bool | None = None
     element = clause
     while True:
-        if isinstance(element, _label_reference):
+        if is_label_reference(element):
             element = element.element
             continue
         if not isinstance(element, UnaryExpression) or element.modifier not in (
@@ -662,7 +661,7 @@ def _order_term(
     keys = [str(k) for k in stmt.selected_columns.keys()]  # noqa: SIM118
     output: int | None = None
     target: ColumnElement[Any] | str
-    if isinstance(element, _textual_label_reference):
+    if is_textual_label_reference(element):
         name = str(element.element)
         output = keys.index(name) if name in keys else None
         target = name

@@ -23,8 +23,8 @@ so applications write none. What it adds to horizontal_shard:
 * reads of a key no shard owns (a range gap, a directory miss) find nothing,
   and ``get()`` returns None, as one database would;
 * inside a shard that is a :class:`~sqlalchemy_scale.ReplicaSet`, reads and
-  writes are routed by :meth:`sqlalchemy_scale.RoutingSession.get_bind` itself
-  (one router per shard), so the rules are the same, not a copy;
+  writes are routed by a :class:`~sqlalchemy_scale.Router` per shard, the one
+  under RoutingSession, so the rules are the same, not a copy;
 * a transaction that writes to two shards follows the ShardSet's
   ``cross_shard_writes``: ``"refuse"`` raises :class:`~sqlalchemy_scale.CrossShardWriteError`
   before the second shard is written, ``"two_phase"`` commits with two-phase commit,
@@ -51,7 +51,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from contextlib import ContextDecorator, ExitStack
 from typing import Any, Final
 
 from sqlalchemy import event, inspect
@@ -64,7 +63,14 @@ from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
-from ..consistency import _CONTEXT as _CAUSAL_CONTEXT
+from .._sa import (
+    dml_values,
+    identity_token_option,
+    is_flushing,
+    non_compile_orm_options,
+    on_conflict_clause,
+    transaction_connection,
+)
 from ..errors import (
     CommitOutcomeUnknown,
     ConfigurationError,
@@ -74,7 +80,8 @@ from ..errors import (
     ShardKeyError,
     render_url,
 )
-from ..routing import _CALL_OPTIONS, ROUTING_OPTIONS, RoutingSession, decide_role
+from ..router import ROUTING_OPTIONS, Router, use_primary
+from ..routing import CALL_OPTIONS
 from ..topology import Role
 from . import _best_effort as best_effort
 from . import _two_phase as two_phase
@@ -206,7 +213,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self.shard_set = shard_set
         self.default_role: Role = default_role
         self._written: dict[ShardId, Engine] = {}
-        self._routers: dict[ShardId, RoutingSession] = {}
+        self._routers: dict[ShardId, Router] = {}
         self._preparing = False
         self._partial_commit = None
         super().__init__(
@@ -356,15 +363,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
             kw["identity_token"] = owners[0]
         return super().get(entity, ident, **kw)
 
-    def use_primary(self) -> _PinShards:
+    def use_primary(self) -> use_primary:
         """Pin this session's statements to each shard's primary: ``with session.use_primary():``
-        (also a decorator of plain functions; ``ss.use_primary()`` pins every session)."""
+        (also a decorator of functions and coroutine functions; ``ss.use_primary()`` pins
+        every session). The same object as :meth:`RoutingSession.use_primary
+        <sqlalchemy_scale.RoutingSession.use_primary>`: every shard's router is pinned."""
         if self.has_user_choosers:
             raise ConfigurationError(
                 "use_primary() needs a ShardedSession built with shard_set= (a user-chooser "
                 "session's shards are plain engines, with no replicas to route away from)"
             )
-        return _PinShards(self)
+        return use_primary(self)
 
     # -- routing inside a shard -------------------------------------------------------------
 
@@ -381,10 +390,22 @@ class ShardedSession(horizontal_shard.ShardedSession):
         """The engine for a statement: first the shard (``shard_id``, or the chooser),
         then the node inside it.
 
-        Inside the shard, :meth:`sqlalchemy_scale.RoutingSession.get_bind` decides,
-        with its precedence list, per shard: each shard has its own router (a
-        RoutingSession that never executes anything), so "the transaction has
-        written" and the transaction's replica are tracked per shard.
+        The shard precedence; the first rule that applies decides:
+
+        1. explicit shard id: ``set_shard_id(...)``, ``Query.set_shard()``,
+           ``execution_options(shard_id=...)`` or ``bind_arguments={"shard_id": ...}``;
+        2. ``execution_options(shard_key=v)`` (and ``session.get(..., shard_key=v)``):
+           the shard owning ``v``;
+        3. instance: an object being flushed goes to its shard key's shard;
+        4. WHERE pruning: ``==``/``IN`` on the shard key narrow the shards;
+        5. fan-out: every shard, concurrently, merged into one answer, or refused
+           before anything runs when the merge would not be exact.
+
+        Inside the shard, the shard's :class:`~sqlalchemy_scale.Router` decides, with the
+        precedence list of :meth:`Router.decide <sqlalchemy_scale.Router.decide>`, as in a
+        RoutingSession: each shard has its own router, so "the transaction has written"
+        and the transaction's replica are tracked per shard. An application's causal
+        token does not steer reads inside a shard (it is a WAL position of one server).
 
         A write to a second shard raises :class:`CrossShardWriteError` when the
         ShardSet's ``cross_shard_writes`` is ``"refuse"``.
@@ -396,7 +417,14 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance, clause=clause)
         assert shard_id is not None
-        if self._preparing and decide_role(clause, flushing=self._flushing)[1] in _LATE_WRITES:
+        router = self.router(shard_id)
+        flushing = is_flushing(self)
+        if clause is None and not flushing:
+            # No statement (a bind lookup, connection()): the shard's primary, with no effect
+            # on routing state; connection() notes the write itself.
+            return router.replica_set.primary.engine
+        decision = router.decide(clause, flushing=flushing, call_options=kw.get(CALL_OPTIONS))
+        if self._preparing and decision[2] in _LATE_WRITES:
             # SQLAlchemy flushes again after every before_commit listener; by then the
             # shards may be committed, and rows flushed now would be rolled back at close.
             raise CrossShardWriteError(
@@ -405,23 +433,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 "sent. Flush it before commit() (a before_commit listener that adds objects "
                 "must call session.flush() itself)"
             )
-        router = self.router(shard_id)
-        router._flushing = self._flushing
-        had_written = router.has_written
-        # A causal token is a WAL position of one server; shards have their own WALs, so an
-        # application's token must not steer reads inside a shard.
-        causal = _CAUSAL_CONTEXT.set(None)
-        try:
-            engine = router.get_bind(mapper, clause=clause, **kw)
-        finally:
-            _CAUSAL_CONTEXT.reset(causal)
-        if router.has_written and not had_written:
-            try:
-                self._note_write(shard_id, self.shard_set.replica_set(shard_id).primary.engine)
-            except CrossShardWriteError:
-                # Nothing ran on this shard: a retried write must meet the same check.
-                router._has_written = False
-                raise
+        if decision[3] and not router.has_written:
+            # Refused before anything is recorded: a retried write meets the same check.
+            self._note_write(shard_id, router.replica_set.primary.engine)
+        engine = router.record(decision, clause, self).engine
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s", shard_id, render_url(engine.engine))
         return engine
@@ -450,16 +465,20 @@ class ShardedSession(horizontal_shard.ShardedSession):
             engine = self.shard_set.replica_set(shard_id).primary.engine
             if conn.engine is engine:
                 self._note_write(shard_id, engine)
-                self.router(shard_id)._has_written = True  # the rest of it reads the primary
+                self.router(shard_id).record_connection(engine)  # the rest reads the primary
                 break
         return conn
 
-    def router(self, shard_id: ShardId) -> RoutingSession:
-        """The RoutingSession that routes this session's statements inside shard ``shard_id``."""
+    def router(self, shard_id: ShardId) -> Router:
+        """The :class:`~sqlalchemy_scale.Router` of this session's statements inside shard
+        ``shard_id``."""
         router = self._routers.get(shard_id)
         if router is None:
-            router = self._routers[shard_id] = RoutingSession(
-                replica_set=self.shard_set.replica_set(shard_id), default_role=self.default_role
+            router = self._routers[shard_id] = Router(
+                self.shard_set.replica_set(shard_id),
+                default_role=self.default_role,
+                owner=self,
+                follows_causal_context=False,
             )
         return router
 
@@ -479,24 +498,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._written = {}
         self._preparing = False
         for router in self._routers.values():
-            router._end_transaction()
-
-
-class _PinShards(ContextDecorator):
-    """``session.use_primary()`` of a ShardedSession: pins every shard's router."""
-
-    def __init__(self, session: ShardedSession) -> None:
-        self._session = session
-        self._stacks: list[ExitStack] = []
-
-    def __enter__(self) -> None:
-        stack = ExitStack()
-        for shard_id in self._session.shard_set.shard_ids:
-            stack.enter_context(self._session.router(shard_id).use_primary())
-        self._stacks.append(stack)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stacks.pop().close()
+            router.end_transaction()
 
 
 def _key_attr(mapper: Mapper[Any]) -> str:
@@ -519,7 +521,7 @@ def _call_options(orm_context: ORMExecuteState) -> dict[str, Any]:
 
 
 def _explicit_shard(orm_context: ORMExecuteState) -> ShardId | None:
-    for option in orm_context._non_compile_orm_options:
+    for option in non_compile_orm_options(orm_context):
         if isinstance(option, horizontal_shard.set_shard_id):
             return str(option.shard_id)
     active: Any = None
@@ -527,8 +529,8 @@ def _explicit_shard(orm_context: ORMExecuteState) -> ShardId | None:
         active = orm_context.load_options
     elif orm_context.is_update or orm_context.is_delete:
         active = orm_context.update_delete_options
-    if active is not None and active._identity_token is not None:
-        return str(active._identity_token)
+    if active is not None and identity_token_option(active) is not None:
+        return str(identity_token_option(active))
     options = orm_context.execution_options
     for name in ("_sa_shard_id", "shard_id"):
         if options.get(name) is not None:
@@ -543,7 +545,7 @@ def _bind_arguments(orm_context: ORMExecuteState, shard_id: ShardId) -> dict[str
     bind_arguments["shard_id"] = shard_id
     routing = _call_options(orm_context)
     if routing:
-        bind_arguments[_CALL_OPTIONS] = routing
+        bind_arguments[CALL_OPTIONS] = routing
     return bind_arguments
 
 
@@ -572,11 +574,11 @@ def _execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     if orm_context.is_insert:
         shard_ids = _insert_shards(session, orm_context)
         if len(shard_ids) > 1:
-            proof = session._prove(orm_context)
+            proof = session._prove(orm_context)  # noqa: SLF001 (this module's class)
         else:  # its subqueries must read only the rows' shard
             proof = prove(statement, session.shard_set, None, rows_on=shard_ids)
     else:
-        proof = session._prove(orm_context)  # raises before anything runs
+        proof = session._prove(orm_context)  # noqa: SLF001 (this module's class): raises before anything runs
     if proof.count_of is not None:
         return _count_merged_rows(orm_context, proof.count_of)
     shard_ids = proof.shards
@@ -665,12 +667,12 @@ def _refuse_shard_key_change(session: ShardedSession, orm_context: ORMExecuteSta
         names.add(_key_attr(mapper))
     sets: list[Any] = []
     if orm_context.is_update:
-        sets += list(stmt._values or ())
+        sets += list(dml_values(stmt) or ())
         params = orm_context.parameters
         rows = [params] if isinstance(params, Mapping) else list(params or [])
-        if not stmt._values and not column.primary_key:  # SET taken from the parameters
+        if not dml_values(stmt) and not column.primary_key:  # SET taken from the parameters
             sets += [k for row in rows for k in row]
-    on_conflict = getattr(stmt, "_post_values_clause", None)
+    on_conflict = on_conflict_clause(stmt)
     sets += list(getattr(on_conflict, "update_values_to_set", None) or ())
     for key in sets:
         if {getattr(key, "key", key), getattr(key, "name", key)} & names:
@@ -692,7 +694,7 @@ def _insert_shards(session: ShardedSession, orm_context: ORMExecuteState) -> lis
     table = stmt.table
     rule = session.shard_set.rule_for(table)
     if rule is None or rule[0] != "key":
-        return session._choose_execute_shards(orm_context)
+        return session._choose_execute_shards(orm_context)  # noqa: SLF001 (this module's class)
     column = rule[1]
     params = orm_context.parameters
     rows: list[Mapping[str, Any]] = (
@@ -701,7 +703,7 @@ def _insert_shards(session: ShardedSession, orm_context: ORMExecuteState) -> lis
     if not rows:  # insert(...).values(...): the values are in the statement
         values = {
             str(getattr(key, "key", key)): getattr(value, "effective_value", value)
-            for key, value in (getattr(stmt, "_values", None) or {}).items()
+            for key, value in (dml_values(stmt) or {}).items()
         }
         rows = [values]
     shards = set()
@@ -808,10 +810,11 @@ def _copy_to_other_shards(
 def _before_commit(session: Session) -> None:
     if not isinstance(session, ShardedSession):
         return
-    transaction = session._transaction
+    transaction = session.get_transaction()
     if transaction is None or transaction.nested or transaction.parent is not None:
         return
-    if session._partial_commit is transaction:
+    # (Underscored names below are this module's own class's.)
+    if session._partial_commit is transaction:  # noqa: SLF001
         raise CrossShardWriteError(
             "this transaction's best-effort commit already stopped at a shard "
             "(PartialCommitError); roll it back before using the session again"
@@ -819,24 +822,25 @@ def _before_commit(session: Session) -> None:
     if session.has_user_choosers:
         if not session.twophase:
             session.flush()
-            session._partial_commit = transaction
-            commit_shard_by_shard(
-                transaction, session._shard_names, list(session._shard_names.values())
-            )
-            session._partial_commit = None
+            names = session._shard_names  # noqa: SLF001
+            session._partial_commit = transaction  # noqa: SLF001
+            commit_shard_by_shard(transaction, names, list(names.values()))
+            session._partial_commit = None  # noqa: SLF001
         return
     session.flush()  # the last flush may write to another shard: decide after it
     # From here writes are refused (get_bind): SQLAlchemy flushes again after this listener.
-    session._preparing = True
-    if len(session._written) < 2:
+    session._preparing = True  # noqa: SLF001
+    written = session._written  # noqa: SLF001
+    if len(written) < 2:
         return
     mode = session.shard_set.cross_shard_writes
     if mode == "best_effort":
-        session._partial_commit = transaction
-        best_effort.commit_shards(
-            [(s, transaction._connections[session._written[s]][0]) for s in session.written_shards]
-        )
-        session._partial_commit = None
+        connections = [
+            (s, transaction_connection(transaction, written[s])) for s in session.written_shards
+        ]
+        session._partial_commit = transaction  # noqa: SLF001
+        best_effort.commit_shards([(s, c) for s, c in connections if c is not None])
+        session._partial_commit = None  # noqa: SLF001
         return
     if mode != "two_phase":  # get_bind refuses earlier; this is the safety net
         raise CrossShardWriteError(
@@ -859,22 +863,22 @@ def _commit_two_phase(session: ShardedSession, transaction: SessionTransaction) 
     txid = two_phase.new_txid()
     parts: list[two_phase.Part] = []
     for shard_id in session.written_shards:
-        entry = transaction._connections.get(session._written[shard_id])
-        if entry is None:
+        connection = transaction_connection(transaction, session._written[shard_id])  # noqa: SLF001
+        if connection is None:
             continue
         engine = shard_set.replica_set(shard_id).primary.engine
         part = two_phase.Part(shard_id, engine, two_phase.gid_for(txid, shard_id))
         try:
-            two_phase.prepare(entry[0], part.gid)
+            two_phase.prepare(connection, part.gid)
         except BaseException:
             # Nothing is decided: roll back what was prepared (and this part, in case its
             # PREPARE ran before the error); the session rolls back the rest.
             two_phase.rollback_parts([*parts, part])
             raise
         parts.append(part)
-        two_phase._step(f"prepared:{shard_id}")
+        two_phase.step(f"prepared:{shard_id}")
     log.debug("prepared two-phase commit %s on shards %s", txid, session.written_shards)
-    two_phase._step("prepared")
+    two_phase.step("prepared")
     _decide_and_commit(shard_set, txid, parts)
 
 
@@ -891,7 +895,7 @@ def _decide_and_commit(shard_set: ShardSet, txid: str, parts: list[two_phase.Par
         raise
     # Any other error (CommitOutcomeUnknown, an interrupt) leaves the parts prepared: recovery
     # commits them if the 'commit' record exists and rolls them back if it does not.
-    two_phase._step("decided")
+    two_phase.step("decided")
     try:
         two_phase.commit_parts(parts)
     except CommitOutcomeUnknown as exc:
@@ -907,7 +911,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         and isinstance(session, ShardedSession)
         and not session.has_user_choosers
     ):
-        session._end_transaction()
+        session._end_transaction()  # noqa: SLF001 (this module's class)
 
 
 def sharded_sessionmaker(

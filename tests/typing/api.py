@@ -103,3 +103,12 @@ def horizontal_shard_drop_in(engines: dict[str, Engine]) -> list[int]:
     )
     with session:
         return list(session.scalars(select(User.id)).all())
+
+
+def routed_by_one_router(replicas: ss.ReplicaSet, shards: ss.ShardSet) -> ss.Role:
+    router: ss.Router = ss.RoutingSession(replica_set=replicas).router
+    role, reason, kind, writes = router.decide(select(User), call_options={"use_primary": True})
+    shard_router: ss.Router = ss.ShardedSession(shard_set=shards).router("s0")
+    assert isinstance(reason, str) and isinstance(kind, str) and isinstance(writes, bool)
+    assert shard_router.has_written is False and router.causal_token is None
+    return role

@@ -1,0 +1,258 @@
+"""SQLAlchemy's internals, behind one door: each private attribute we read is read here.
+
+SQLAlchemy has no public accessor for some of what routing and the shard planner
+must know (whether a SELECT locks rows, its raw column list, a DML statement's
+SET values, the ORM's per-execution options, a result's rows to replay). Every
+such use lives in this module, each behind a small function named after the
+need, and ``tests/test_sa_contract.py`` exercises every function on real
+SQLAlchemy objects, so an upgrade that renames or reshapes one fails that test
+by name instead of misrouting a statement. ruff's ``SLF`` rule keeps private
+attribute access out of every other module.
+
+Where SQLAlchemy offers a public API we use it instead
+(``Executable.get_execution_options()``, ``Session.get_transaction()``,
+overriding ``Session.flush()`` rather than reading ``Session._flushing``).
+
+When *not* to add to it: a name of our own (make it public or add a method),
+or anything with a public spelling.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy.engine import Connection, CursorResult, Engine, Result, TwoPhaseTransaction
+from sqlalchemy.engine.result import IteratorResult
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, registry
+from sqlalchemy.orm import mapperlib as _mapperlib
+from sqlalchemy.sql.elements import _label_reference, _textual_label_reference
+
+__all__ = [
+    "autoflush",
+    "compile_state_cls",
+    "deannotate",
+    "dml_values",
+    "extra_froms",
+    "identity_token_option",
+    "is_flushing",
+    "is_label_reference",
+    "is_orm_statement",
+    "is_textual_label_reference",
+    "keep_prepared",
+    "limit_offset",
+    "load_options_autoflush",
+    "mapped_registries",
+    "merged_result_like",
+    "non_compile_orm_options",
+    "on_conflict_clause",
+    "orm_rows",
+    "rewind",
+    "row_getter",
+    "select_clauses",
+    "select_head",
+    "select_head_of",
+    "transaction_connection",
+    "type_affinity",
+    "with_identity_token",
+]
+
+# -- statements -------------------------------------------------------------------------------
+
+
+#: ``(for_update, columns)`` of a ``Select``: its ``FOR UPDATE/SHARE`` clause (None: it
+#: locks nothing) and its columns as written (functions and labels unexpanded).
+#: AttributeError for other statements (use :func:`select_head_of`). A C-level getter:
+#: routing calls it for every SELECT.
+select_head: Callable[[Any], tuple[Any, Sequence[Any]]] = operator.attrgetter(
+    "_for_update_arg", "_raw_columns"
+)
+
+
+def select_head_of(statement: Any) -> tuple[Any, Sequence[Any]]:
+    """:data:`select_head` of any statement: ``(None, ())`` for what has neither (a
+    ``CompoundSelect`` has a ``FOR UPDATE`` clause but no columns of its own)."""
+    return getattr(statement, "_for_update_arg", None), getattr(statement, "_raw_columns", ())
+
+
+def select_clauses(statement: Any) -> dict[str, Any]:
+    """The clauses of a ``Select`` the shard planner reads, by name."""
+    return {
+        "columns": tuple(statement._raw_columns),
+        "distinct": bool(statement._distinct or statement._distinct_on),
+        "distinct_on": bool(statement._distinct_on)
+        or "DistinctOn" in type(statement._pre_columns_clause).__name__,
+        "extensions": tuple(
+            part
+            for part in (
+                *statement._prefixes,
+                *statement._suffixes,
+                *statement._hints.items(),
+                *statement._statement_hints,
+                statement._pre_columns_clause,
+                statement._post_select_clause,
+                statement._post_criteria_clause,
+                statement._post_body_clause,
+            )
+            if part is not None
+        ),
+        "group_by": tuple(statement._group_by_clauses),
+        "having": tuple(statement._having_criteria),
+        "order_by": tuple(statement._order_by_clauses),
+        "limit": statement._limit_clause,
+        "offset": statement._offset_clause,
+        "fetch": statement._fetch_clause,
+        "for_update": statement._for_update_arg is not None,
+    }
+
+
+def limit_offset(statement: Any) -> tuple[int | None, int | None]:
+    """LIMIT and OFFSET as integers; CompileError when they are not plain integers."""
+    return statement._limit, statement._offset
+
+
+def deannotate(element: Any) -> Any:
+    """The element without the ORM's annotations (an ORM statement holds annotated copies of
+    its tables; identity comparisons need the originals)."""
+    return element._deannotate()
+
+
+def type_affinity(type_: Any) -> Any:
+    """The family of a SQL type (Integer and BigInteger share one)."""
+    return type_._type_affinity
+
+
+def is_orm_statement(statement: Any) -> bool:
+    """Whether the ORM compiles ``statement`` (it names mapped entities or attributes)."""
+    return bool(statement._propagate_attrs.get("compile_state_plugin") == "orm")
+
+
+def extra_froms(statement: Any) -> tuple[Any, ...]:
+    """The tables an UPDATE or DELETE names besides its own (``UPDATE ... FROM``)."""
+    return tuple(getattr(statement, "_extra_froms", ()))
+
+
+def dml_values(statement: Any) -> Mapping[Any, Any] | None:
+    """The values an INSERT or UPDATE sets in the statement itself (``.values(...)``), or
+    None when they come from the parameters."""
+    values = getattr(statement, "_values", None)
+    return values or None
+
+
+def on_conflict_clause(statement: Any) -> Any:
+    """An INSERT's ``ON CONFLICT`` clause (PostgreSQL), or None."""
+    return getattr(statement, "_post_values_clause", None)
+
+
+def is_label_reference(term: Any) -> bool:
+    """Whether an ORDER BY/GROUP BY term is a reference to a label of the statement."""
+    return isinstance(term, _label_reference)
+
+
+def is_textual_label_reference(term: Any) -> bool:
+    """Whether an ORDER BY/GROUP BY term names a label by string (``order_by("total")``)."""
+    return isinstance(term, _textual_label_reference)
+
+
+# -- ORM execution ----------------------------------------------------------------------------
+
+
+def non_compile_orm_options(orm_context: ORMExecuteState) -> Sequence[Any]:
+    """The ORM options of an execution that do not affect compilation (``set_shard_id``)."""
+    return tuple(orm_context._non_compile_orm_options)
+
+
+def identity_token_option(options: Any) -> Any:
+    """The identity token set on load or bulk UPDATE/DELETE options (``set_shard()``)."""
+    return options._identity_token
+
+
+def with_identity_token(
+    orm_context: ORMExecuteState, options: Mapping[str, Any], token: str
+) -> Mapping[str, Any]:
+    """Execution options that load the execution's entities with identity token ``token``."""
+    load_options = orm_context.load_options + {"_identity_token": token}
+    return options.union({"_sa_orm_load_options": load_options})  # type: ignore[attr-defined,no-any-return]
+
+
+def compile_state_cls(orm_context: ORMExecuteState) -> Any:
+    """The ORM compile-state class of an execution (None for a Core statement)."""
+    return orm_context._compile_state_cls
+
+
+def load_options_autoflush(orm_context: ORMExecuteState) -> bool:
+    """Whether the execution's load options ask for autoflush."""
+    return bool(orm_context.load_options._autoflush)
+
+
+def autoflush(session: Session) -> None:
+    """Flush as the ORM does before a query (honours ``Session.autoflush``)."""
+    session._autoflush()
+
+
+#: Whether a Session is flushing: ``flush()`` and the bulk methods (``bulk_save_objects()``,
+#: ``bulk_insert_mappings()``, ...), whose bind lookups name no statement. (Flush events
+#: would miss the bulk methods, which emit none.) A C-level getter: read per statement.
+is_flushing: Callable[[Session], bool] = operator.attrgetter("_flushing")
+
+
+def transaction_connection(transaction: SessionTransaction, engine: Engine) -> Connection | None:
+    """The connection a session transaction holds for ``engine``, or None."""
+    entry = transaction._connections.get(engine)
+    return None if entry is None else entry[0]
+
+
+def committing_connections(transaction: SessionTransaction) -> list[Connection]:
+    """The connections whose transactions a session transaction's commit would COMMIT (joined
+    connections excluded), each once, in the order the session began them."""
+    seen: dict[int, Connection] = {}
+    for conn, trans, should_commit, _ in transaction._connections.values():
+        if should_commit and trans.is_active:
+            seen.setdefault(id(conn), conn)
+    return list(seen.values())
+
+
+def mapped_registries() -> list[registry]:
+    """Every ORM registry alive in the process."""
+    return list(_mapperlib._all_registries())
+
+
+# -- results ----------------------------------------------------------------------------------
+
+
+def rewind(result: CursorResult[Any], rows: list[Any]) -> CursorResult[Any]:
+    """Make a buffered cursor result yield ``rows`` (raw DB-API rows it fetched) again."""
+    return result._rewind(rows)
+
+
+def orm_rows(result: Result[Any]) -> list[Any]:
+    """An ORM result's rows as the ORM built them (before any row processing)."""
+    return list(result._fetchall_impl())
+
+
+def merged_result_like(template: Result[Any], rows: Iterable[Any]) -> IteratorResult[Any]:
+    """A result with ``template``'s columns, entity handling and uniquing over ``rows``."""
+    result: IteratorResult[Any] = IteratorResult(
+        template._metadata,
+        iter(rows),
+        _source_supports_scalars=template._source_supports_scalars,
+    )
+    result._attributes = template._attributes
+    result._unique_filter_state = template._unique_filter_state
+    return result
+
+
+def row_getter(result: CursorResult[Any], key: Any) -> Any:
+    """A function reading column ``key`` (a name or an expression) from ``result``'s rows,
+    or None when the result has no such column."""
+    return result._getter(key, raiseerr=False)
+
+
+# -- engine -----------------------------------------------------------------------------------
+
+
+def keep_prepared(transaction: TwoPhaseTransaction) -> None:
+    """Forget that ``transaction`` is prepared, so closing its connection does not roll the
+    prepared transaction back (it is left for recovery)."""
+    transaction._is_prepared = False

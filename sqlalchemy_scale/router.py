@@ -1,0 +1,479 @@
+"""The Router: what one transaction has done on one ReplicaSet, and where its next statement goes.
+
+A :class:`Router` is the routing state machine shared by every session:
+:class:`~sqlalchemy_scale.RoutingSession` is a thin Session around one, and
+:class:`~sqlalchemy_scale.ShardedSession` holds one per shard. It answers
+"why did this statement go there?" in one place:
+
+* :meth:`Router.decide` applies the routing precedence (below) to a statement
+  and returns the role it needs and the reason, changing nothing and sending
+  nothing, so the rules can be checked without a server;
+* :meth:`Router.record` makes the decision happen: it notes a write, picks the
+  node (the transaction's replica, a replica that has replayed the causal
+  position, or the primary as a fallback), counts it and tells listeners;
+* :meth:`Router.record_connection` is the ``session.connection()`` rule,
+  :meth:`Router.failed_replica` and :meth:`Router.check_retry` the replica-failure
+  retry, :meth:`Router.causal_position` and :meth:`Router.record_commit` the
+  causal position, and :meth:`Router.end_transaction` forgets the transaction.
+
+The routing precedence is the numbered list in :meth:`Router.decide`'s docstring
+(mirrored in the README); ``tests/test_router.py`` checks each rule without a server.
+
+When *not* to use it directly: applications use the sessions; a Router is for
+code that routes statements itself (a custom Session, a test of the rules).
+It is not thread-safe, like the Session that holds it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from typing import Any, Final, ParamSpec, TypeAlias, TypeVar
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.sql.ddl import ExecutableDDLElement
+from sqlalchemy.sql.elements import ClauseElement, TextClause
+from sqlalchemy.sql.functions import FunctionElement
+
+from ._sa import select_head, select_head_of
+from .consistency import CausalContext, current_causal_context
+from .decisions import RoutingDecision, fallback_reason, notify
+from .errors import NodeUnavailableError, ReplicaWriteError, sqlstate
+from .topology import Node, ReplicaSet, Role
+
+__all__ = ["ROUTING_OPTIONS", "Decision", "Router", "decide_role", "pinned", "use_primary"]
+
+log = logging.getLogger("sqlalchemy_scale.routing")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Execution options read by the router (statement-level or per call).
+ROUTING_OPTIONS: Final = frozenset({"use_primary", "use_replica"})
+
+#: ``(role, reason, kind, writes)``: the role a statement needs, the rule that decided it,
+#: its kind by :func:`decide_role` alone, and whether it counts as a write of the
+#: transaction. A plain tuple: it is made for every statement.
+Decision: TypeAlias = tuple[Role, str, str, bool]
+
+# The pins in force in this context, innermost last: each entry is the set of pinned keys
+# (0 = every session, id(session) = that session). Kept as a stack in the ContextVar itself
+# rather than as Tokens on the use_primary object, so one object may be entered from several
+# threads or asyncio tasks at once. Empty (the fast path) when nothing is pinned.
+_PINS: ContextVar[tuple[frozenset[int], ...]] = ContextVar("sqlalchemy_scale_pins", default=())
+_GLOBAL_PIN: Final = 0
+
+# Statements that certainly write or lock: use_replica=True on them is refused.
+_DEFINITE_WRITES: Final = frozenset({"flush", "write", "ddl", "locking read"})
+
+# Reasons a statement must run on the primary because it writes or locks. Once one of these
+# runs, the rest of the transaction stays on the primary.
+# (A bare get_bind() never gets here; session.connection() pins the transaction itself.)
+_WRITING_REASONS: Final = frozenset(
+    {"flush", "write", "ddl", "locking read", "text", "unknown statement kind"}
+)
+
+# Functions that write (or need a transaction id) when selected: `SELECT nextval('s')`.
+_WRITING_FUNCTIONS: Final = frozenset(
+    {"nextval", "setval", "txid_current", "pg_current_xact_id", "pg_notify", "lo_create"}
+)
+
+# 57P01-57P03: the server is shutting down, crashed, or not accepting connections.
+_DOWN_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
+
+
+def decide_role(clause: ClauseElement | None, flushing: bool = False) -> tuple[Role, str]:
+    """Return the role a statement needs by its kind alone, and the reason.
+
+    Flushes, INSERT/UPDATE/DELETE, DDL, ``SELECT ... FOR UPDATE/SHARE``, SELECTs of
+    advisory-lock or writing functions (``pg_advisory_xact_lock()``, ``nextval()``) and
+    ``text()`` go to the primary; other SELECTs go to a replica. A ``text()``
+    statement marked ``execution_options(use_replica=True)`` is handled by the
+    caller's option check before this function is consulted.
+    """
+    if flushing:
+        return "primary", "flush"
+    if clause is None:
+        # session.connection() or a bind lookup with no statement: the caller may write.
+        return "primary", "no statement"
+    if getattr(clause, "is_select", False):
+        if getattr(clause, "is_text", False):  # text().columns(): rows, but any SQL at all
+            return "primary", "text"
+        try:
+            for_update, columns = select_head(clause)
+        except AttributeError:  # a compound SELECT
+            for_update, columns = select_head_of(clause)
+        if for_update is not None:
+            return "primary", "locking read"
+        for column in columns:
+            function = getattr(column, "element", column)  # through a label
+            if isinstance(function, FunctionElement):
+                name = function.name.lower()
+                if "advisory" in name:  # a lock taken on a replica excludes nothing
+                    return "primary", "locking read"
+                if name in _WRITING_FUNCTIONS:
+                    return "primary", "write"
+        return "replica", "read"
+    if clause.is_dml:
+        return "primary", "write"
+    if isinstance(clause, ExecutableDDLElement):
+        return "primary", "ddl"
+    if isinstance(clause, TextClause):
+        return "primary", "text"
+    return "primary", "unknown statement kind"
+
+
+def pinned() -> tuple[frozenset[int], ...]:
+    """The ``use_primary()`` pins in force in this context, innermost last (empty: none)."""
+    return _PINS.get()
+
+
+class use_primary:
+    """Pin reads to the primary, as a ``with`` block or a decorator.
+
+    ``ss.use_primary()`` pins every routing or sharded session in the current
+    context (thread or asyncio task); ``session.use_primary()`` pins one
+    session (in a sharded session: every shard's primary). Pins nest and are
+    undone on exit; they live in a :class:`~contextvars.ContextVar`, so they are
+    correct across threads and tasks, and one object may be used by several of
+    them at once.
+
+    As a decorator it wraps functions and coroutine functions. Generators are
+    refused (``TypeError``): the pin would end before their body runs; open the
+    ``with`` block inside the generator instead.
+    """
+
+    def __init__(self, session: object | None = None) -> None:
+        self._key = _GLOBAL_PIN if session is None else id(session)
+        self._session = session
+
+    def __enter__(self) -> None:
+        pins = _PINS.get()
+        top = pins[-1] | {self._key} if pins else frozenset({self._key})
+        _PINS.set((*pins, top))
+
+    def __exit__(self, *exc: object) -> None:
+        _PINS.set(_PINS.get()[:-1])
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"use_primary() cannot decorate the generator {fn.__qualname__}: the pin "
+                "would end before its body runs; use `with ...use_primary():` inside it"
+            )
+        session = self._session
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with use_primary(session):
+                    return await fn(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with use_primary(session):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+class Router:
+    """What one transaction has done on one :class:`~sqlalchemy_scale.ReplicaSet`, and
+    where its next statement goes (the precedence is in this module's docstring).
+
+    :param replica_set: the primary and replicas routed over.
+    :param default_role: ``"replica"`` (default) routes plain reads to replicas;
+        ``"primary"`` routes everything to the primary unless a statement says
+        ``use_replica=True``.
+    :param causal_token: a causal token: reads go only to replicas that have replayed it.
+    :param owner: the session the router routes for: ``owner.use_primary()`` pins it, and
+        decisions name it. None: only ``ss.use_primary()`` pins it.
+    :param follows_causal_context: whether the :func:`~sqlalchemy_scale.causal_context` in
+        force steers reads. False for a shard: a token is a WAL position of one server.
+
+    .. versionadded:: 0.3
+    """
+
+    __slots__ = (
+        "_causal",
+        "_follows_context",
+        "_pin_key",
+        "default_role",
+        "fallback_reason",
+        "has_written",
+        "last_node",
+        "replica",
+        "replica_set",
+        "statements",
+    )
+
+    def __init__(
+        self,
+        replica_set: ReplicaSet,
+        *,
+        default_role: Role = "replica",
+        causal_token: str | None = None,
+        owner: object | None = None,
+        follows_causal_context: bool = True,
+    ) -> None:
+        self.replica_set = replica_set
+        self.default_role: Role = default_role
+        self._pin_key = id(owner if owner is not None else self)
+        self._causal = CausalContext(causal_token)
+        self._follows_context = follows_causal_context
+        #: True once the current transaction has sent a write (or lock) to the primary.
+        self.has_written = False
+        #: The node serving this transaction's reads (a replica, or the primary as fallback).
+        self.replica: Node | None = None
+        #: Statements recorded in this transaction.
+        self.statements = 0
+        #: The node of the latest statement (None: a bind the caller chose).
+        self.last_node: Node | None = None
+        #: Why this transaction's reads fell back to the primary (for logs and listeners).
+        self.fallback_reason = "fallback: no usable replica"
+
+    def __repr__(self) -> str:
+        return (
+            f"Router({self.replica_set.name!r}, has_written={self.has_written}, "
+            f"replica={self.replica.name if self.replica is not None else None!r})"
+        )
+
+    # -- deciding ---------------------------------------------------------------------------
+
+    def decide(
+        self,
+        clause: ClauseElement | None,
+        flushing: bool = False,
+        call_options: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """Where a statement goes by the precedence, and why: ``(role, reason, kind, writes)``.
+
+        The first rule that applies decides:
+
+        1. statement: ``execution_options(use_primary=True)`` or ``use_replica=True``
+           (on the statement or passed to ``execute()``); ``use_replica`` on a
+           statement that writes raises :class:`~sqlalchemy_scale.ReplicaWriteError`;
+        2. block: inside ``with session.use_primary():`` or ``with ss.use_primary():``;
+        3. transaction: once the current transaction has written (flush, DML, DDL,
+           locking read, unmarked ``text()``), the primary until it ends;
+        4. session: ``default_role="primary"``;
+        5. causal token: a read needs a replica that has replayed the session's or the
+           :func:`~sqlalchemy_scale.causal_context`'s token, else the primary;
+        6. statement kind (:func:`decide_role`): writes, DDL, ``FOR UPDATE/SHARE``
+           and unmarked ``text()`` go to the primary, other SELECTs to a replica.
+
+        (Rule 5 is applied by :meth:`Router.record` when it picks the replica: a
+        position is a fact about replicas, not about the statement.)
+
+        Changes nothing and sends nothing. ``call_options`` are the routing options
+        passed to ``execute()`` (they win over the statement's). Raises
+        :class:`~sqlalchemy_scale.ReplicaWriteError` for ``use_replica=True`` on a
+        statement that writes.
+        """
+        role, kind = decide_role(clause, flushing)
+        options = call_options
+        try:
+            stmt_options: Mapping[str, Any] | None = clause.get_execution_options()  # type: ignore[union-attr]
+        except AttributeError:  # None (a flush), or a clause that is not a statement
+            stmt_options = None
+        if stmt_options:
+            options = {**stmt_options, **options} if options else stmt_options
+        # text() marked use_replica=True is the user's word that it only reads.
+        writes = kind in _WRITING_REASONS and not (
+            kind == "text" and options and options.get("use_replica")
+        )
+        reason = kind
+        if options and options.get("use_primary"):
+            role, reason = "primary", "use_primary option"
+        elif options and options.get("use_replica"):
+            if kind in _DEFINITE_WRITES:
+                raise ReplicaWriteError(
+                    f"use_replica=True was set on a statement that writes ({kind}); replica "
+                    f"nodes of {self.replica_set.name!r} cannot run it, nothing was sent",
+                    node="replica",
+                    statement=str(clause) if clause is not None else None,
+                )
+            role, reason = "replica", "use_replica option"
+        elif role == "replica":
+            pins = _PINS.get()
+            if pins and (_GLOBAL_PIN in pins[-1] or self._pin_key in pins[-1]):
+                role, reason = "primary", "use_primary block"
+            elif self.has_written:
+                role, reason = "primary", "transaction has written"
+            elif self.default_role == "primary":
+                role, reason = "primary", "session default_role"
+        return role, reason, kind, writes
+
+    def record(self, decision: Decision, statement: Any = None, session: Any = None) -> Node:
+        """Make a decision happen: note a write, pick the node (the transaction's replica,
+        one that has replayed the causal position, or the primary), count it, log it and
+        tell the replica set's decision listeners (naming ``session``)."""
+        role, reason, kind, writes = decision
+        if writes:
+            self.has_written = True
+        replica_set = self.replica_set
+        if role == "primary":
+            node = replica_set.primary
+            node.count()
+        elif (replica := self.replica) is not None:  # the transaction's reads stay on one
+            node = replica
+            node.count()
+        else:  # the transaction's first read (inline: this runs for most transactions)
+            position = self.causal_position()
+            if position is not None:
+                position = self._capped(position)
+            chosen = replica_set.choose_replica(position)
+            if chosen is None:
+                # The rest of this transaction reads from the primary too: no second
+                # choice (and no second wait for a caught-up replica) per statement.
+                self.fallback_reason = fallback_reason(replica_set, position)
+                node = replica_set.primary
+                node.count(fallback=True)
+            else:
+                node = chosen
+                node.count()
+            self.replica = node
+        self.statements += 1
+        self.last_node = node
+        listeners = replica_set.decision_listeners
+        if listeners or log.isEnabledFor(logging.DEBUG):  # nobody watching: nothing more
+            if role == "replica" and node.role == "primary":
+                reason = self.fallback_reason
+            log.debug("[%s] %s: %s", node.name, replica_set.name, reason)
+            if listeners:
+                notify(
+                    listeners,
+                    RoutingDecision(session, replica_set, node, reason, kind, statement),
+                )
+        return node
+
+    def peek(self, decision: Decision) -> Node:
+        """The node a decision would use, recording nothing: for a bind asked for outside
+        any transaction, which must not steer the next one."""
+        if decision[0] == "primary":
+            return self.replica_set.primary
+        node = self.replica
+        if node is None:
+            node = self.replica_set.choose_replica(self.checked_causal_position())
+        return node if node is not None else self.replica_set.primary
+
+    def record_connection(self, engine: Engine) -> bool:
+        """The ``session.connection()`` rule: a connection to the primary may be written
+        through, so the rest of the transaction reads from the primary. True if it was."""
+        if engine is self.replica_set.primary.engine:
+            self.has_written = True
+            return True
+        return False
+
+    # -- replica failures -------------------------------------------------------------------
+
+    def failed_replica(self, exc: BaseException) -> Node | None:
+        """The replica the latest statement ran on, if ``exc`` says it failed as a node (a
+        lost or refused connection, a server shutting down); it is taken out of rotation.
+        None for any other error, which the caller re-raises untouched."""
+        node = self.last_node
+        if node is None or not node.is_replica or not is_node_failure(exc):
+            return None
+        self.replica_set.mark_down(node, exc)
+        return node
+
+    def check_retry(self, node: Node, exc: BaseException, *, clean: bool) -> None:
+        """Return if the failed read may run once more on another node; raise
+        :class:`~sqlalchemy_scale.NodeUnavailableError` otherwise.
+
+        A retry is allowed for the transaction's first statement when nothing was written
+        and the session is ``clean``: nothing pending, and the transaction (if any) one the
+        session began by itself, so rolling it back loses nothing.
+        """
+        if not (self.statements == 1 and not self.has_written and clean):
+            raise NodeUnavailableError(
+                f"replica {node.name!r} of {self.replica_set.name!r} failed in the middle of a "
+                f"transaction ({self.statements} statements in); it is out of rotation. "
+                "Roll back and run the unit of work again.",
+                node=node.name,
+                orig=getattr(exc, "orig", exc),
+            ) from exc
+        log.warning(
+            "%s: replica %s failed a read (%s); retrying it once on another node",
+            self.replica_set.name,
+            node.name,
+            type(getattr(exc, "orig", exc)).__name__,
+        )
+        node.count_retry()
+
+    # -- causal position --------------------------------------------------------------------
+
+    @property
+    def causal_token(self) -> str | None:
+        """The newest causal token honoured: the one given, or the primary's WAL position
+        after the latest committed write."""
+        return self._causal.token
+
+    def causal_position(self) -> int | None:
+        """The WAL position reads must see: the newest of the router's own, the process's
+        (``read_your_writes="process"``) and the causal context's."""
+        own = self._causal.position
+        process = self.replica_set.process_position
+        if process is not None and process.position is not None:
+            own = process.position if own is None else max(own, process.position)
+        ctx = current_causal_context() if self._follows_context else None
+        if ctx is None or ctx.position is None:
+            return own
+        return ctx.position if own is None else max(own, ctx.position)
+
+    def checked_causal_position(self) -> int | None:
+        """:meth:`causal_position`, capped at the primary's (a token ahead of it is
+        dropped where it is kept)."""
+        position = self.causal_position()
+        return None if position is None else self._capped(position)
+
+    def _capped(self, position: int) -> int:
+        checked = self.replica_set.check_causal_position(position)
+        if checked != position:
+            self._causal.cap(checked)
+            ctx = current_causal_context() if self._follows_context else None
+            if ctx is not None:
+                ctx.cap(checked)
+        return checked
+
+    def record_commit(self, position: int) -> None:
+        """A transaction that wrote committed at ``position``: later reads must see it."""
+        self._causal.observe_position(position)
+        ctx = current_causal_context() if self._follows_context else None
+        if ctx is not None:
+            ctx.observe_position(position)
+
+    # -- end of transaction -----------------------------------------------------------------
+
+    def end_transaction(self) -> None:
+        """Forget the transaction: the next one starts with nothing written and no replica."""
+        self.has_written = False
+        self.replica = None
+        self.statements = 0
+        self.last_node = None
+
+
+def is_node_failure(exc: BaseException) -> bool:
+    """Whether an error says the node itself failed, rather than the statement."""
+    # A disconnect SQLAlchemy detected, or an OperationalError without a SQLSTATE: libpq's
+    # own "could not connect" / "server closed the connection" errors. Errors the server
+    # reports (syntax, conflicts with recovery, ...) carry a SQLSTATE and are not node failures.
+    # asyncpg's connect() raises OSError (refused, unreachable), which SQLAlchemy passes on.
+    if isinstance(exc, OSError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = sqlstate(exc.orig)
+    # A query in flight when its server dies gets 57P01 "unexpected postmaster exit".
+    # asyncpg reports it as a plain DBAPIError, psycopg as an OperationalError.
+    if state in _DOWN_SQLSTATES:
+        return True
+    return isinstance(exc, OperationalError) and state is None
