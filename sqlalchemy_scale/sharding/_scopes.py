@@ -31,6 +31,8 @@ from sqlalchemy.dialects.postgresql.base import PGCompiler
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Select
 
+from .._compat import select_syntax_extensions
+
 __all__ = [
     "Scope",
     "SelectParts",
@@ -173,11 +175,12 @@ class SelectParts:
 
 def select_parts(statement: Select[Any]) -> SelectParts:
     """The clauses of ``statement`` the planner reads."""
+    syntax_extensions = select_syntax_extensions(statement)
     return SelectParts(
         columns=tuple(statement._raw_columns),
         distinct=bool(statement._distinct or statement._distinct_on),
         distinct_on=bool(statement._distinct_on)
-        or "DistinctOn" in type(statement._pre_columns_clause).__name__,
+        or "DistinctOn" in type(syntax_extensions[0]).__name__,
         extensions=tuple(
             part
             for part in (
@@ -185,10 +188,7 @@ def select_parts(statement: Select[Any]) -> SelectParts:
                 *statement._suffixes,
                 *statement._hints.items(),
                 *statement._statement_hints,
-                statement._pre_columns_clause,
-                statement._post_select_clause,
-                statement._post_criteria_clause,
-                statement._post_body_clause,
+                *syntax_extensions,
             )
             if part is not None
         ),

@@ -62,6 +62,7 @@ from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
+from .._compat import on_conflict_set_keys, update_set_keys
 from ..consistency import _CONTEXT as _CAUSAL_CONTEXT
 from ..errors import (
     CommitOutcomeUnknown,
@@ -571,13 +572,12 @@ def _refuse_shard_key_change(session: ShardedSession, orm_context: ORMExecuteSta
         names.add(_key_attr(mapper))
     sets: list[Any] = []
     if orm_context.is_update:
-        sets += list(stmt._values or ())
+        sets += update_set_keys(stmt)
         params = orm_context.parameters
         rows = [params] if isinstance(params, Mapping) else list(params or [])
-        if not stmt._values and not column.primary_key:  # SET taken from the parameters
+        if not sets and not column.primary_key:  # SET taken from the parameters
             sets += [k for row in rows for k in row]
-    on_conflict = getattr(stmt, "_post_values_clause", None)
-    sets += list(getattr(on_conflict, "update_values_to_set", None) or ())
+    sets += on_conflict_set_keys(stmt)
     for key in sets:
         if {getattr(key, "key", key), getattr(key, "name", key)} & names:
             model = mapper.class_.__name__ if mapper is not None else table.name
