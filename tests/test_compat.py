@@ -14,7 +14,8 @@ import pytest
 import sqlalchemy
 from packaging.requirements import Requirement
 from packaging.version import Version
-from sqlalchemy import column, table, update
+from sqlalchemy import column, select, table, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import MissingGreenlet
 from sqlalchemy.util.concurrency import greenlet_spawn
@@ -23,8 +24,11 @@ from sqlalchemy_scale._compat import (
     SQLALCHEMY_VERSION,
     await_,
     on_conflict_set_keys,
+    select_distinct_on,
+    select_syntax_extensions,
     update_set_keys,
 )
+from sqlalchemy_scale.sharding._scopes import select_parts
 
 T = table("t", column("id"), column("k"), column("v"))
 
@@ -57,6 +61,23 @@ def test_update_set_keys_reads_values_and_ordered_values() -> None:
     ordered = update(T).ordered_values((T.c.v, 1), (T.c.k, 2))
     assert [k.name for k in update_set_keys(ordered)] == ["v", "k"]
     assert update_set_keys(update(T)) == []
+
+
+def test_select_distinct_on_renders_and_is_seen_by_the_planner() -> None:
+    """select_distinct_on() compiles to DISTINCT ON and the planner's reading of the SELECT sees it."""
+    stmt = select_distinct_on(select(T.c.k, T.c.v), T.c.k).order_by(T.c.k, T.c.v)
+    sql = str(stmt.compile(dialect=postgresql.psycopg2.dialect()))
+    assert sql.startswith("SELECT DISTINCT ON (t.k) t.k, t.v")
+    parts = select_parts(stmt)
+    assert parts.distinct and parts.distinct_on
+    assert not select_parts(select(T.c.k).distinct()).distinct_on
+
+
+def test_select_syntax_extensions_are_four_empty_slots_on_a_plain_select() -> None:
+    """A SELECT without syntax extensions has four unused slots on either version."""
+    assert select_syntax_extensions(select(T.c.k)) == (None, None, None, None)
+    with_prefix = select(T.c.k).prefix_with("/* x */")
+    assert select_syntax_extensions(with_prefix) == (None, None, None, None)
 
 
 def test_await_runs_a_coroutine_from_sqlalchemys_greenlet() -> None:
