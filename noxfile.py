@@ -4,7 +4,9 @@
 built wheel (so what ships is what is tested), makes sure PostgreSQL and
 PgBouncer are on the machine (``.ci/system-deps.sh``: Debian packages when
 missing, or a loud failure), and runs the suite against real servers that the
-suite starts on 127.0.0.1.
+suite starts on 127.0.0.1: on the newest SQLAlchemy 2.1 with each driver, and
+on the newest 2.0 with psycopg2 (``TEST_MATRIX``; one run takes about four
+minutes on two cores, so the matrix is kept to three).
 """
 
 from __future__ import annotations
@@ -18,24 +20,36 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
-DRIVERS = ["psycopg2", "psycopg"]
+
+# What each SQLAlchemy minor version of the test matrix installs: its newest release.
+SQLALCHEMY = {"2.0": "sqlalchemy>=2.0,<2.1", "2.1": "sqlalchemy>=2.1,<2.2"}
+# (SQLAlchemy, driver) pairs CI runs: 2.1 with both drivers; 2.0 with psycopg2, the driver
+# the package installs (the drivers' code paths are the same on both versions, what 2.0
+# changes is SQLAlchemy's own: sqlalchemy_scale/_sa.py).
+TEST_MATRIX = [("2.1", "psycopg2"), ("2.1", "psycopg"), ("2.0", "psycopg2")]
 
 
 def _ensure_servers(session: nox.Session) -> None:
     session.run("bash", ".ci/system-deps.sh", external=True)
 
 
-def _install(session: nox.Session, *groups: str, extras: str = "") -> None:
+def _install(session: nox.Session, *groups: str, extras: str = "", also: str = "") -> None:
     deps: list[str] = []
     for group in groups:
         deps += nox.project.dependency_groups(PYPROJECT, group)
-    session.install(f".{extras}", *deps)
+    # ``also`` goes into the same pip call: a requirement the package and the groups
+    # cannot all meet is a resolver error here, as it would be in an application.
+    session.install(f".{extras}", *deps, *([also] if also else []))
 
 
-def _run_tests(session: nox.Session, *, driver: str, marks: str | None = None) -> None:
-    """Install the wheel and the test group, then run pytest with ``driver`` as the default driver."""
+def _run_tests(
+    session: nox.Session, *, driver: str, sqlalchemy: str = "2.1", marks: str | None = None
+) -> None:
+    """Install the wheel and the test group with the newest ``sqlalchemy`` (minor version),
+    then run pytest with ``driver`` as the default driver."""
     _ensure_servers(session)
-    _install(session, "tests", extras="[psycopg]")
+    _install(session, "tests", extras="[psycopg]", also=SQLALCHEMY[sqlalchemy])
+    session.run("python", "-c", "import sqlalchemy; print('SQLAlchemy', sqlalchemy.__version__)")
     args = ["-p", "no:cacheprovider", "--allow-hosts=127.0.0.1,::1"]
     if marks:
         args += ["-m", marks]
@@ -44,10 +58,11 @@ def _run_tests(session: nox.Session, *, driver: str, marks: str | None = None) -
 
 
 @nox.session
-@nox.parametrize("driver", DRIVERS)
-def tests(session: nox.Session, driver: str) -> None:
-    """The whole suite against real PostgreSQL and PgBouncer, once per driver."""
-    _run_tests(session, driver=driver)
+@nox.parametrize(("sqlalchemy", "driver"), TEST_MATRIX)
+def tests(session: nox.Session, sqlalchemy: str, driver: str) -> None:
+    """The whole suite against real PostgreSQL and PgBouncer, once per (SQLAlchemy, driver)
+    pair of ``TEST_MATRIX``."""
+    _run_tests(session, driver=driver, sqlalchemy=sqlalchemy)
 
 
 @nox.session

@@ -24,7 +24,9 @@ from typing import Any, Final, TypeVar
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.util.concurrency import await_, in_greenlet
+from sqlalchemy.util.concurrency import in_greenlet
+
+from ._sa import await_
 
 __all__ = ["is_async_engine", "pause", "probe_engine", "run_blocking", "sync_url"]
 

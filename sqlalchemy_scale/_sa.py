@@ -20,17 +20,23 @@ or anything with a public spelling.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 
+import sqlalchemy
 from sqlalchemy.engine import Connection, CursorResult, Engine, Result, TwoPhaseTransaction
 from sqlalchemy.engine.result import IteratorResult
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, registry
 from sqlalchemy.orm import mapperlib as _mapperlib
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import _label_reference, _textual_label_reference
+from sqlalchemy.util import concurrency as _concurrency
 
 __all__ = [
+    "SQLALCHEMY_VERSION",
     "autoflush",
+    "await_",
+    "committing_connections",
     "compile_state_cls",
     "deannotate",
     "dml_values",
@@ -47,14 +53,18 @@ __all__ = [
     "merged_result_like",
     "non_compile_orm_options",
     "on_conflict_clause",
+    "on_conflict_set_keys",
     "orm_rows",
     "rewind",
     "row_getter",
     "select_clauses",
+    "select_distinct_on",
     "select_head",
     "select_head_of",
+    "select_syntax_extensions",
     "transaction_connection",
     "type_affinity",
+    "update_set_keys",
     "with_identity_token",
 ]
 
@@ -82,7 +92,7 @@ def select_clauses(statement: Any) -> dict[str, Any]:
         "columns": tuple(statement._raw_columns),
         "distinct": bool(statement._distinct or statement._distinct_on),
         "distinct_on": bool(statement._distinct_on)
-        or "DistinctOn" in type(statement._pre_columns_clause).__name__,
+        or "DistinctOn" in type(select_syntax_extensions(statement)[0]).__name__,
         "extensions": tuple(
             part
             for part in (
@@ -90,10 +100,7 @@ def select_clauses(statement: Any) -> dict[str, Any]:
                 *statement._suffixes,
                 *statement._hints.items(),
                 *statement._statement_hints,
-                statement._pre_columns_clause,
-                statement._post_select_clause,
-                statement._post_criteria_clause,
-                statement._post_body_clause,
+                *select_syntax_extensions(statement),
             )
             if part is not None
         ),
@@ -256,3 +263,92 @@ def keep_prepared(transaction: TwoPhaseTransaction) -> None:
     """Forget that ``transaction`` is prepared, so closing its connection does not roll the
     prepared transaction back (it is left for recovery)."""
     transaction._is_prepared = False
+
+
+# -- where SQLAlchemy 2.0 and 2.1 differ -------------------------------------------------------
+# The package supports sqlalchemy>=2.0.24,<2.2 (pyproject.toml says why 2.0.24). Each
+# behaviour that differs between the two minor versions is answered by one function here;
+# tests/test_compat.py checks each on the installed version (CI runs the newest 2.0 and 2.1).
+
+T = TypeVar("T")
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+# (major, minor) of the installed SQLAlchemy, e.g. (2, 0) or (2, 1).
+SQLALCHEMY_VERSION: Final = _version_tuple(sqlalchemy.__version__)
+
+
+def await_(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` from sync code running in SQLAlchemy's asyncio greenlet.
+
+    SQLAlchemy 2.1 names it ``await_``; 2.0 has only ``await_only`` (kept in 2.1 as
+    an alias, deprecated for 2.2).
+    """
+    return _AWAIT(awaitable)  # type: ignore[no-any-return]
+
+
+_AWAIT: Final[Callable[[Awaitable[Any]], Any]] = (
+    getattr(_concurrency, "await_", None) or _concurrency.await_only
+)
+
+
+def update_set_keys(statement: Any) -> list[Any]:
+    """The columns (or their names) that an UPDATE's ``.values()`` or ``.ordered_values()``
+    assigns, in order; empty when the SET comes from the execution's parameters.
+
+    SQLAlchemy 2.1 keeps both spellings in ``_values``; 2.0 keeps ``ordered_values()``
+    apart, in ``_ordered_values`` (a list of pairs), with ``_values`` left ``None``.
+    """
+    ordered = getattr(statement, "_ordered_values", None)
+    if ordered:
+        return [key for key, _ in ordered]
+    return list(getattr(statement, "_values", None) or ())
+
+
+def on_conflict_set_keys(statement: Any) -> list[Any]:
+    """The columns (or their names) that an ``INSERT ... ON CONFLICT DO UPDATE SET``
+    assigns; empty for any other statement.
+
+    The SET of PostgreSQL's ``OnConflictDoUpdate`` (``update_values_to_set``) is a dict
+    on SQLAlchemy 2.1 and a list of ``(key, value)`` pairs on 2.0.
+    """
+    on_conflict = getattr(statement, "_post_values_clause", None)
+    to_set = getattr(on_conflict, "update_values_to_set", None) or ()
+    if isinstance(to_set, Mapping):
+        return list(to_set)
+    return [key for key, _ in to_set]
+
+
+def select_syntax_extensions(statement: Any) -> tuple[Any, ...]:
+    """The clauses a SELECT carries from syntax extensions (``select().ext(...)``, such as
+    PostgreSQL's ``distinct_on()``), each slot ``None`` when unused.
+
+    SQLAlchemy 2.1 has four slots (pre-columns, post-select, post-criteria, post-body);
+    2.0 has no syntax extensions and returns four ``None``.
+    """
+    return tuple(
+        getattr(statement, name, None)
+        for name in (
+            "_pre_columns_clause",
+            "_post_select_clause",
+            "_post_criteria_clause",
+            "_post_body_clause",
+        )
+    )
+
+
+def select_distinct_on(statement: Select[Any], *columns: Any) -> Select[Any]:
+    """``statement`` with PostgreSQL's ``DISTINCT ON (columns)``.
+
+    SQLAlchemy 2.1 spells it ``select().ext(postgresql.distinct_on(...))`` and deprecates
+    the 2.0 spelling, ``select().distinct(*columns)``, which is the only one 2.0 has.
+    """
+    if SQLALCHEMY_VERSION >= (2, 1):
+        from sqlalchemy.dialects import postgresql
+
+        return statement.ext(postgresql.distinct_on(*columns))
+    return statement.distinct(*columns)

@@ -30,6 +30,7 @@ from sqlalchemy_scale.testing import wait_until
 ASYNC_DRIVERS = ("asyncpg", "psycopg_async")
 # A statement in the server log: simple protocol ("statement: ...") or extended ("execute x: ...").
 LOGGED_SQL = re.compile(r"LOG:  (?:statement|execute [^:]*): (.*)")
+READ_ONLY = re.compile(r"^(BEGIN(?: ISOLATION LEVEL [A-Z ]+?)?) READ ONLY")
 _ids = itertools.count(1)
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
@@ -489,8 +490,11 @@ def test_an_async_routed_get_sends_what_a_plain_async_session_sends(
         with replica.log_file.open() as fh:
             fh.seek(start)
             found = [LOGGED_SQL.search(line) for line in fh]
-        # Prepared statement names differ between engines; the SQL must not.
-        return [m.group(1).strip().replace("BEGIN READ ONLY", "BEGIN") for m in found if m]
+        # Prepared statement names differ between engines; the SQL must not. The routed
+        # BEGIN adds READ ONLY: "BEGIN READ ONLY;", or with asyncpg on older SQLAlchemy 2.0
+        # releases (2.0.24), which name the isolation level in every BEGIN,
+        # "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY;".
+        return [READ_ONLY.sub(r"\1", m.group(1).strip()) for m in found if m]
 
     async def routed() -> None:
         async with ss.ReplicaSet(

@@ -9,10 +9,12 @@ transactions run on the real primary.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -31,7 +33,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.horizontal_shard import set_shard_id
@@ -42,6 +43,7 @@ from sqlalchemy.orm import (
     Session,
     mapped_column,
 )
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 from sqlalchemy_scale import _sa
 from sqlalchemy_scale.local import LocalCluster
@@ -141,7 +143,7 @@ def check_select_clauses(engine: Engine) -> None:
     assert len(parts["having"]) == 1 and len(parts["order_by"]) == 1
     assert parts["limit"] is not None and parts["offset"] is not None and parts["fetch"] is None
     assert len(parts["extensions"]) == 1
-    on = _sa.select_clauses(select(t).ext(distinct_on(t.c.v)))  # DISTINCT ON (PostgreSQL)
+    on = _sa.select_clauses(_sa.select_distinct_on(select(t), t.c.v))  # DISTINCT ON
     assert on["distinct_on"]
 
 
@@ -316,6 +318,53 @@ def check_keep_prepared(engine: Engine) -> None:
         _sa.keep_prepared(transaction)
         assert transaction._is_prepared is False
         transaction.rollback()
+
+
+# -- where SQLAlchemy 2.0 and 2.1 differ (tests/test_compat.py covers them further) ---------
+
+
+def check_SQLALCHEMY_VERSION(engine: Engine) -> None:
+    major, minor = (int(part) for part in sqlalchemy.__version__.split(".")[:2])
+    assert (major, minor) == _sa.SQLALCHEMY_VERSION
+
+
+def check_await_(engine: Engine) -> None:
+    async def seven() -> int:
+        return 7
+
+    async def main() -> int:
+        return int(await greenlet_spawn(lambda: _sa.await_(seven())))
+
+    assert asyncio.run(main()) == 7
+
+
+def check_on_conflict_set_keys(engine: Engine) -> None:
+    t = Item.__table__
+    stmt = (
+        pg_insert(t).values(id=1).on_conflict_do_update(index_elements=["id"], set_={"name": "b"})
+    )
+    assert [getattr(k, "key", k) for k in _sa.on_conflict_set_keys(stmt)] == ["name"]
+    assert _sa.on_conflict_set_keys(pg_insert(t).values(id=1)) == []
+
+
+def check_update_set_keys(engine: Engine) -> None:
+    t = Item.__table__
+    assert [getattr(k, "key", k) for k in _sa.update_set_keys(update(t).values(name="a"))] == [
+        "name"
+    ]
+    ordered = update(t).ordered_values((t.c.name, "a"))
+    assert [getattr(k, "key", k) for k in _sa.update_set_keys(ordered)] == ["name"]
+    assert _sa.update_set_keys(update(t)) == []
+
+
+def check_select_syntax_extensions(engine: Engine) -> None:
+    assert _sa.select_syntax_extensions(select(Item.__table__)) == (None, None, None, None)
+
+
+def check_select_distinct_on(engine: Engine) -> None:
+    t = Item.__table__
+    sql = str(_sa.select_distinct_on(select(t), t.c.name).compile(dialect=engine.dialect))
+    assert "DISTINCT ON" in sql
 
 
 CHECKS: dict[str, Callable[[Engine], None]] = {

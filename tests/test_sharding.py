@@ -35,7 +35,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
@@ -52,6 +51,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.pool import NullPool
 
 import sqlalchemy_scale as ss
+from sqlalchemy_scale._sa import select_distinct_on
 from sqlalchemy_scale.local import LocalCluster
 from sqlalchemy_scale.sharding import (
     DirectorySharding,
@@ -424,7 +424,7 @@ def test_unmergeable_fanout_raises_before_running(
     ran_on = _record_servers(scale_cluster)
     with sharded_sessionmaker(shards)() as session:
         with pytest.raises(ss.CrossShardQueryError, match="DISTINCT ON"):
-            session.execute(select(Order.v).ext(distinct_on(Order.v)))
+            session.execute(select_distinct_on(select(Order.v), Order.v))
         with pytest.raises(ss.CrossShardQueryError, match="window"):
             session.execute(select(Order.id, func.rank().over(order_by=Order.v)))
     assert ran_on() == set()
@@ -950,7 +950,7 @@ def test_shard_key_values_are_converted_to_the_column_type(
 def test_update_that_sets_the_shard_key_is_refused(
     make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
 ) -> None:
-    """UPDATE ... SET and ON CONFLICT DO UPDATE of the shard key raise ShardKeyError and leave the row where it was."""
+    """UPDATE ... SET (values or ordered_values) and ON CONFLICT DO UPDATE of the shard key raise ShardKeyError and leave the row where it was."""
     shards = make_shards(RangeSharding([0, 3, 6, 8, 10]))
     _seed(shards)
     before = _counts(primaries, "shtest_orders")
@@ -959,6 +959,10 @@ def test_update_that_sets_the_shard_key_is_refused(
             session.execute(
                 update(Order).where(Order.customer_id == 1, Order.id == 1).values(customer_id=9)
             )
+        # SQLAlchemy 2.0 keeps ordered_values() apart from values()
+        ordered = update(Order).where(Order.customer_id == 1, Order.id == 1)
+        with pytest.raises(ss.ShardKeyError, match="sets its shard key"):
+            session.execute(ordered.ordered_values((Order.v, 2), (Order.customer_id, 9)))
         upsert = pg_insert(Order).values(id=1, customer_id=1, v=1)
         with pytest.raises(ss.ShardKeyError, match="sets its shard key"):
             session.execute(

@@ -47,10 +47,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 import sqlalchemy_scale as ss
+from sqlalchemy_scale._sa import select_distinct_on
 from sqlalchemy_scale.local import LocalCluster
 from sqlalchemy_scale.sharding import (
     DirectorySharding,
@@ -602,9 +602,9 @@ REFUSED: dict[str, Query] = {
         select(Country.code, Customer.id).outerjoin(Customer, Customer.country_code == Country.code)
     ),
     "distinct on": rows(
-        select(Order.customer_id, Order.id)
-        .ext(distinct_on(Order.customer_id))
-        .order_by(Order.customer_id, Order.id)
+        select_distinct_on(select(Order.customer_id, Order.id), Order.customer_id).order_by(
+            Order.customer_id, Order.id
+        )
     ),
     "distinct entities": rows(select(Order).distinct()),
     "order ICU column": ordered(select(Label.id, Label.body).order_by(Label.body, Label.id)),

@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.util.concurrency import await_, greenlet_spawn
+from sqlalchemy.util.concurrency import greenlet_spawn
 
+from .._sa import await_
 from .strategies import ShardId
 
 __all__ = ["is_async_connection", "run_concurrently_on_loop"]

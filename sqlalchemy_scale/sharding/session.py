@@ -68,8 +68,9 @@ from .._sa import (
     identity_token_option,
     is_flushing,
     non_compile_orm_options,
-    on_conflict_clause,
+    on_conflict_set_keys,
     transaction_connection,
+    update_set_keys,
 )
 from ..errors import (
     CommitOutcomeUnknown,
@@ -667,13 +668,12 @@ def _refuse_shard_key_change(session: ShardedSession, orm_context: ORMExecuteSta
         names.add(_key_attr(mapper))
     sets: list[Any] = []
     if orm_context.is_update:
-        sets += list(dml_values(stmt) or ())
+        sets += update_set_keys(stmt)
         params = orm_context.parameters
         rows = [params] if isinstance(params, Mapping) else list(params or [])
-        if not dml_values(stmt) and not column.primary_key:  # SET taken from the parameters
+        if not sets and not column.primary_key:  # SET taken from the parameters
             sets += [k for row in rows for k in row]
-    on_conflict = on_conflict_clause(stmt)
-    sets += list(getattr(on_conflict, "update_values_to_set", None) or ())
+    sets += on_conflict_set_keys(stmt)
     for key in sets:
         if {getattr(key, "key", key), getattr(key, "name", key)} & names:
             model = mapper.class_.__name__ if mapper is not None else table.name
