@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import String, create_engine, func, literal_column, select, text
+from sqlalchemy import String, func, literal_column, select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -59,20 +59,11 @@ class Slow(Base):
 
 
 @pytest.fixture(scope="module")
-def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
-    engine = create_engine(scale_cluster.primary.url())
-    Base.metadata.drop_all(engine, tables=[Account.__table__])  # type: ignore[list-item]
-    Base.metadata.create_all(engine, tables=[Account.__table__])  # type: ignore[list-item]
-    with Session(engine) as session:
-        session.add_all([Account(id=i, name=f"a{i}") for i in range(1, 1001)])
-        session.commit()
-    engine.dispose()
-    for replica in scale_cluster.replicas:
-        replica.wait_for_replay()
-    yield scale_cluster
-    engine = create_engine(scale_cluster.primary.url())
-    Base.metadata.drop_all(engine, tables=[Account.__table__])  # type: ignore[list-item]
-    engine.dispose()
+def cluster(seeded: Any) -> Iterator[LocalCluster]:
+    with seeded(
+        [Account.__table__], [Account(id=i, name=f"a{i}") for i in range(1, 1001)]
+    ) as cluster:
+        yield cluster
 
 
 async def interleaved(

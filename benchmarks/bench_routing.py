@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import String, create_engine, select, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.local import LocalCluster
@@ -50,20 +50,11 @@ class Account(Base):
 
 
 @pytest.fixture(scope="module")
-def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
-    engine = create_engine(scale_cluster.primary.url())
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with Session(engine) as session:
-        session.add_all([Account(id=i, name=f"a{i}") for i in range(1, 1001)])
-        session.commit()
-    engine.dispose()
-    for replica in scale_cluster.replicas:
-        replica.wait_for_replay()
-    yield scale_cluster
-    engine = create_engine(scale_cluster.primary.url())
-    Base.metadata.drop_all(engine)
-    engine.dispose()
+def cluster(seeded: Any) -> Iterator[LocalCluster]:
+    with seeded(
+        [Account.__table__], [Account(id=i, name=f"a{i}") for i in range(1, 1001)]
+    ) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

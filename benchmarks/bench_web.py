@@ -44,20 +44,9 @@ class Item(Base):
 
 
 @pytest.fixture(scope="module")
-def cluster(scale_cluster: LocalCluster) -> Iterator[LocalCluster]:
-    engine = create_engine(scale_cluster.primary.url())
-    Base.metadata.drop_all(engine)
-    Base.metadata.create_all(engine)
-    with Session(engine) as session:
-        session.add_all([Item(id=i, name=f"i{i}") for i in range(1, 101)])
-        session.commit()
-    engine.dispose()
-    for replica in scale_cluster.replicas:
-        replica.wait_for_replay()
-    yield scale_cluster
-    engine = create_engine(scale_cluster.primary.url())
-    Base.metadata.drop_all(engine)
-    engine.dispose()
+def cluster(seeded: Any) -> Iterator[LocalCluster]:
+    with seeded([Item.__table__], [Item(id=i, name=f"i{i}") for i in range(1, 101)]) as cluster:
+        yield cluster
 
 
 def make_app(dependency: Callable[..., Any], *, middleware: bool) -> FastAPI:
