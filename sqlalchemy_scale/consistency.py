@@ -31,10 +31,12 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, Protocol
+from urllib.parse import quote, unquote
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -52,8 +54,10 @@ __all__ = [
     "causal_context",
     "current_causal_context",
     "format_lsn",
+    "format_token",
     "newer_token",
     "parse_lsn",
+    "parse_token",
 ]
 
 _LSN = re.compile(r"^([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})$")
@@ -80,36 +84,89 @@ def format_lsn(position: int) -> str:
     return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
-def newer_token(a: str | None, b: str | None) -> str | None:
-    """The later of two tokens (None counts as older than any token).
+#: Where a position belongs inside a token: None for the one primary of a plain
+#: :class:`~sqlalchemy_scale.ReplicaSet`, else its :attr:`ReplicaSet.causal_scope
+#: <sqlalchemy_scale.ReplicaSet.causal_scope>` (a shard id, a Flask bind key).
+Scope = str | None
 
-    A token already found ahead of its primary (see :func:`reject_position`) counts as
-    None, so a forged token cannot outlive the real ones that follow it.
+
+def parse_token(token: str) -> dict[Scope, int]:
+    """The WAL positions a token carries, by scope.
+
+    A plain LSN (``"0/16B3748"``) is one position of no scope: what a
+    :class:`~sqlalchemy_scale.RoutingSession` on one :class:`~sqlalchemy_scale.ReplicaSet`
+    produces. A token covering several primaries (the shards a
+    :class:`~sqlalchemy_scale.ShardedSession` wrote to, the binds of a Flask app) is
+    ``scope=LSN`` pairs joined by ``&``, each scope percent-encoded (``s0=0/16B3748&s1=0/9A0``;
+    the unscoped position, if any, has an empty scope). Raises
+    :class:`~sqlalchemy_scale.ConfigurationError` for anything else, so a tampered cookie
+    cannot be mistaken for positions.
     """
-    if a is None or (_REJECTED and parse_lsn(a) in _REJECTED):
-        return b
-    if b is None or (_REJECTED and parse_lsn(b) in _REJECTED):
-        return a
-    return a if parse_lsn(a) >= parse_lsn(b) else b
+    if not isinstance(token, str) or "=" not in token:
+        return {None: parse_lsn(token)}
+    positions: dict[Scope, int] = {}
+    for part in token.strip().split("&"):
+        name, sep, lsn = part.partition("=")
+        if not sep or len(positions) >= _MAX_SCOPES:
+            raise ConfigurationError(f"not a causal token: {token[:40]!r}")
+        try:
+            scope: Scope = unquote(name, errors="strict") if name else None
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"not a causal token: {token[:40]!r}") from None
+        if scope in positions:
+            raise ConfigurationError(f"not a causal token (scope twice): {token[:40]!r}")
+        positions[scope] = parse_lsn(lsn)
+    return positions
 
 
-# Positions of tokens found ahead of their primary's own WAL position: no commit made them
-# (forged, or from another cluster). Kept, bounded, so they are ignored wherever they turn
-# up again and warned about once.
-_REJECTED: dict[int, None] = {}
+def format_token(positions: Mapping[Scope, int]) -> str | None:
+    """The token for positions by scope (:func:`parse_token`'s inverse); None for none."""
+    if not positions:
+        return None
+    if len(positions) == 1 and None in positions:
+        return format_lsn(positions[None])
+    return "&".join(
+        f"{_quote_scope(scope)}={format_lsn(position)}"
+        for scope, position in sorted(positions.items(), key=lambda item: item[0] or "")
+    )
+
+
+def _quote_scope(scope: Scope) -> str:
+    # Percent-encoded, "." too: a signed token is "<token>.<signature>".
+    return "" if scope is None else quote(scope, safe="").replace(".", "%2E")
+
+
+def newer_token(a: str | None, b: str | None) -> str | None:
+    """A token at least as new as both: per primary (scope), the later position (None
+    counts as older than any token; tokens covering several primaries are merged).
+
+    A position already found ahead of its primary (see :func:`reject_position`) is
+    dropped, so a forged token cannot outlive the real ones that follow it.
+    """
+    merged = CausalContext(a)
+    merged.observe(b)
+    return merged.token
+
+
+# Positions of tokens found ahead of their primary's own WAL position, by scope: no commit
+# made them (forged, or from another cluster). Kept, bounded, so they are ignored wherever
+# they turn up again and warned about once.
+_REJECTED: dict[tuple[Scope, int], None] = {}
 _REJECTED_MAX: Final = 1024
 _REJECTED_LOCK = threading.Lock()
+# The most scopes one token may carry (a cookie stays small; a forged one stays cheap).
+_MAX_SCOPES: Final = 64
 
 
-def reject_position(position: int, *, primary: int, where: str) -> None:
-    """Remember that a token's position is ahead of its primary (at ``primary``); the first
-    time, log a warning. Such a token is ignored from then on."""
+def reject_position(position: int, *, primary: int, where: str, scope: Scope = None) -> None:
+    """Remember that a token's position (of ``scope``) is ahead of its primary (at
+    ``primary``); the first time, log a warning. Such a position is ignored from then on."""
     with _REJECTED_LOCK:
-        if position in _REJECTED:
+        if (scope, position) in _REJECTED:
             return
         if len(_REJECTED) >= _REJECTED_MAX:
             del _REJECTED[next(iter(_REJECTED))]
-        _REJECTED[position] = None
+        _REJECTED[scope, position] = None
     log.warning(
         "ignoring causal token %s: it is ahead of the WAL position of the primary of %s (%s), "
         "so no commit produced it (forged, or from another cluster); reads use the "
@@ -123,46 +180,65 @@ def reject_position(position: int, *, primary: int, where: str) -> None:
 class CausalContext:
     """The causal token shared by every routing session in a ``causal_context`` block.
 
-    Sessions read :attr:`token` before routing a read and advance it after committing a
-    write; a web integration reads it at the end of the request to hand it back to the client.
+    Sessions read the position of their primary (:meth:`position_for`) before routing a
+    read and advance it after committing a write; a web integration reads :attr:`token`
+    at the end of the request to hand it back to the client. One context (and its one
+    token) covers any number of primaries, each under its scope (see :func:`parse_token`).
     """
 
-    __slots__ = ("_position", "token")
+    __slots__ = ("_positions", "_token")
 
     def __init__(self, token: str | None = None) -> None:
-        self.token: str | None = None
-        self._position: int | None = None
+        self._positions: dict[Scope, int] = {}
+        self._token: str | None = None
         self.observe(token)
 
     @property
+    def token(self) -> str | None:
+        """The token covering every position observed (one opaque string), or None."""
+        return self._token
+
+    @property
     def position(self) -> int | None:
-        """The token as an integer WAL position, or None."""
-        return self._position
+        """The unscoped position (a plain :class:`~sqlalchemy_scale.ReplicaSet`'s), or None."""
+        return self._positions.get(None)
+
+    @property
+    def positions(self) -> Mapping[Scope, int]:
+        """Every position observed, by scope (read-only view)."""
+        return MappingProxyType(self._positions)
+
+    def position_for(self, scope: Scope) -> int | None:
+        """The position reads of the primary of ``scope`` must see, or None."""
+        return self._positions.get(scope)
 
     def observe(self, token: str | None) -> None:
-        """Advance the context to ``token`` if it is newer (invalid tokens raise; a token
-        already found ahead of its primary is ignored)."""
+        """Advance the context to ``token``'s positions where they are newer (invalid tokens
+        raise; a position already found ahead of its primary is ignored)."""
         if token is None:
             return
-        self.observe_position(parse_lsn(token))
+        for scope, position in parse_token(token).items():
+            self.observe_position(position, scope)
 
-    def observe_position(self, position: int) -> None:
-        """:meth:`observe` for a WAL position given as an integer."""
-        if _REJECTED and position in _REJECTED:
+    def observe_position(self, position: int, scope: Scope = None) -> None:
+        """:meth:`observe` for one WAL position of ``scope``, given as an integer."""
+        if _REJECTED and (scope, position) in _REJECTED:
             return
-        if self._position is None or position > self._position:
-            self._position = position
-            self.token = format_lsn(position)
+        current = self._positions.get(scope)
+        if current is None or position > current:
+            self._positions[scope] = position
+            self._token = format_token(self._positions)
 
-    def cap(self, position: int) -> None:
-        """Bring the context back to ``position`` (the primary's own) if it is ahead of it:
-        its token was one no commit produced."""
-        if self._position is not None and self._position > position:
-            self._position = position
-            self.token = format_lsn(position)
+    def cap(self, position: int, scope: Scope = None) -> None:
+        """Bring the position of ``scope`` back to ``position`` (its primary's own) if it is
+        ahead of it: its token was one no commit produced."""
+        current = self._positions.get(scope)
+        if current is not None and current > position:
+            self._positions[scope] = position
+            self._token = format_token(self._positions)
 
     def __repr__(self) -> str:
-        return f"CausalContext(token={self.token!r})"
+        return f"CausalContext(token={self._token!r})"
 
 
 @contextmanager

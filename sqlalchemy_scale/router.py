@@ -40,7 +40,7 @@ from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 
 from ._sa import select_head, select_head_of
-from .consistency import CausalContext, current_causal_context
+from .consistency import CausalContext, current_causal_context, parse_token
 from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import NodeUnavailableError, ReplicaWriteError, sqlstate
 from .topology import Node, ReplicaSet, Role
@@ -195,7 +195,8 @@ class Router:
     :param owner: the session the router routes for: ``owner.use_primary()`` pins it, and
         decisions name it. None: only ``ss.use_primary()`` pins it.
     :param follows_causal_context: whether the :func:`~sqlalchemy_scale.causal_context` in
-        force steers reads. False for a shard: a token is a WAL position of one server.
+        force steers reads (its position for the replica set's
+        :attr:`~sqlalchemy_scale.ReplicaSet.causal_scope`) and learns the commits.
 
     .. versionadded:: 0.3
     """
@@ -204,6 +205,7 @@ class Router:
         "_causal",
         "_follows_context",
         "_pin_key",
+        "_scope",
         "default_role",
         "fallback_reason",
         "has_written",
@@ -225,7 +227,12 @@ class Router:
         self.replica_set = replica_set
         self.default_role: Role = default_role
         self._pin_key = id(owner if owner is not None else self)
-        self._causal = CausalContext(causal_token)
+        self._scope = replica_set.causal_scope
+        self._causal = CausalContext()
+        if causal_token is not None:  # a token covering several primaries: this one's part
+            position = parse_token(causal_token).get(self._scope)
+            if position is not None:
+                self._causal.observe_position(position, self._scope)
         self._follows_context = follows_causal_context
         #: True once the current transaction has sent a write (or lock) to the primary.
         self.has_written = False
@@ -418,14 +425,18 @@ class Router:
     def causal_position(self) -> int | None:
         """The WAL position reads must see: the newest of the router's own, the process's
         (``read_your_writes="process"``) and the causal context's."""
-        own = self._causal.position
+        scope = self._scope
+        own = self._causal.position_for(scope)
         process = self.replica_set.process_position
         if process is not None and process.position is not None:
             own = process.position if own is None else max(own, process.position)
         ctx = current_causal_context() if self._follows_context else None
-        if ctx is None or ctx.position is None:
+        if ctx is None:
             return own
-        return ctx.position if own is None else max(own, ctx.position)
+        theirs = ctx.position_for(scope)
+        if theirs is None:
+            return own
+        return theirs if own is None else max(own, theirs)
 
     def checked_causal_position(self) -> int | None:
         """:meth:`causal_position`, capped at the primary's (a token ahead of it is
@@ -436,18 +447,18 @@ class Router:
     def _capped(self, position: int) -> int:
         checked = self.replica_set.check_causal_position(position)
         if checked != position:
-            self._causal.cap(checked)
+            self._causal.cap(checked, self._scope)
             ctx = current_causal_context() if self._follows_context else None
             if ctx is not None:
-                ctx.cap(checked)
+                ctx.cap(checked, self._scope)
         return checked
 
     def record_commit(self, position: int) -> None:
         """A transaction that wrote committed at ``position``: later reads must see it."""
-        self._causal.observe_position(position)
+        self._causal.observe_position(position, self._scope)
         ctx = current_causal_context() if self._follows_context else None
         if ctx is not None:
-            ctx.observe_position(position)
+            ctx.observe_position(position, self._scope)
 
     # -- end of transaction -----------------------------------------------------------------
 

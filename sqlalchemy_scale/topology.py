@@ -239,6 +239,11 @@ class ReplicaSet:
         the newest commit made through the primary engine by any session or
         connection of this process; ``"off"`` records no commit positions at all
         (tokens given to a session are still honoured). See the README for the costs.
+    :param causal_scope: the name of this primary's position inside a causal token that
+        covers several primaries (see :func:`~sqlalchemy_scale.consistency.parse_token`):
+        None (default) for an application's one ReplicaSet, whose tokens are plain LSNs; a
+        :class:`~sqlalchemy_scale.ShardSet` gives each shard its shard id. Two ReplicaSets
+        used in one :func:`~sqlalchemy_scale.causal_context` need different scopes.
     :param engine_kwargs: passed to :func:`~sqlalchemy.create_engine` for every
         URL given (ignored for ready-made engines).
 
@@ -274,10 +279,19 @@ class ReplicaSet:
         read_timeout: float | None = 5.0,
         allow_writable_replicas: bool = False,
         read_your_writes: ReadYourWrites = "session",
+        causal_scope: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"ReplicaSet name must be a non-empty string, got {name!r}")
+        if causal_scope is not None and (not isinstance(causal_scope, str) or not causal_scope):
+            raise ConfigurationError(
+                f"ReplicaSet {name!r}: causal_scope must be None or a non-empty string, "
+                f"got {causal_scope!r}"
+            )
+        #: Where this primary's position sits in a token covering several primaries (None:
+        #: the unscoped position of a plain LSN token).
+        self.causal_scope: str | None = causal_scope
         if read_your_writes not in ("session", "process", "off"):
             raise ConfigurationError(
                 f"ReplicaSet {name!r}: read_your_writes must be 'session', 'process' or "
@@ -650,7 +664,7 @@ class ReplicaSet:
         self.note_primary_position(current)
         if position <= current:
             return position
-        reject_position(position, primary=current, where=repr(self.name))
+        reject_position(position, primary=current, where=repr(self.name), scope=self.causal_scope)
         return current
 
     def _start_monitor(self) -> None:

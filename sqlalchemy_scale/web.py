@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable
 from typing import Final, Protocol
 
-from .consistency import newer_token, parse_lsn
+from .consistency import newer_token, parse_token
 from .errors import ConfigurationError
 from .topology import Role
 
@@ -56,7 +56,7 @@ READ_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 # RFC 9110 token characters: valid cookie and header names.
 _NAME: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # A signed value is "<lsn>.<signature>"; anything longer than this is not ours.
-_MAX_VALUE: Final = 64
+_MAX_VALUE: Final = 1024  # a token may cover many primaries; a cookie holds 4 KiB
 _SIGNATURE_BYTES: Final = 16
 _SIGNING_CONTEXT: Final = b"sqlalchemy-scale causal token\x00"
 
@@ -193,9 +193,9 @@ class TokenCarrier:
             why = "signed, but no secret_key is configured"
         else:
             try:
-                parse_lsn(position)
+                parse_token(position)
             except ConfigurationError:
-                why = "not a WAL position"
+                why = "not a causal token"
         if why is None:
             return position
         # repr() escapes control characters, so a crafted value cannot forge log lines.
@@ -212,7 +212,7 @@ class TokenCarrier:
 
     def encode(self, token: str) -> str:
         """The value sent to the client for ``token`` (signed when a ``secret_key`` is set)."""
-        parse_lsn(token)  # never send anything but a token
+        parse_token(token)  # never send anything but a token
         if self._key is None:
             return token
         return f"{token}.{self._signature(token)}"

@@ -94,7 +94,11 @@ class ShardSet:
                 self._sets[str(shard_id)] = ReplicaSet(
                     primary=target, name=str(shard_id), **engine_kwargs
                 )
-        for replica_set in self._sets.values():
+        for shard_id, replica_set in self._sets.items():
+            # A shard's WAL positions sit under its id in a causal token covering several
+            # shards (unless the ReplicaSet was given a scope of its own).
+            if replica_set.causal_scope is None:
+                replica_set.causal_scope = shard_id
             if not replica_set.replicas:
                 # A shard without replicas reads from its primary by design: not a degraded
                 # state worth a WARNING per shard at its first read (which a ReplicaSet logs
