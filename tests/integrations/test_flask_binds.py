@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ import sqlalchemy_scale as ss
 from sqlalchemy_scale.consistency import parse_lsn, parse_token
 from sqlalchemy_scale.flask import Scale, replicas_by_bind, session_options
 from sqlalchemy_scale.local import LocalCluster, PgNode
+from sqlalchemy_scale.testing import wait_until
 
 _names = itertools.count(1)
 
@@ -51,6 +53,26 @@ class Account(db.Model):  # type: ignore[name-defined,misc]
     name: Mapped[str]
 
 
+class SlowAccount(db.Model):  # type: ignore[name-defined,misc]
+    """On the ``users`` bind; a deferred trigger makes its COMMIT sleep (see SLOW_SCHEMA)."""
+
+    __tablename__ = "flask_bind_slow"
+    __bind_key__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+
+
+SLOW_SCHEMA = """
+DROP TABLE IF EXISTS flask_bind_slow;
+CREATE TABLE flask_bind_slow (id serial PRIMARY KEY, name text NOT NULL);
+CREATE OR REPLACE FUNCTION flask_bind_slow_check() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(10); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER flask_bind_slow_check AFTER INSERT ON flask_bind_slow
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION flask_bind_slow_check();
+"""
+
+
 # Where a read ran, asked on each bind: from the model (its mapper), so the statement goes to
 # the model's bind (a bare select() names no table and goes to the default bind).
 WHERE_DEFAULT = select(func.inet_server_port(), func.pg_is_in_recovery()).select_from(BindNote)
@@ -69,13 +91,16 @@ def tables(scale_cluster: LocalCluster) -> Iterator[None]:
     scale_cluster.shards[0].execute(
         "DROP TABLE IF EXISTS flask_bind_accounts; "
         "CREATE TABLE flask_bind_accounts (id serial PRIMARY KEY, name text NOT NULL); "
-        "INSERT INTO flask_bind_accounts (name) VALUES ('first')"
+        "INSERT INTO flask_bind_accounts (name) VALUES ('first'); " + SLOW_SCHEMA
     )
     for replica in (*scale_cluster.replicas, *scale_cluster.shard_replicas[0]):
         replica.wait_for_replay()
     yield
     scale_cluster.primary.execute("DROP TABLE IF EXISTS flask_bind_notes")
-    scale_cluster.shards[0].execute("DROP TABLE IF EXISTS flask_bind_accounts")
+    scale_cluster.shards[0].execute(
+        "DROP TABLE IF EXISTS flask_bind_accounts, flask_bind_slow; "
+        "DROP FUNCTION IF EXISTS flask_bind_slow_check()"
+    )
 
 
 def where(session: Any, stmt: Any) -> dict[str, Any]:
@@ -345,6 +370,40 @@ def test_signed_tokens_covering_two_binds_round_trip(
     assert signature and set(parse_token(token)) == {None, "users"}
     assert signed["account"] and signed["note"]
     assert not unsigned["account"] and not unsigned["note"]
+
+
+def test_a_connection_lost_in_the_second_binds_commit_is_outcome_unknown(
+    app: Flask, scale_cluster: LocalCluster
+) -> None:
+    """A commit that wrote to both binds, whose users-bind connection is lost inside COMMIT,
+    raises CommitOutcomeUnknown naming that bind's primary (not a bare OperationalError), and
+    the users row is not there. (SQLAlchemy commits a session's connections in no fixed
+    order: the default bind's row may or may not have committed before.)"""
+    shard = scale_cluster.shards[0]
+
+    def sleeping() -> list[Any]:
+        return shard.execute("SELECT pid FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+
+    def terminate() -> None:
+        if wait_until(lambda: bool(sleeping()), timeout=10):
+            for (pid,) in sleeping():
+                shard.execute(f"SELECT pg_terminate_backend({pid})")
+
+    name = f"slow {next(_names)}"
+    killer = threading.Thread(target=terminate, daemon=True)
+    with app.app_context():
+        db.session.add(BindNote(body=name))
+        db.session.flush()
+        db.session.add(SlowAccount(name=name))
+        db.session.flush()
+        killer.start()
+        with pytest.raises(ss.CommitOutcomeUnknown) as caught:
+            db.session.commit()
+        db.session.rollback()
+    killer.join(15)
+    assert "[users]" in str(caught.value) and caught.value.node == "primary"
+    assert scale_cluster.password not in str(caught.value)
+    assert shard.execute("SELECT count(*) FROM flask_bind_slow WHERE name = %s", [name]) == [(0,)]
 
 
 # -- configuration (no server: these URLs are never connected to) ----------------------------
