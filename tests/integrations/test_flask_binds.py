@@ -171,9 +171,15 @@ def make_app(cluster: LocalCluster, driver: str, **config: Any) -> tuple[Flask, 
 
     @app.route("/where", methods=["GET", "POST"])
     def whereabouts() -> dict[str, Any]:
+        # A SELECT naming no model goes to the default bind unless bind_arguments name one.
+        port, in_recovery = db.session.execute(
+            select(func.inet_server_port(), func.pg_is_in_recovery()),
+            bind_arguments={"mapper": Account},
+        ).one()
         return {
             "users": where(db.session, WHERE_USERS),
             "default": where(db.session, WHERE_DEFAULT),
+            "named": {"port": port, "replica": in_recovery},
         }
 
     @app.get("/visit/<how>")
@@ -301,13 +307,15 @@ def test_statements_on_each_bind_land_where_the_method_says(
     app: Flask, scale_cluster: LocalCluster
 ) -> None:
     """Without tokens, a GET reads each bind from that bind's replica, and a POST reads each
-    bind from that bind's primary."""
+    bind from that bind's primary (a bind named by bind_arguments={"mapper": ...} too)."""
     client = app.test_client()
     got = client.get("/where").json
     posted = client.post("/where").json
     assert on_replica(got["users"], scale_cluster.shard_replicas[0])
+    assert on_replica(got["named"], scale_cluster.shard_replicas[0])
     assert on_replica(got["default"], scale_cluster.replicas)
     assert on_primary(posted["users"], scale_cluster.shards[0])
+    assert on_primary(posted["named"], scale_cluster.shards[0])
     assert on_primary(posted["default"], scale_cluster.primary)
 
 
