@@ -65,7 +65,7 @@ from .web import RoleResolver, TokenCarrier, make_carrier, resolve_role, role_fo
 if TYPE_CHECKING:
     from .routing import _Route
 
-__all__ = ["RoutingFlaskSession", "Scale", "replicas_by_bind", "session_options"]
+__all__ = ["RoutingFlaskSession", "Scale", "session_options"]
 
 log = logging.getLogger("sqlalchemy_scale.web")
 
@@ -303,8 +303,13 @@ class Scale:
                     "build the extension with SQLAlchemy(session_options="
                     "sqlalchemy_scale.flask.session_options())"
                 )
-            by_bind = replicas_by_bind(app.config.get(REPLICAS_KEY, ()), engines)
+            by_bind = _replicas_by_bind(app.config.get(REPLICAS_KEY, ()), engines)
             set_options = dict(app.config.get(OPTIONS_KEY, {}))
+            if "causal_scope" in set_options:
+                raise ConfigurationError(
+                    f"Scale: {OPTIONS_KEY} sets causal_scope; each bind's ReplicaSet takes its "
+                    "bind key as its causal scope (None for the default bind)"
+                )
             name = str(set_options.pop("name", app.name))
             built: dict[str | None, ReplicaSet] = {}
             try:
@@ -349,7 +354,7 @@ class Scale:
                 replica_set.dispose()
 
 
-def replicas_by_bind(
+def _replicas_by_bind(
     config: Any, engines: Mapping[str | None, Engine]
 ) -> dict[str | None, list[Any]]:
     """``SQLALCHEMY_SCALE_REPLICAS`` read against Flask-SQLAlchemy's engines: the replica
@@ -359,8 +364,6 @@ def replicas_by_bind(
     default bind). Raises :class:`~sqlalchemy_scale.ConfigurationError` naming a bind key
     that is not in ``SQLALCHEMY_BINDS``, a value that is not a list of URLs, and an app
     without a default bind; nothing connects.
-
-    .. versionadded:: 0.4
     """
     if None not in engines:
         raise ConfigurationError(

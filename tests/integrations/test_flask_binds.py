@@ -25,7 +25,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.consistency import parse_lsn, parse_token
-from sqlalchemy_scale.flask import Scale, replicas_by_bind, session_options
+from sqlalchemy_scale.flask import Scale, _replicas_by_bind, session_options
 from sqlalchemy_scale.local import LocalCluster, PgNode
 from sqlalchemy_scale.testing import wait_until
 
@@ -461,6 +461,15 @@ def test_replicas_that_are_not_lists_of_urls_are_refused(replicas: Any, match: s
         Scale(app, db=this_db)
 
 
+def test_a_causal_scope_in_the_options_is_refused() -> None:
+    """SQLALCHEMY_SCALE_OPTIONS apply to every bind's ReplicaSet, whose causal scope is its
+    bind key: a causal_scope there raises at init_app rather than be silently replaced."""
+    app, this_db = config_app(SQLALCHEMY_SCALE_REPLICAS=[_NOWHERE])
+    app.config["SQLALCHEMY_SCALE_OPTIONS"] = {"monitor": False, "causal_scope": "x"}
+    with pytest.raises(ss.ConfigurationError, match="causal_scope"):
+        Scale(app, db=this_db)
+
+
 def test_an_app_without_a_default_bind_is_refused() -> None:
     """db.session routes over the default bind's primary: an app with only SQLALCHEMY_BINDS
     is refused at init_app, saying to set SQLALCHEMY_DATABASE_URI."""
@@ -477,8 +486,8 @@ def test_each_bind_with_replicas_gets_its_own_replica_set() -> None:
     ReplicaSet whose primary is Flask-SQLAlchemy's engine for it and whose causal scope is
     its bind key; binds without replicas get none."""
     engines = {None: object(), "users": object(), "logs": object()}
-    assert replicas_by_bind(["r1"], engines) == {None: ["r1"]}  # type: ignore[arg-type]
-    assert replicas_by_bind({"users": ["r2"], "logs": []}, engines) == {  # type: ignore[arg-type]
+    assert _replicas_by_bind(["r1"], engines) == {None: ["r1"]}  # type: ignore[arg-type]
+    assert _replicas_by_bind({"users": ["r2"], "logs": []}, engines) == {  # type: ignore[arg-type]
         None: [],
         "users": ["r2"],
     }
