@@ -130,6 +130,8 @@ class RoutingFlaskSession(FlaskSQLAlchemySession, RoutingSession):
         Binds other than the default are routed over their replicas too.
     """
 
+    _picks_binds = True
+
     def __init__(self, db: SQLAlchemy, **kwargs: Any) -> None:
         state = _state(current_app)
         if has_request_context():

@@ -21,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from contextvars import Token
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -180,10 +180,13 @@ class RoutingSession(Session):
         if bind is not None:
             self._last_route = None  # not ours: a failure on it is not a replica's
             return bind
-        route = self._route_for(mapper, clause)
-        if not isinstance(route, _Route):  # a bind routed over no replica set: as it is
-            self._last_route = None
-            return route
+        if self._picks_binds:
+            route = self._route_for(mapper, clause)
+            if not isinstance(route, _Route):  # a bind routed over no replica set: as it is
+                self._last_route = None
+                return route
+        else:  # one replica set (no call on this path: it runs for every statement)
+            route = self._route
         self._last_route = route
         router = route.router
         flushing = is_flushing(self)
@@ -209,6 +212,9 @@ class RoutingSession(Session):
         return node.engine
 
     # -- several replica sets (a subclass routing several binds) -----------------------------
+
+    #: True in a subclass whose :meth:`_route_for` picks a statement's bind.
+    _picks_binds: ClassVar[bool] = False
 
     def _route_for(self, mapper: Any, clause: ClauseElement | None) -> _Route | Engine | Connection:
         """The route of a statement: this session's one. A subclass routing several binds
