@@ -118,8 +118,7 @@ def make_app(cluster: LocalCluster, driver: str, **config: Any) -> tuple[Flask, 
             None: [r.url(driver) for r in cluster.replicas],
             "users": [r.url(driver) for r in cluster.shard_replicas[0]],
         },
-        SQLALCHEMY_SCALE_OPTIONS={"monitor_interval": 0.05},
-        **config,
+        **{"SQLALCHEMY_SCALE_OPTIONS": {"monitor_interval": 0.05}, **config},
     )
     db.init_app(app)
     scale = Scale(app, db=db)
@@ -413,6 +412,33 @@ def test_a_connection_lost_in_the_second_binds_commit_is_outcome_unknown(
     assert "[users]" in str(caught.value) and caught.value.node == "primary"
     assert scale_cluster.password not in str(caught.value)
     assert shard.execute("SELECT count(*) FROM flask_bind_slow WHERE name = %s", [name]) == [(0,)]
+
+
+def test_a_lost_replica_of_the_users_bind_is_retried_on_its_primary(
+    scale_cluster: LocalCluster,
+    driver: str,
+    tables: None,
+    scale_restart: Callable[[PgNode], None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With shard0's replica stopped (and no monitor to notice first), a GET whose first
+    statement reads the users bind fails on that replica and is retried once on the users
+    bind's primary: the page is served, and the default bind still reads from its replicas."""
+    app, scale = make_app(scale_cluster, driver, SQLALCHEMY_SCALE_OPTIONS={"monitor": False})
+    victim = scale_cluster.shard_replicas[0][0]
+    scale_restart(victim)
+    try:
+        victim.stop()
+        with caplog.at_level(logging.WARNING, logger="sqlalchemy_scale"):
+            response = app.test_client().get("/accounts/1")
+    finally:
+        scale.dispose(app)
+    assert response.status_code == 200, response.text
+    answer = response.json
+    assert answer["found"] and on_primary(answer["users"], scale_cluster.shards[0])
+    assert on_replica(answer["default"], scale_cluster.replicas)
+    assert "retrying it once on another node" in caplog.text
+    assert "[users]" in caplog.text  # the users bind's replica set is named
 
 
 # -- configuration (no server: these URLs are never connected to) ----------------------------
