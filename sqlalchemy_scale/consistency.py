@@ -350,7 +350,7 @@ _FIRST_COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_POSITION_SQL
 class _Committer(Protocol):
     """What the error hook needs from the routing session whose commit is in progress."""
 
-    primary_connection: Connection | None
+    def is_primary_connection(self, connection: Connection | None) -> bool: ...
 
     def get_transaction(self) -> SessionTransaction | None: ...
 
@@ -386,7 +386,7 @@ def _in_commit(context: ExceptionContext) -> bool:
     if context.statement is not None or context.connection is None:
         return False
     committer = _COMMITTING.get()
-    if committer is None or committer.primary_connection is not context.connection:
+    if committer is None or not committer.is_primary_connection(context.connection):
         return False
     transaction = committer.get_transaction()
     return transaction is not None and not transaction.is_active

@@ -9,12 +9,22 @@ the extension; models, ``db.session`` and ``__bind_key__`` stay as they are::
     db.init_app(app)
     Scale(app, db=db)
 
-The primary is ``db.engine``; replicas come from ``SQLALCHEMY_SCALE_REPLICAS`` (a list of
-URLs) and :class:`~sqlalchemy_scale.ReplicaSet` options from ``SQLALCHEMY_SCALE_OPTIONS``
-(a dict: ``policy``, ``max_lag_seconds``, ``pool``, ...); ``SQLALCHEMY_SCALE_COOKIE_NAME``,
-``SQLALCHEMY_SCALE_HEADER_NAME`` and ``SQLALCHEMY_SCALE_SECRET_KEY`` (else ``SECRET_KEY``)
-configure the token's carriers. Models with a ``__bind_key__`` run on their
-``SQLALCHEMY_BINDS`` engine, exactly as Flask-SQLAlchemy sends them.
+The primary is ``db.engine``; replicas come from ``SQLALCHEMY_SCALE_REPLICAS`` and
+:class:`~sqlalchemy_scale.ReplicaSet` options from ``SQLALCHEMY_SCALE_OPTIONS`` (a dict:
+``policy``, ``max_lag_seconds``, ``pool``, ...; for every bind's set);
+``SQLALCHEMY_SCALE_COOKIE_NAME``, ``SQLALCHEMY_SCALE_HEADER_NAME`` and
+``SQLALCHEMY_SCALE_SECRET_KEY`` (else ``SECRET_KEY``) configure the token's carriers.
+
+``SQLALCHEMY_SCALE_REPLICAS`` is a list of URLs (the default bind's replicas) or a mapping
+by bind key, ``{None: [...], "users": [...]}``, for apps with ``SQLALCHEMY_BINDS``: each
+bind with replicas gets a :class:`~sqlalchemy_scale.ReplicaSet` of its own (primary:
+Flask-SQLAlchemy's engine for the bind, ``causal_scope``: the bind key) and a
+:class:`~sqlalchemy_scale.Router` of its own in ``db.session``. The session picks a
+statement's bind as Flask-SQLAlchemy does (``__bind_key__``, table metadata), then routes it
+inside that bind: "the transaction has written" and the transaction's replica are per bind,
+and a commit that wrote to two binds records both primaries' positions in the one token.
+Binds without replicas run on their ``SQLALCHEMY_BINDS`` engine, exactly as
+Flask-SQLAlchemy sends them.
 
 Plain Flask: ``scale = Scale(app, replica_set=replicas)`` and ``scale.session`` is a
 routing session for the current request, closed when the request ends.
@@ -26,9 +36,10 @@ middleware (they read the token from the cookie or header, run the request insid
 replicas; other methods from the primary); :class:`~sqlalchemy_scale.web.TokenCarrier`
 is where the token lives. A user who posts a form then sees the result on the redirect.
 
-When *not* to use it: replicas for a bind key other than the default are refused (the
-token is one primary's WAL position; tokens per bind are not carried yet), and a streamed
-response that commits after its headers went out cannot send that commit's token.
+When *not* to use it: a streamed response that commits after its headers went out cannot
+send that commit's token. A transaction that writes to two binds commits them one after
+the other, as Flask-SQLAlchemy always has (no two-phase commit): the second may fail after
+the first committed.
 """
 
 from __future__ import annotations
@@ -37,9 +48,8 @@ import logging
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import sqlalchemy as sa
 from flask import Flask, Response, current_app, g, has_request_context, request
 from flask_sqlalchemy import SQLAlchemy
 from flask_sqlalchemy.session import Session as FlaskSQLAlchemySession
@@ -51,6 +61,9 @@ from .errors import ConfigurationError
 from .routing import RoutingSession, routing_sessionmaker
 from .topology import ReplicaSet, Role
 from .web import RoleResolver, TokenCarrier, make_carrier, resolve_role, role_for_method
+
+if TYPE_CHECKING:
+    from .routing import _Route
 
 __all__ = ["RoutingFlaskSession", "Scale", "session_options"]
 
@@ -75,6 +88,8 @@ class _AppState:
     owns_replica_set: bool
     sessionmaker: sessionmaker[Any] | None = None
     db: SQLAlchemy | None = None
+    #: Flask-SQLAlchemy: the replica sets of binds other than the default, by bind key.
+    bind_replica_sets: dict[str, ReplicaSet] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,17 +114,23 @@ def _state(app: Flask) -> _AppState:
 
 
 class RoutingFlaskSession(FlaskSQLAlchemySession, RoutingSession):
-    """Flask-SQLAlchemy's ``db.session`` class, routing the default bind over replicas.
+    """Flask-SQLAlchemy's ``db.session`` class, routing each bind over its replicas.
 
-    Statements on the default bind follow :meth:`RoutingSession.get_bind
-    <sqlalchemy_scale.RoutingSession.get_bind>`'s rules over the app's
-    :class:`~sqlalchemy_scale.ReplicaSet` (primary ``db.engine``); statements on a model or
-    table with a ``__bind_key__`` go to that bind's engine, as Flask-SQLAlchemy sends them.
-    Inside a request the default role follows the HTTP method. Pass it with
-    :func:`session_options`.
+    A statement's bind is chosen by Flask-SQLAlchemy's own rules (the model's
+    ``__bind_key__``, the table's metadata); inside a bind with replicas it follows
+    :meth:`RoutingSession.get_bind <sqlalchemy_scale.RoutingSession.get_bind>`'s rules over
+    that bind's :class:`~sqlalchemy_scale.ReplicaSet`, with a
+    :class:`~sqlalchemy_scale.Router` per bind (so "the transaction has written" holds per
+    bind). A bind without replicas gets its ``SQLALCHEMY_BINDS`` engine, as
+    Flask-SQLAlchemy sends it. Inside a request the default role follows the HTTP method.
+    Pass it with :func:`session_options`.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.4
+        Binds other than the default are routed over their replicas too.
     """
+
+    _picks_binds = True
 
     def __init__(self, db: SQLAlchemy, **kwargs: Any) -> None:
         state = _state(current_app)
@@ -117,6 +138,8 @@ class RoutingFlaskSession(FlaskSQLAlchemySession, RoutingSession):
             kwargs.setdefault("default_role", _request_role(state))
         kwargs.setdefault("replica_set", state.replica_set)
         super().__init__(db, **kwargs)
+        for replica_set in state.bind_replica_sets.values():
+            self._add_replica_set(replica_set)
 
     def get_bind(
         self,
@@ -125,10 +148,14 @@ class RoutingFlaskSession(FlaskSQLAlchemySession, RoutingSession):
         bind: Engine | Connection | None = None,
         **kw: Any,
     ) -> Engine | Connection:
-        if bind is None and _bind_key(mapper, clause) is not None:
-            # Another bind: its engine, chosen by Flask-SQLAlchemy's own rules.
-            return FlaskSQLAlchemySession.get_bind(self, mapper, clause, bind, **kw)
         return RoutingSession.get_bind(self, mapper, clause=clause, bind=bind, **kw)
+
+    def _route_for(self, mapper: Any, clause: Any) -> _Route | Engine | Connection:
+        # The bind by Flask-SQLAlchemy's own rules (its engine; a bind key missing from
+        # SQLALCHEMY_BINDS raises there), then that bind's route if it has replicas.
+        engine = FlaskSQLAlchemySession.get_bind(self, mapper, clause)
+        route = self._routes.get(engine) if isinstance(engine, Engine) else None
+        return engine if route is None else route
 
 
 def session_options(**options: Any) -> dict[str, Any]:
@@ -145,30 +172,13 @@ def session_options(**options: Any) -> dict[str, Any]:
     return {"class_": RoutingFlaskSession, **options}
 
 
-def _bind_key(mapper: Any, clause: Any) -> str | None:
-    """The Flask-SQLAlchemy bind key a statement names, or None for the default bind: the
-    mapper's table first, then a table or DML statement's table, as its Session.get_bind."""
-    tables = []
-    if mapper is not None:
-        tables.append(getattr(sa.inspect(mapper), "local_table", None))
-    if isinstance(clause, sa.Table):
-        tables.append(clause)
-    elif isinstance(clause, sa.UpdateBase):
-        tables.append(clause.table)
-    for table in tables:
-        if isinstance(table, sa.Table) and "bind_key" in table.metadata.info:
-            key = table.metadata.info["bind_key"]
-            if key is not None:
-                return str(key)
-    return None
-
-
 class Scale:
     """The Flask extension: causal tokens between requests and routing sessions per request.
 
     :param app: the Flask app, or None to call :meth:`init_app` later (app factories).
     :param db: a Flask-SQLAlchemy ``SQLAlchemy`` built with :func:`session_options`; its
-        ``db.engine`` is the primary and ``SQLALCHEMY_SCALE_REPLICAS`` lists the replicas.
+        ``db.engine`` is the primary and ``SQLALCHEMY_SCALE_REPLICAS`` lists the replicas
+        (or maps bind keys of ``SQLALCHEMY_BINDS`` to theirs).
     :param replica_set: for plain Flask (no ``db``): the
         :class:`~sqlalchemy_scale.ReplicaSet` behind :attr:`session`.
     :param sessionmaker: for plain Flask: the sessionmaker of routing sessions behind
@@ -185,10 +195,13 @@ class Scale:
         three keywords above.
 
     Misconfiguration (no ``db`` and no ``replica_set``, a ``db`` whose session class does not
-    route, replicas configured for a bind key) raises
-    :class:`~sqlalchemy_scale.ConfigurationError` in :meth:`init_app`.
+    route, replicas configured for a bind key that is not in ``SQLALCHEMY_BINDS``) raises
+    :class:`~sqlalchemy_scale.ConfigurationError` in :meth:`init_app`, before any engine
+    connects.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.4
+        ``SQLALCHEMY_SCALE_REPLICAS`` may map bind keys to their replicas.
     """
 
     def __init__(
@@ -247,8 +260,16 @@ class Scale:
             options["header_name"] = options["header_name"] or app.config.get(HEADER_NAME_KEY)
         carrier = make_carrier(where="Scale", **options)
         if self.db is not None:
-            built = self._replica_set_for(app, self.db)
-            state = _AppState(carrier, self.resolver, built, True, db=self.db)
+            built = self._replica_sets_for(app, self.db)
+            default = built.pop(None)
+            state = _AppState(
+                carrier,
+                self.resolver,
+                default,
+                True,
+                db=self.db,
+                bind_replica_sets={str(key): rs for key, rs in built.items()},
+            )
         else:
             maker = self.sessionmaker
             replica_set = self.replica_set
@@ -269,7 +290,7 @@ class Scale:
         app.teardown_request(_teardown_request)
 
     @staticmethod
-    def _replica_set_for(app: Flask, db: SQLAlchemy) -> ReplicaSet:
+    def _replica_sets_for(app: Flask, db: SQLAlchemy) -> dict[str | None, ReplicaSet]:
         with app.app_context():
             try:
                 engines = db.engines
@@ -284,25 +305,32 @@ class Scale:
                     "build the extension with SQLAlchemy(session_options="
                     "sqlalchemy_scale.flask.session_options())"
                 )
-            replicas = app.config.get(REPLICAS_KEY, ())
-            if isinstance(replicas, Mapping):
-                extra = sorted(str(k) for k, urls in replicas.items() if k is not None and urls)
-                if extra:
-                    raise ConfigurationError(
-                        f"Scale: {REPLICAS_KEY} names bind keys {extra}; only the default "
-                        "bind is routed over replicas in this version (a causal token is "
-                        "one primary's WAL position). Those binds keep running on their "
-                        "SQLALCHEMY_BINDS engine; list the default bind's replicas as a list"
-                    )
-                replicas = replicas.get(None, ())
-            if isinstance(replicas, str) or not isinstance(replicas, Sequence):
-                raise ConfigurationError(
-                    f"Scale: {REPLICAS_KEY} must be a list of replica URLs, got "
-                    f"{type(replicas).__name__}"
-                )
+            by_bind = _replicas_by_bind(app.config.get(REPLICAS_KEY, ()), engines)
             set_options = dict(app.config.get(OPTIONS_KEY, {}))
-            set_options.setdefault("name", app.name)
-            return ReplicaSet(primary=engines[None], replicas=list(replicas), **set_options)
+            if "causal_scope" in set_options:
+                raise ConfigurationError(
+                    f"Scale: {OPTIONS_KEY} sets causal_scope; each bind's ReplicaSet takes its "
+                    "bind key as its causal scope (None for the default bind)"
+                )
+            name = str(set_options.pop("name", app.name))
+            built: dict[str | None, ReplicaSet] = {}
+            try:
+                for key, urls in by_bind.items():
+                    replica_set = ReplicaSet(
+                        primary=engines[key],
+                        replicas=urls,
+                        name=name if key is None else f"{name}[{key}]",
+                        causal_scope=key,
+                        **set_options,
+                    )
+                    built[key] = replica_set
+                    if not urls:  # no replicas for the default bind, by configuration
+                        replica_set.quiet_fallback()
+            except BaseException:
+                for replica_set in built.values():
+                    replica_set.dispose()
+                raise
+            return built
 
     @property
     def session(self) -> RoutingSession:
@@ -320,10 +348,50 @@ class Scale:
 
     def dispose(self, app: Flask) -> None:
         """Dispose of the replica engines the extension built for ``app`` (Flask-SQLAlchemy
-        mode; ``db.engine`` stays Flask-SQLAlchemy's)."""
+        mode, every bind's; ``db.engines`` stay Flask-SQLAlchemy's)."""
         state = _state(app)
         if state.owns_replica_set:
             state.replica_set.dispose()
+            for replica_set in state.bind_replica_sets.values():
+                replica_set.dispose()
+
+
+def _replicas_by_bind(
+    config: Any, engines: Mapping[str | None, Engine]
+) -> dict[str | None, list[Any]]:
+    """``SQLALCHEMY_SCALE_REPLICAS`` read against Flask-SQLAlchemy's engines: the replica
+    URLs of each bind that has some, the default bind (None) always (maybe none).
+
+    A list is the default bind's replicas; a mapping is keyed by bind key (None for the
+    default bind). Raises :class:`~sqlalchemy_scale.ConfigurationError` naming a bind key
+    that is not in ``SQLALCHEMY_BINDS``, a value that is not a list of URLs, and an app
+    without a default bind; nothing connects.
+    """
+    if None not in engines:
+        raise ConfigurationError(
+            "Scale: the app has no default bind; set SQLALCHEMY_DATABASE_URI (its engine is "
+            "the primary that db.session routes over)"
+        )
+    given = dict(config) if isinstance(config, Mapping) else {None: config}
+    unknown = sorted(repr(key) for key in given if key not in engines)
+    if unknown:
+        binds = sorted(str(key) for key in engines if key is not None)
+        raise ConfigurationError(
+            f"Scale: {REPLICAS_KEY} names bind key(s) {', '.join(unknown)}, which "
+            f"SQLALCHEMY_BINDS does not have (its bind keys: {binds}); replicas belong to a "
+            "bind that Flask-SQLAlchemy knows"
+        )
+    by_bind: dict[str | None, list[Any]] = {None: []}
+    for key, urls in given.items():
+        where = "" if not isinstance(config, Mapping) else f"[{key!r}]"
+        if isinstance(urls, str | bytes) or not isinstance(urls, Sequence):
+            raise ConfigurationError(
+                f"Scale: {REPLICAS_KEY}{where} must be a list of replica URLs, got "
+                f"{type(urls).__name__}"
+            )
+        if urls or key is None:
+            by_bind[key] = list(urls)
+    return by_bind
 
 
 # -- request hooks: HTTP plumbing only --------------------------------------------------------

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import Token
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin
 from sqlalchemy.sql.elements import ClauseElement
 
 from ._sa import is_flushing
-from .consistency import _COMMITTING, request_commit_position
+from .consistency import _COMMITTING, newer_token, request_commit_position
 from .errors import ConfigurationError
 from .router import ROUTING_OPTIONS, Router, decide_role, use_primary
 from .topology import Node, ReplicaSet, Role
@@ -88,18 +88,19 @@ class RoutingSession(Session):
             )
         super().__init__(bind, **kw)
         self.replica_set = replica_set
-        #: What this session's transaction has done, and where its next statement goes.
-        self.router = Router(
-            replica_set, default_role=default_role, causal_token=causal_token, owner=self
-        )
-        #: The transaction's connection to the primary, once it has one.
-        self.primary_connection: Connection | None = None
+        self._causal_token = causal_token
+        # One route per replica set routed over, keyed by its primary engine: the
+        # replica_set's, and any a subclass adds for other binds (_add_replica_set).
+        self._routes: dict[Engine, _Route] = {}
+        self._route = self._add_replica_set(replica_set, default_role)
+        #: What this session's transaction has done on ``replica_set``, and where its next
+        #: statement goes.
+        self.router = self._route.router
+        # The route of the latest statement (None: a bind the caller chose, or no route).
+        self._last_route: _Route | None = None
         self._committing: Token[Any] | None = None
-        # The transaction's replica connection, joined to the session in "rollback_only"
-        # mode so that commit() never sends anything on it (see _replica_bind), and the
-        # depth of this session's own execute() calls (only they get such a connection).
-        self._replica_connection: Connection | None = None
-        self._replica_engine_used = False
+        # The depth of this session's own execute() calls (only they get a replica
+        # connection joined in "rollback_only" mode, see _Route.replica_bind).
         self._executing = 0
         # Inside this session's connection(): its bind is for the transaction, as a statement's.
         self._connecting = False
@@ -114,18 +115,39 @@ class RoutingSession(Session):
 
     @default_role.setter
     def default_role(self, role: Role) -> None:
-        self.router.default_role = role
+        for route in self._routes.values():
+            route.router.default_role = role
 
     @property
     def has_written(self) -> bool:
-        """True once the current transaction has sent a write (or lock) to the primary."""
-        return self.router.has_written
+        """True once the current transaction has sent a write (or lock) to a primary."""
+        if len(self._routes) == 1:
+            return self.router.has_written
+        return any(route.router.has_written for route in self._routes.values())
 
     @property
     def causal_token(self) -> str | None:
         """The newest causal token this session honours: the one it was given, or the
-        primary's WAL position after its latest committed write."""
-        return self.router.causal_token
+        primary's WAL position after its latest committed write (one token covering every
+        primary the session routes over, each under its replica set's ``causal_scope``)."""
+        if len(self._routes) == 1:
+            return self.router.causal_token
+        token = None
+        for route in self._routes.values():
+            token = newer_token(token, route.router.causal_token)
+        return token
+
+    @property
+    def primary_connection(self) -> Connection | None:
+        """The transaction's connection to the primary of ``replica_set``, once it has one."""
+        return self._route.primary_connection
+
+    def is_primary_connection(self, connection: Connection | None) -> bool:
+        """Whether ``connection`` is this transaction's connection to a primary it routes
+        over (the commit-outcome check of :mod:`sqlalchemy_scale.consistency`)."""
+        return connection is not None and any(
+            route.primary_connection is connection for route in self._routes.values()
+        )
 
     def use_primary(self) -> use_primary:
         """Pin this session's statements to the primary: ``with session.use_primary(): ...``
@@ -155,16 +177,24 @@ class RoutingSession(Session):
         transaction (``session.get_bind(clause=stmt)``), it says where the statement would
         go and changes nothing: the next transaction starts unwritten.
         """
-        router = self.router
         if bind is not None:
-            router.last_node = None  # not ours: a failure on it is not a replica's
+            self._last_route = None  # not ours: a failure on it is not a replica's
             return bind
+        if self._picks_binds:
+            route = self._route_for(mapper, clause)
+            if not isinstance(route, _Route):  # a bind routed over no replica set: as it is
+                self._last_route = None
+                return route
+        else:  # one replica set (no call on this path: it runs for every statement)
+            route = self._route
+        self._last_route = route
+        router = route.router
         flushing = is_flushing(self)
         if clause is None and not flushing:
             # A bare get_bind() (session.connection(), pandas.read_sql(q, session.get_bind()))
             # names no statement: the primary, with no effect on routing state. connection()
             # pins the transaction itself, since it hands out something to write through.
-            return self.replica_set.primary.engine
+            return route.primary_engine
         decision = router.decide(
             clause, flushing, kw.get(CALL_OPTIONS)
         )  # positional: per statement
@@ -174,34 +204,50 @@ class RoutingSession(Session):
             return router.peek(decision).engine
         node = router.record(decision, clause, self)
         if node.is_replica:
-            if self._executing and not self._replica_engine_used:
-                return self._replica_bind(node)
+            if self._executing and not route.replica_engine_used:
+                return route.replica_bind(node, self.join_transaction_mode)
             # Session may connect the engine itself now; it then refuses a second connection
             # to the same engine in this transaction, so the rest of it uses the engine too.
-            self._replica_engine_used = self._replica_connection is None
+            route.replica_engine_used = route.replica_connection is None
         return node.engine
 
-    def _replica_bind(self, node: Node) -> Engine | Connection:
-        """The transaction's connection to its replica, already in a transaction.
+    # -- several replica sets (a subclass routing several binds) -----------------------------
 
-        Session joins a connection handed to it inside a transaction in "rollback_only"
-        mode: its commit() commits only the primary, and close() leaves the replica's
-        read-only transaction to :meth:`_end_transaction`, which ends it and ignores a
-        failure (nothing was written there). So a replica that fails can neither decide
-        nor obscure the outcome of the primary's COMMIT, whatever order SQLAlchemy would
-        commit the session's connections in, and a read-only session does not raise at
-        close. Only for this session's own statements: a bare ``get_bind()`` has no side
-        effects, and a session that would commit joined connections (another
-        ``join_transaction_mode``) gets the engine as before.
+    #: True in a subclass whose :meth:`_route_for` picks a statement's bind.
+    _picks_binds: ClassVar[bool] = False
+
+    def _route_for(self, mapper: Any, clause: ClauseElement | None) -> _Route | Engine | Connection:
+        """The route of a statement: this session's one. A subclass routing several binds
+        (:class:`~sqlalchemy_scale.flask.RoutingFlaskSession`) picks the bind here, and
+        returns its route, or the bind's engine when no replica set routes it."""
+        return self._route
+
+    def _add_replica_set(self, replica_set: ReplicaSet, default_role: Role | None = None) -> _Route:
+        """Route statements on another primary (a bind) over ``replica_set`` too: a Router of
+        its own in this session's transaction, keyed by its primary engine.
+
+        Each replica set needs its own primary engine and ``causal_scope``: the scope names
+        its position in the one causal token covering them all.
         """
-        conn = self._replica_connection
-        if conn is None:
-            if self.join_transaction_mode not in _JOINS_ROLLBACK_ONLY:
-                return node.engine
-            conn = node.engine.connect()
-            conn.begin()  # nothing is sent yet: the driver begins with the first statement
-            self._replica_connection = conn
-        return conn
+        engine = replica_set.primary.engine
+        for route in self._routes.values():
+            if route.primary_engine is engine or (
+                route.replica_set.causal_scope == replica_set.causal_scope
+            ):
+                raise ConfigurationError(
+                    f"ReplicaSet {replica_set.name!r} shares its primary engine or its "
+                    f"causal_scope ({replica_set.causal_scope!r}) with ReplicaSet "
+                    f"{route.replica_set.name!r} in one session; give each primary its own "
+                    "engine and causal_scope"
+                )
+        router = Router(
+            replica_set,
+            default_role=self.default_role if default_role is None else default_role,
+            causal_token=self._causal_token,
+            owner=self,
+        )
+        route = self._routes[engine] = _Route(router)
+        return route
 
     def close(self) -> None:
         """Close the session; a server lost while its transaction is being discarded (the
@@ -231,16 +277,14 @@ class RoutingSession(Session):
             )
         finally:
             self._connecting = False
-        self.router.record_connection(conn.engine)
+        route = self._routes.get(conn.engine)
+        if route is not None:
+            route.router.record_connection(conn.engine)
         return conn
 
     def _end_transaction(self) -> None:
-        if self._replica_connection is not None:
-            conn, self._replica_connection = self._replica_connection, None
-            _end_read_only(conn, self._where(self.router.replica))
-        self.router.end_transaction()
-        self.primary_connection = None
-        self._replica_engine_used = False
+        for route in self._routes.values():
+            route.end_transaction()
 
     def rollback(self) -> None:
         """Roll back the current transaction (see :meth:`~sqlalchemy.orm.Session.rollback`).
@@ -252,20 +296,11 @@ class RoutingSession(Session):
         through SQLAlchemy's own transaction object, which this cannot reach: there a lost
         replica connection still raises, chained to the block's exception.)
         """
-        conn = self._replica_connection
         # (Not under a savepoint: SQLAlchemy rolls back to it first, on the replica too.)
-        if conn is not None and not conn.invalidated and self.get_nested_transaction() is None:
-            try:
-                # The driver's own rollback: SQLAlchemy's rollback then finds the driver
-                # idle and sends nothing.
-                conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
-            except Exception as exc:
-                _log_read_only_failure(self._where(self.router.replica), exc)
-                conn.invalidate()
+        if self.get_nested_transaction() is None:
+            for route in self._routes.values():
+                route.roll_back_replica()
         super().rollback()
-
-    def _where(self, node: Node | None) -> str:
-        return f"replica {node.name if node is not None else '?'} of {self.replica_set.name!r}"
 
     # -- execution: options in, replica failures handled -----------------------------------
 
@@ -304,8 +339,9 @@ class RoutingSession(Session):
         transaction's first statement, nothing was written and nothing is pending in the
         session (a rollback must lose nothing). Any other error is re-raised untouched.
         """
-        node = self.router.failed_replica(exc)
-        if node is None:
+        route = self._last_route
+        node = None if route is None else route.router.failed_replica(exc)
+        if route is None or node is None:
             raise exc
         if isinstance(exc, DBAPIError) and not exc.connection_invalidated:
             # The server reported its own shutdown (57P0x) and SQLAlchemy kept the connection:
@@ -313,10 +349,13 @@ class RoutingSession(Session):
             with contextlib.suppress(DBAPIError, OSError):  # already gone: nothing to drop
                 self.connection(bind_arguments={"bind": node.engine}).invalidate()
         transaction = self.get_transaction()
-        self.router.check_retry(
+        route.router.check_retry(
             node,
             exc,
             clean=not (self.new or self.dirty or self.deleted)
+            # With several routes, the failed read must be the transaction's first statement
+            # on any of them: rolling back also rolls back the other primaries.
+            and not _others_ran(self._routes.values(), route)
             # Only a transaction the session began by itself may be rolled back and begun
             # again; one opened by `with session.begin():` belongs to the caller's block.
             # (None: the replica's connection failed before the transaction began.)
@@ -326,6 +365,91 @@ class RoutingSession(Session):
             self._end_transaction()  # nothing began: only the routing state to reset
         else:
             self.rollback()
+
+
+class _Route:
+    """One replica set's part of a session's transaction: its :class:`Router` and the
+    connections the transaction holds to its primary and its replica."""
+
+    __slots__ = (
+        "primary_connection",
+        "primary_engine",
+        "replica_connection",
+        "replica_engine_used",
+        "replica_set",
+        "router",
+    )
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.replica_set = router.replica_set
+        self.primary_engine = router.replica_set.primary.engine
+        #: The transaction's connection to the primary, once it has one.
+        self.primary_connection: Connection | None = None
+        # The transaction's replica connection, joined to the session in "rollback_only"
+        # mode so that commit() never sends anything on it (see replica_bind).
+        self.replica_connection: Connection | None = None
+        self.replica_engine_used = False
+
+    def replica_bind(self, node: Node, join_transaction_mode: str) -> Engine | Connection:
+        """The transaction's connection to its replica, already in a transaction.
+
+        Session joins a connection handed to it inside a transaction in "rollback_only"
+        mode: its commit() commits only the primary, and close() leaves the replica's
+        read-only transaction to :meth:`end_transaction`, which ends it and ignores a
+        failure (nothing was written there). So a replica that fails can neither decide
+        nor obscure the outcome of the primary's COMMIT, whatever order SQLAlchemy would
+        commit the session's connections in, and a read-only session does not raise at
+        close. Only for the session's own statements: a bare ``get_bind()`` has no side
+        effects, and a session that would commit joined connections (another
+        ``join_transaction_mode``) gets the engine as before.
+        """
+        conn = self.replica_connection
+        if conn is None:
+            if join_transaction_mode not in _JOINS_ROLLBACK_ONLY:
+                return node.engine
+            conn = node.engine.connect()
+            conn.begin()  # nothing is sent yet: the driver begins with the first statement
+            self.replica_connection = conn
+        return conn
+
+    def roll_back_replica(self) -> None:
+        """Roll back the replica's read-only transaction; a failure is logged, not raised."""
+        conn = self.replica_connection
+        if conn is not None and not conn.invalidated:
+            try:
+                # The driver's own rollback: SQLAlchemy's rollback then finds the driver
+                # idle and sends nothing.
+                conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+            except Exception as exc:
+                _log_read_only_failure(self.where(), exc)
+                conn.invalidate()
+
+    def record_commit(self) -> None:
+        """The transaction committed: if it wrote here, later reads must see the primary's
+        position after its commit."""
+        if not self.router.has_written:
+            return
+        position = self.replica_set.position_after_commit(self.primary_connection)
+        if position is not None:
+            self.replica_set.note_primary_position(position)
+            self.router.record_commit(position)
+
+    def end_transaction(self) -> None:
+        if self.replica_connection is not None:
+            conn, self.replica_connection = self.replica_connection, None
+            _end_read_only(conn, self.where())
+        self.router.end_transaction()
+        self.primary_connection = None
+        self.replica_engine_used = False
+
+    def where(self) -> str:
+        node = self.router.replica
+        return f"replica {node.name if node is not None else '?'} of {self.replica_set.name!r}"
+
+
+def _others_ran(routes: Iterable[_Route], route: _Route) -> bool:
+    return any(other.router.statements for other in routes if other is not route)
 
 
 def _end_read_only(conn: Connection, where: str) -> None:
@@ -367,12 +491,12 @@ def _with_call_options(kw: dict[str, Any]) -> dict[str, Any]:
 
 @event.listens_for(RoutingSession, "after_begin")
 def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
-    if (
-        isinstance(session, RoutingSession)
-        and connection.engine is session.replica_set.primary.engine
-    ):
-        session.primary_connection = connection
-        if session.replica_set.read_your_writes != "off":
+    if not isinstance(session, RoutingSession):
+        return
+    route = session._routes.get(connection.engine)  # noqa: SLF001 (this module's class)
+    if route is not None:
+        route.primary_connection = connection
+        if route.replica_set.read_your_writes != "off":
             request_commit_position(connection)
 
 
@@ -394,14 +518,12 @@ def _before_commit(session: Session) -> None:
 def _after_commit(session: Session) -> None:
     if (
         not isinstance(session, RoutingSession)
-        or not session.router.has_written
+        or not session.has_written
         or session.get_nested_transaction() is not None
     ):
         return
-    position = session.replica_set.position_after_commit(session.primary_connection)
-    if position is not None:
-        session.replica_set.note_primary_position(position)
-        session.router.record_commit(position)
+    for route in session._routes.values():  # noqa: SLF001 (this module's class)
+        route.record_commit()  # each primary written to: its position
 
 
 @event.listens_for(RoutingSession, "after_transaction_end")

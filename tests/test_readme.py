@@ -72,6 +72,9 @@ def namespace(scale_cluster: LocalCluster, driver: str) -> Iterator[dict[str, An
         "Mapped": Mapped,
         "mapped_column": mapped_column,
         **{f"S{i}_URL": shard.url(driver) for i, shard in enumerate(scale_cluster.shards)},
+        # The Flask app with two binds: its "users" bind is shard0 and its replica.
+        "USERS_PRIMARY_URL": scale_cluster.shards[0].url(driver),
+        "USERS_REPLICA_URL": scale_cluster.shard_replicas[0][0].url(driver),
         "response": Response(),
     }
     yield ns
@@ -87,6 +90,7 @@ def namespace(scale_cluster: LocalCluster, driver: str) -> Iterator[dict[str, An
         ns["scale"].dispose(ns["app"])
     with engine.begin() as conn:  # the web apps' tables
         conn.exec_driver_sql("DROP TABLE IF EXISTS note, post")
+    scale_cluster.shards[0].execute("DROP TABLE IF EXISTS account")  # the two-bind app's
     if "Note" in ns:  # SQLModel's metadata is process-wide: let the README declare it again
         SQLModel.metadata.remove(ns["Note"].__table__)
     Base.metadata.drop_all(engine)
@@ -102,6 +106,8 @@ def test_readme_has_the_examples() -> None:
 def test_readme_blocks_run_in_order(namespace: dict[str, Any]) -> None:
     """The README's python blocks run as written, in order, as a reader would run them."""
     for index, block in enumerate(BLOCKS):
+        if "ss_flask.Scale(app" in block and "scale" in namespace:
+            namespace["scale"].dispose(namespace["app"])  # a second Flask app replaces the first
         code = compile(block, f"README.md python block {index}", "exec", dont_inherit=True)
         exec(code, namespace)
         if index == 0:  # the quick start's one read went to a replica

@@ -682,3 +682,25 @@ def test_use_primary_refuses_generators() -> None:
         @ss.use_primary()
         def rows() -> Iterator[int]:
             yield 1
+
+
+def test_a_second_replica_set_must_have_its_own_primary_engine_and_scope() -> None:
+    """A session routing several replica sets (one per bind) refuses one that shares another's
+    primary engine or causal scope: their positions would mix in the one token. No server:
+    nothing connects."""
+    url = "postgresql+psycopg2://app@127.0.0.1:9/app"
+    first = ss.ReplicaSet(primary=url, monitor=False)
+    same_scope = ss.ReplicaSet(primary=url.replace("/app", "/other"), monitor=False)
+    same_engine = ss.ReplicaSet(primary=first.primary.engine, causal_scope="b", monitor=False)
+    other = ss.ReplicaSet(primary=url.replace("/app", "/b"), causal_scope="b", monitor=False)
+    try:
+        session = ss.RoutingSession(replica_set=first)
+        with pytest.raises(ss.ConfigurationError, match="causal_scope \\(None\\)"):
+            session._add_replica_set(same_scope)
+        with pytest.raises(ss.ConfigurationError, match="primary engine"):
+            session._add_replica_set(same_engine)
+        session._add_replica_set(other)
+        assert session.causal_token is None and not session.has_written
+    finally:
+        for replica_set in (first, same_scope, same_engine, other):
+            replica_set.dispose()

@@ -358,8 +358,9 @@ def test_plain_flask_with_a_replica_set(
 
 
 def test_misconfiguration_is_refused_at_init_app(scale_cluster: LocalCluster, driver: str) -> None:
-    """No db or replica set, a db.session that does not route, replicas for a bind key, and a
-    missing db.init_app each raise ConfigurationError saying what to change."""
+    """No db or replica set, a db.session that does not route, replicas for a bind key that
+    SQLALCHEMY_BINDS lacks, and a missing db.init_app each raise ConfigurationError saying
+    what to change."""
     with pytest.raises(ss.ConfigurationError, match="needs db="):
         Scale(Flask(__name__))
     plain_db = SQLAlchemy()
@@ -374,10 +375,10 @@ def test_misconfiguration_is_refused_at_init_app(scale_cluster: LocalCluster, dr
     app.config.update(
         SQLALCHEMY_DATABASE_URI=scale_cluster.primary.url(driver),
         SQLALCHEMY_BINDS={"archive": scale_cluster.shards[0].url(driver)},
-        SQLALCHEMY_SCALE_REPLICAS={"archive": [scale_cluster.replicas[0].url(driver)]},
+        SQLALCHEMY_SCALE_REPLICAS={"archives": [scale_cluster.replicas[0].url(driver)]},
     )
     db.init_app(app)
-    with pytest.raises(ss.ConfigurationError, match=r"bind keys \['archive'\]"):
+    with pytest.raises(ss.ConfigurationError, match=r"bind key\(s\) 'archives'"):
         Scale(app, db=db)
     with pytest.raises(ss.ConfigurationError, match="RoutingFlaskSession"):
         session_options(class_=ss.RoutingSession)

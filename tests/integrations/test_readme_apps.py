@@ -8,7 +8,7 @@ in its next request; a client without the token reads a replica that lacks the w
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import SQLModel
 
-from sqlalchemy_scale.local import LocalCluster
+from sqlalchemy_scale.local import LocalCluster, PgNode
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
@@ -38,6 +38,8 @@ def readme_app(first_line: str, cluster: LocalCluster, driver: str) -> dict[str,
         "PRIMARY_URL": cluster.primary.url(driver),
         "R1_URL": cluster.replicas[0].url(driver),
         "R2_URL": cluster.replicas[1].url(driver),
+        "USERS_PRIMARY_URL": cluster.shards[0].url(driver),
+        "USERS_REPLICA_URL": cluster.shard_replicas[0][0].url(driver),
     }
     exec(compile(block, f"README.md: {first_line}", "exec", dont_inherit=True), namespace)
     return namespace
@@ -91,3 +93,30 @@ def test_the_readme_flask_app_shows_a_post_on_the_redirect(
     without = flask_app["app"].test_client().get(page.request.path)
     assert stale == 0
     assert without.status_code == 404  # a paused replica answered, without the post
+
+
+@pytest.fixture
+def two_bind_app(scale_cluster: LocalCluster, driver: str) -> Iterator[dict[str, Any]]:
+    """The README's Flask app with two binds; its table and replica engines go away after."""
+    namespace = readme_app("# app.py with two binds", scale_cluster, driver)
+    scale_cluster.shard_replicas[0][0].wait_for_replay()  # the new table, before any pause
+    yield namespace
+    namespace["scale"].dispose(namespace["app"])
+    scale_cluster.shards[0].execute("DROP TABLE IF EXISTS account")
+
+
+def test_the_readme_two_bind_flask_app_shows_an_account_on_the_redirect(
+    two_bind_app: dict[str, Any], paused_replicas: LocalCluster, paused: Callable[[PgNode], None]
+) -> None:
+    """Each account posted to the README's two-bind app (on its "users" bind) is shown on the
+    page it redirects to, with replay paused on every replica of both binds."""
+    for replica in paused_replicas.shard_replicas[0]:
+        paused(replica)
+    client = two_bind_app["app"].test_client()
+    stale = 0
+    for n in range(5):
+        page = client.post("/accounts", data={"name": f"readme {n}"}, follow_redirects=True)
+        stale += page.status_code != 200 or page.text != f"readme {n}"
+    without = two_bind_app["app"].test_client().get(page.request.path)
+    assert stale == 0
+    assert without.status_code == 404  # the "users" bind's paused replica answered
