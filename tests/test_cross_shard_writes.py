@@ -22,11 +22,12 @@ from _sharding_models import (
     Country,
     Order,
     count_rows,
+    fresh_tables,
     prepared_count,
     range_strategy,
     seed_orders,
 )
-from sqlalchemy import Engine, create_engine, event, insert, text, update
+from sqlalchemy import Engine, event, insert, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -58,10 +59,7 @@ def _strategy() -> ss.RangeSharding:
 def item_primaries(scale_cluster: LocalCluster) -> Iterator[dict[str, Engine]]:
     """One engine per shard primary, separate from any ShardSet, with a fresh xstest_items
     table (the ``shtest_*`` tables: the ``primaries`` fixture of conftest.py)."""
-    engines = {s: create_engine(scale_cluster.shards[i].url()) for i, s in enumerate(SHARD_IDS)}
-    for engine in engines.values():
-        Base.metadata.drop_all(engine)
-        Base.metadata.create_all(engine)
+    engines = fresh_tables(scale_cluster, Base.metadata, SHARD_IDS)
     yield engines
     for engine in engines.values():
         Base.metadata.drop_all(engine)

@@ -345,6 +345,16 @@ def test_text_comparisons_under_an_icu_database_collation_raise(icu_shards: Shar
         ).all() == ["apple", "Banana"]
 
 
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt during the test, also where the run started with it
+    ignored (``pytest ... &`` from a script: the interrupt test would otherwise hang)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_raises")
 def test_interrupted_fanout_cancels_every_shard_query(
     scale_cluster: LocalCluster, seeded_shards: ShardSet, primaries: dict[str, Engine]
 ) -> None:
