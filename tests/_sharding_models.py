@@ -111,14 +111,18 @@ events = Table(
 
 
 def shard_targets(
-    cluster: LocalCluster, shard_ids: list[str], url: Callable[[PgNode], str]
+    cluster: LocalCluster,
+    shard_ids: list[str],
+    url: Callable[[PgNode], str],
+    *,
+    with_replicas: bool = True,
 ) -> dict[str, Any]:
-    """The i-th shard server for each shard id: a ReplicaSet where it has replicas, else
-    its URL (made by ``url``: direct or through PgBouncer)."""
+    """The i-th shard server for each shard id: a ReplicaSet where it has replicas (and
+    ``with_replicas``), else its URL (made by ``url``: direct or through PgBouncer)."""
     targets: dict[str, Any] = {}
     for i, shard_id in enumerate(shard_ids):
         node = cluster.shards[i]
-        replicas = cluster.shard_replicas.get(i, [])
+        replicas = cluster.shard_replicas.get(i, []) if with_replicas else []
         if replicas:
             targets[shard_id] = ss.ReplicaSet(
                 primary=url(node), replicas=[url(r) for r in replicas], name=shard_id
@@ -147,19 +151,26 @@ def build_shard_set(
     via: str = "direct",
     shard_ids: list[str] = SHARD_IDS,
     strategy: Any = None,
+    with_replicas: bool = True,
     **kw: Any,
 ) -> ShardSet:
-    """A ShardSet over the first ``len(shard_ids)`` shard servers (HashSharding by default)."""
-    targets = shard_targets(cluster, shard_ids, node_url(cluster, driver, via))
+    """A ShardSet over the first ``len(shard_ids)`` shard servers (HashSharding by default);
+    ``kw`` goes to ShardSet."""
+    url = node_url(cluster, driver, via)
+    targets = shard_targets(cluster, shard_ids, url, with_replicas=with_replicas)
     return ShardSet(targets, strategy=strategy or HashSharding(), **kw)
 
 
 def fresh_tables(
-    cluster: LocalCluster, metadata: Any, shard_ids: list[str] = SHARD_IDS
+    cluster: LocalCluster,
+    metadata: Any,
+    shard_ids: list[str] = SHARD_IDS,
+    *,
+    driver: str = "psycopg2",
 ) -> dict[str, Engine]:
     """One engine per shard primary, separate from any ShardSet, with ``metadata``'s tables
     dropped and created again."""
-    engines = {s: create_engine(cluster.shards[i].url()) for i, s in enumerate(shard_ids)}
+    engines = {s: create_engine(cluster.shards[i].url(driver)) for i, s in enumerate(shard_ids)}
     for engine in engines.values():
         metadata.drop_all(engine)
         metadata.create_all(engine)

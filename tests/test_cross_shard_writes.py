@@ -21,6 +21,7 @@ from _sharding_models import SHARD_IDS as ORDER_SHARD_IDS
 from _sharding_models import (
     Country,
     Order,
+    build_shard_set,
     count_rows,
     fresh_tables,
     prepared_count,
@@ -72,12 +73,19 @@ def item_primaries(scale_cluster: LocalCluster) -> Iterator[dict[str, Engine]]:
 def make_item_shards(
     request: pytest.FixtureRequest, scale_cluster: LocalCluster
 ) -> Iterator[Callable[..., ss.ShardSet]]:
-    """Build ShardSets over three shard servers with the given keyword arguments (each driver)."""
+    """Build ShardSets over three shard servers (their primaries only) with the given
+    keyword arguments (each driver)."""
     made: list[ss.ShardSet] = []
 
     def factory(**kw: Any) -> ss.ShardSet:
-        urls = {s: scale_cluster.shards[i].url(request.param) for i, s in enumerate(SHARD_IDS)}
-        shard_set = ss.ShardSet(urls, strategy=_strategy(), **kw)
+        shard_set = build_shard_set(
+            scale_cluster,
+            driver=request.param,
+            shard_ids=SHARD_IDS,
+            strategy=_strategy(),
+            with_replicas=False,
+            **kw,
+        )
         made.append(shard_set)
         return shard_set
 

@@ -11,6 +11,7 @@ phase two uses a separate cluster, so the shared topology is never damaged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -234,30 +235,39 @@ def test_the_cli_recovers_and_reports(
     assert _state(engines) == dict.fromkeys(SHARD_IDS, "committed")
 
 
-def test_recovery_that_wins_the_race_rolls_the_committer_back(shared: dict[str, str]) -> None:
-    """Recovery running while the committer is between PREPARE and its decision records
-    'abort'; the committer then rolls back and raises, and nothing is committed anywhere."""
-    engines = _admin(shared)
-    reports: list[Any] = []
-    refused = pytest.raises(ss.CrossShardWriteError, match="was rolled back: 'abort' was recorded")
-    with app.shard_set(shared) as shards, at_step(recover_at("prepared", shards, reports)), refused:
-        app.transfer(shards)
-    assert [a.outcome for a in reports[0].actions] == ["rolled back"] * 3
-    assert _state(engines) == dict.fromkeys(SHARD_IDS, "untouched")
-    assert _prepared(engines) == NOTHING_PREPARED
-
-
-def test_recovery_after_the_decision_commits_and_the_committer_succeeds(
+@pytest.mark.parametrize(
+    ("step", "raises", "finished", "outcome"),
+    [
+        # between PREPARE and the decision: recovery records 'abort' first, so the committer
+        # rolls back and raises
+        (
+            "prepared",
+            pytest.raises(ss.CrossShardWriteError, match="was rolled back: 'abort' was recorded"),
+            "rolled back",
+            "untouched",
+        ),
+        # after 'commit' was recorded: recovery commits every part, and the committer, finding
+        # them already committed, returns normally
+        ("decided", contextlib.nullcontext(), "committed", "committed"),
+    ],
+    ids=["before-the-decision", "after-the-decision"],
+)
+def test_recovery_racing_the_committer_finishes_by_the_recorded_decision(
     shared: dict[str, str],
+    step: str,
+    raises: contextlib.AbstractContextManager[Any],
+    finished: str,
+    outcome: str,
 ) -> None:
-    """Recovery running after the committer recorded 'commit' commits every part; the
-    committer, finding its parts already committed, returns normally."""
+    """Recovery running while the committer is at ``step`` finishes every part by the decision
+    recorded first, the committer agrees with it (raising after 'abort', returning after
+    'commit'), and every shard ends with that outcome and nothing prepared."""
     engines = _admin(shared)
     reports: list[Any] = []
-    with app.shard_set(shared) as shards, at_step(recover_at("decided", shards, reports)):
+    with app.shard_set(shared) as shards, at_step(recover_at(step, shards, reports)), raises:
         app.transfer(shards)
-    assert [a.outcome for a in reports[0].actions] == ["committed"] * 3
-    assert _state(engines) == dict.fromkeys(SHARD_IDS, "committed")
+    assert [a.outcome for a in reports[0].actions] == [finished] * 3
+    assert _state(engines) == dict.fromkeys(SHARD_IDS, outcome)
     assert _prepared(engines) == NOTHING_PREPARED
 
 
