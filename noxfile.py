@@ -6,7 +6,9 @@ PgBouncer are on the machine (``.ci/system-deps.sh``: Debian packages when
 missing, or a loud failure), and runs the suite against real servers that the
 suite starts on 127.0.0.1: on the newest SQLAlchemy 2.1 with each driver, and
 on the newest 2.0 with psycopg2 (``TEST_MATRIX``; one run takes about four
-minutes on two cores, so the matrix is kept to three).
+minutes on two cores, so the matrix is kept to three). ``nox -s horizontal_shard``
+runs SQLAlchemy's own ``test/ext/test_horizontal_shard.py`` with our
+``ShardedSession`` once per SQLAlchemy version, on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["lint", "typing", "tests"]
+nox.options.sessions = ["lint", "typing", "tests", "horizontal_shard"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -27,6 +29,9 @@ SQLALCHEMY = {"2.0": "sqlalchemy>=2.0,<2.1", "2.1": "sqlalchemy>=2.1,<2.2"}
 # the package installs (the drivers' code paths are the same on both versions, what 2.0
 # changes is SQLAlchemy's own: sqlalchemy_scale/_sa.py).
 TEST_MATRIX = [("2.1", "psycopg2"), ("2.1", "psycopg"), ("2.0", "psycopg2")]
+# SQLAlchemy's own test/ext/test_horizontal_shard.py, once per SQLAlchemy version of
+# TEST_MATRIX; the PostgreSQL part with 2.1's default driver on 2.1 and psycopg2 on 2.0.
+HORIZONTAL_SHARD_MATRIX = [("2.1", "psycopg"), ("2.0", "psycopg2")]
 
 
 def _ensure_servers(session: nox.Session) -> None:
@@ -63,6 +68,20 @@ def tests(session: nox.Session, sqlalchemy: str, driver: str) -> None:
     """The whole suite against real PostgreSQL and PgBouncer, once per (SQLAlchemy, driver)
     pair of ``TEST_MATRIX``."""
     _run_tests(session, driver=driver, sqlalchemy=sqlalchemy)
+
+
+@nox.session
+@nox.parametrize(("sqlalchemy", "driver"), HORIZONTAL_SHARD_MATRIX)
+def horizontal_shard(session: nox.Session, sqlalchemy: str, driver: str) -> None:
+    """SQLAlchemy's own ``test/ext/test_horizontal_shard.py`` with ``ss.ShardedSession``,
+    from the sdist of the installed SQLAlchemy (downloaded once into a cache), on SQLite
+    and on a PostgreSQL server started by ``sqlalchemy_scale.local``; see
+    tests/compat/run_sqlalchemy_horizontal_shard.py."""
+    _ensure_servers(session)
+    _install(session, "compat", extras="[psycopg]", also=SQLALCHEMY[sqlalchemy])
+    posargs = ["--", *session.posargs] if session.posargs else []
+    runner = "tests/compat/run_sqlalchemy_horizontal_shard.py"
+    session.run("python", runner, "--driver", driver, *posargs)
 
 
 @nox.session

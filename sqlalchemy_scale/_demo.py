@@ -332,6 +332,6 @@ def stop_kept(directory: str | os.PathLike[str]) -> list[str]:
         pg_ctl: str | None = find_binaries().path("pg_ctl")
     except Exception:  # no binaries any more: SIGKILL by checked PID still works
         pg_ctl = None
-    _process._stop_leftovers(base, pg_ctl)
+    _process.stop_leftovers(base, pg_ctl)
     shutil.rmtree(base, ignore_errors=True)
     return running

@@ -9,7 +9,7 @@ defines them.
 
 SQLite is used in this module ONLY to show that the extension's API works on
 arbitrary engines, as SQLAlchemy's own test suite does (``test/ext/test_horizontal_shard.py``
-also runs against it with this class, see the report of issue 9); every routing,
+also runs against it with this class: ``nox -s horizontal_shard``); every routing,
 sharding and concurrency behaviour is tested on the real PostgreSQL shards, and
 the concurrency of a fan-out is observed in ``pg_stat_activity``.
 """

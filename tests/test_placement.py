@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from _sharding_models import fresh_tables
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import (
@@ -38,7 +39,6 @@ from sqlalchemy import (
     String,
     Table,
     Uuid,
-    create_engine,
     insert,
     select,
     text,
@@ -192,13 +192,7 @@ def world(scale_cluster: LocalCluster) -> Iterator[World]:
     import os
 
     driver = os.environ.get("SQLALCHEMY_SCALE_TEST_DRIVER", "psycopg2")
-    direct = {
-        s: create_engine(node.url(driver))
-        for s, node in zip(SHARD_IDS, scale_cluster.shards, strict=True)
-    }
-    for engine in direct.values():
-        Base.metadata.drop_all(engine)
-        Base.metadata.create_all(engine)
+    direct = fresh_tables(scale_cluster, Base.metadata, SHARD_IDS, driver=driver)
     shards = ShardSet(
         {s: node.url(driver) for s, node in zip(SHARD_IDS, scale_cluster.shards, strict=True)},
         strategy=HashSharding(),

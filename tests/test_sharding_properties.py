@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from _sharding_models import fresh_tables
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, String, create_engine, delete, func, insert, select
@@ -49,14 +50,10 @@ class World:
 def world(scale_cluster: LocalCluster) -> Iterator[World]:
     """Tables on the four shards and on the primary, which plays the single database."""
     shard_ids = [f"s{i}" for i in range(len(scale_cluster.shards))]
-    shard_engines = {
-        s: create_engine(node.url())
-        for s, node in zip(shard_ids, scale_cluster.shards, strict=True)
-    }
+    shard_engines = fresh_tables(scale_cluster, Base.metadata, shard_ids)
     single = create_engine(scale_cluster.primary.url())
-    for engine in [*shard_engines.values(), single]:
-        Base.metadata.drop_all(engine)
-        Base.metadata.create_all(engine)
+    Base.metadata.drop_all(single)
+    Base.metadata.create_all(single)
     shards = ShardSet(dict(shard_engines), strategy=HashSharding())
     yield World(shards, shard_engines, single)
     shards.dispose()

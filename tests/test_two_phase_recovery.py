@@ -11,7 +11,7 @@ phase two uses a separate cluster, so the shared topology is never damaged.
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import json
 import os
 import signal
@@ -20,11 +20,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+import twophase_app as app
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -32,7 +33,7 @@ from sqlalchemy.pool import NullPool
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale import cli
-from sqlalchemy_scale.local import LocalCluster
+from sqlalchemy_scale.local import LocalCluster, PgNode
 from sqlalchemy_scale.sharding import _two_phase
 from sqlalchemy_scale.testing import wait_until
 
@@ -41,16 +42,35 @@ SHARD_IDS = ["s0", "s1", "s2"]
 NOTHING_PREPARED: dict[str, list[str]] = {s: [] for s in SHARD_IDS}
 
 
-def _load_app() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("twophase_app", APP)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["twophase_app"] = module  # SQLAlchemy resolves its annotations through it
-    spec.loader.exec_module(module)
-    return module
+@contextmanager
+def at_step(hook: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, the two-phase protocol of this process calls ``hook(step)`` at each
+    named step of its commits (``prepared:s0``, ``prepared``, ``decided``, ``committed:s0``...)."""
+    _two_phase._step_hook = hook
+    try:
+        yield
+    finally:
+        _two_phase._step_hook = None
 
 
-app = _load_app()
+def stop_at(step: str, node: PgNode) -> Callable[[str], None]:
+    """A step hook that stops ``node`` (immediate shutdown) when the protocol reaches ``step``."""
+
+    def hook(reached: str) -> None:
+        if reached == step:
+            node.stop("immediate")
+
+    return hook
+
+
+def recover_at(step: str, shards: ss.ShardSet, reports: list[Any]) -> Callable[[str], None]:
+    """A step hook that runs recovery (``older_than=0``) when the protocol reaches ``step``."""
+
+    def hook(reached: str) -> None:
+        if reached == step:
+            reports.append(shards.recover_prepared(older_than=0))
+
+    return hook
 
 
 def _urls(cluster: LocalCluster, driver: str) -> dict[str, str]:
@@ -215,50 +235,39 @@ def test_the_cli_recovers_and_reports(
     assert _state(engines) == dict.fromkeys(SHARD_IDS, "committed")
 
 
-def test_recovery_that_wins_the_race_rolls_the_committer_back(shared: dict[str, str]) -> None:
-    """Recovery running while the committer is between PREPARE and its decision records
-    'abort'; the committer then rolls back and raises, and nothing is committed anywhere."""
-    engines = _admin(shared)
-    reports: list[Any] = []
-    with app.shard_set(shared) as shards:
-
-        def recover_now(step: str) -> None:
-            if step == "prepared":
-                reports.append(shards.recover_prepared(older_than=0))
-
-        _two_phase._step_hook = recover_now
-        try:
-            with pytest.raises(
-                ss.CrossShardWriteError, match="was rolled back: 'abort' was recorded"
-            ):
-                app.transfer(shards)
-        finally:
-            _two_phase._step_hook = None
-    assert [a.outcome for a in reports[0].actions] == ["rolled back"] * 3
-    assert _state(engines) == dict.fromkeys(SHARD_IDS, "untouched")
-    assert _prepared(engines) == NOTHING_PREPARED
-
-
-def test_recovery_after_the_decision_commits_and_the_committer_succeeds(
+@pytest.mark.parametrize(
+    ("step", "raises", "finished", "outcome"),
+    [
+        # between PREPARE and the decision: recovery records 'abort' first, so the committer
+        # rolls back and raises
+        (
+            "prepared",
+            pytest.raises(ss.CrossShardWriteError, match="was rolled back: 'abort' was recorded"),
+            "rolled back",
+            "untouched",
+        ),
+        # after 'commit' was recorded: recovery commits every part, and the committer, finding
+        # them already committed, returns normally
+        ("decided", contextlib.nullcontext(), "committed", "committed"),
+    ],
+    ids=["before-the-decision", "after-the-decision"],
+)
+def test_recovery_racing_the_committer_finishes_by_the_recorded_decision(
     shared: dict[str, str],
+    step: str,
+    raises: contextlib.AbstractContextManager[Any],
+    finished: str,
+    outcome: str,
 ) -> None:
-    """Recovery running after the committer recorded 'commit' commits every part; the
-    committer, finding its parts already committed, returns normally."""
+    """Recovery running while the committer is at ``step`` finishes every part by the decision
+    recorded first, the committer agrees with it (raising after 'abort', returning after
+    'commit'), and every shard ends with that outcome and nothing prepared."""
     engines = _admin(shared)
     reports: list[Any] = []
-    with app.shard_set(shared) as shards:
-
-        def recover_now(step: str) -> None:
-            if step == "decided":
-                reports.append(shards.recover_prepared(older_than=0))
-
-        _two_phase._step_hook = recover_now
-        try:
-            app.transfer(shards)
-        finally:
-            _two_phase._step_hook = None
-    assert [a.outcome for a in reports[0].actions] == ["committed"] * 3
-    assert _state(engines) == dict.fromkeys(SHARD_IDS, "committed")
+    with app.shard_set(shared) as shards, at_step(recover_at(step, shards, reports)), raises:
+        app.transfer(shards)
+    assert [a.outcome for a in reports[0].actions] == [finished] * 3
+    assert _state(engines) == dict.fromkeys(SHARD_IDS, outcome)
     assert _prepared(engines) == NOTHING_PREPARED
 
 
@@ -313,16 +322,13 @@ def test_a_commit_records_its_decision_then_forgets_it(shared: dict[str, str]) -
             if step == "decided":
                 seen.append({"prepared": _prepared(engines), "records": records()})
 
-        _two_phase._step_hook = observe
-        try:
+        with at_step(observe):
             app.transfer(shards)
             for engine in engines.values():  # reset the accounts for a second transfer
                 with engine.connect() as conn:
                     conn.execute(text("UPDATE tpc_accounts SET balance = 100"))
                     conn.execute(text("DELETE FROM tpc_accounts WHERE id = 2"))
             app.transfer(shards)
-        finally:
-            _two_phase._step_hook = None
         txids = []
         for observed in seen:
             gids = [g for s in SHARD_IDS for g in observed["prepared"][s]]
@@ -367,17 +373,11 @@ def test_a_shard_stopped_in_phase_two_is_committed_by_recovery_when_it_returns(
     engines = _admin(urls)
     stopped = cluster.shards[2]
     with app.shard_set(urls) as shards:
-
-        def stop_s2(step: str) -> None:
-            if step == "committed:s0":
-                stopped.stop("immediate")
-
-        _two_phase._step_hook = stop_s2
-        try:
-            with pytest.raises(ss.CommitOutcomeUnknown) as info:
-                app.transfer(shards)
-        finally:
-            _two_phase._step_hook = None
+        with (
+            at_step(stop_at("committed:s0", stopped)),
+            pytest.raises(ss.CommitOutcomeUnknown) as info,
+        ):
+            app.transfer(shards)
         assert info.value.node == "s2" and "ss2pc:" in str(info.value)
         report = shards.recover_prepared(older_than=0)
         assert not report.is_complete and set(report.unreachable) == {"s2"}
@@ -402,17 +402,8 @@ def test_a_shard_lost_after_its_commit_prepared_does_not_fail_the_commit(
     and commit() and the session's close say so: nothing is sent to the lost shard after it."""
     cluster, urls = own_cluster
     engines = _admin(urls)
-    with app.shard_set(urls) as shards:
-
-        def stop_s2(step: str) -> None:
-            if step == "committed:s2":
-                cluster.shards[2].stop("immediate")
-
-        _two_phase._step_hook = stop_s2
-        try:
-            app.transfer(shards)  # commits and closes the session without an error
-        finally:
-            _two_phase._step_hook = None
+    with app.shard_set(urls) as shards, at_step(stop_at("committed:s2", cluster.shards[2])):
+        app.transfer(shards)  # commits and closes the session without an error
     cluster.shards[2].start()
     assert wait_until(lambda: _answers(engines["s2"]), timeout=30)
     assert _state(engines) == dict.fromkeys(SHARD_IDS, "committed")
@@ -430,17 +421,11 @@ def test_an_unreachable_coordinator_commits_nothing(
     engines = _admin(urls)
     coordinator = cluster.shards[0]
     with app.shard_set(urls) as shards:
-
-        def stop_coordinator(step: str) -> None:
-            if step == "prepared":
-                coordinator.stop("immediate")
-
-        _two_phase._step_hook = stop_coordinator
-        try:
-            with pytest.raises((ss.NodeUnavailableError, ss.CommitOutcomeUnknown)):
-                app.transfer(shards)
-        finally:
-            _two_phase._step_hook = None
+        with (
+            at_step(stop_at("prepared", coordinator)),
+            pytest.raises((ss.NodeUnavailableError, ss.CommitOutcomeUnknown)),
+        ):
+            app.transfer(shards)
         with pytest.raises(ss.NodeUnavailableError, match="coordinator"):
             shards.recover_prepared(older_than=0)
         coordinator.start()

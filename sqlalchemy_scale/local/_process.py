@@ -355,13 +355,15 @@ def reap_dead_owner_dirs(
         if owner is None or owner == os.getpid() or pid_alive(owner):
             continue
         log.warning("removing cluster %s left by dead process %d", base, owner)
-        _stop_leftovers(base, pg_ctl)
+        stop_leftovers(base, pg_ctl)
         shutil.rmtree(base, ignore_errors=True)
         removed.append(base)
     return removed
 
 
-def _stop_leftovers(base: Path, pg_ctl: str | None) -> None:
+def stop_leftovers(base: Path, pg_ctl: str | None) -> None:
+    """Stop the PgBouncer and the servers under ``base`` by their PID files, each PID
+    checked against its command line first (``pg_ctl stop -m immediate``, else SIGKILL)."""
     bouncer_pid = read_pid(base / "pgbouncer" / "pgbouncer.pid")
     config = str(base / "pgbouncer" / "pgbouncer.ini")
     if bouncer_pid is not None and pid_matches(bouncer_pid, "pgbouncer", config):

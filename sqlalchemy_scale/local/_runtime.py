@@ -33,7 +33,7 @@ class ClusterError(RuntimeError):
 
 
 @dataclass(eq=False)
-class _Runtime:
+class Runtime:
     """What every node of one cluster shares: programs, account, credentials."""
 
     binaries: PgBinaries

@@ -47,12 +47,12 @@ from sqlalchemy_scale.local._runtime import (
     HOST,
     ClusterError,
     PoolMode,
+    Runtime,
     StopMode,
-    _Runtime,
 )
 from sqlalchemy_scale.local.binaries import PgBinaries, find_binaries, find_pgbouncer
 from sqlalchemy_scale.local.pgbouncer import PgBouncerNode
-from sqlalchemy_scale.local.postgres import _NODE_CONF, PgNode
+from sqlalchemy_scale.local.postgres import NODE_CONF, PgNode
 
 # ClusterError, PgNode, PgBouncerNode, PoolMode and StopMode live in their own modules and
 # are re-exported here, where they were first defined.
@@ -303,7 +303,7 @@ class LocalCluster:
 
     # building -----------------------------------------------------------
 
-    def _prepare_base_dir(self, binaries: PgBinaries) -> _Runtime:
+    def _prepare_base_dir(self, binaries: PgBinaries) -> Runtime:
         try:
             run_as = _process.unprivileged_user()
         except LookupError as exc:
@@ -328,7 +328,7 @@ class LocalCluster:
         socket_dir.chmod(0o700)  # the unix socket trusts whoever can reach it
         _process.chown_tree(base, run_as)
         _process.chown_tree(socket_dir, run_as)
-        return _Runtime(
+        return Runtime(
             binaries=binaries,
             run_as=run_as,
             base_dir=base,
@@ -338,7 +338,7 @@ class LocalCluster:
             password=self._password,
         )
 
-    def _build(self, rt: _Runtime, bouncer_program: str | None) -> None:
+    def _build(self, rt: Runtime, bouncer_program: str | None) -> None:
         ports = iter(_process.free_ports(len(self._node_plan()) + (1 if bouncer_program else 0)))
         primaries: list[PgNode] = []
         replicas: list[PgNode] = []
@@ -390,7 +390,7 @@ class LocalCluster:
             plan += [(f"shard{shard}-replica{i}", f"shard{shard}") for i in range(1, count + 1)]
         return plan
 
-    def _init_template(self, rt: _Runtime, template: Path) -> None:
+    def _init_template(self, rt: Runtime, template: Path) -> None:
         pwfile = rt.base_dir / "pwfile"
         rt.write(pwfile, rt.password + "\n")
         try:
@@ -411,9 +411,9 @@ class LocalCluster:
         conf = template / "postgresql.conf"
         extra = "\n".join(f"{k} = {v}" for k, v in _BASE_SETTINGS.items())
         with conf.open("a") as fh:
-            fh.write(f"\n# sqlalchemy_scale.local\n{extra}\ninclude '{_NODE_CONF}'\n")
+            fh.write(f"\n# sqlalchemy_scale.local\n{extra}\ninclude '{NODE_CONF}'\n")
         rt.write(template / "pg_hba.conf", _HBA)
-        rt.write(template / _NODE_CONF, "# replaced in every node\n")
+        rt.write(template / NODE_CONF, "# replaced in every node\n")
         # Single-user mode creates the database without starting a server.
         quoted = '"' + rt.database.replace('"', '""') + '"'
         proc = rt.run(
@@ -429,12 +429,12 @@ class LocalCluster:
 
     def _start_group(self, server: PgNode, replicas: list[PgNode], template: Path) -> None:
         shutil.copytree(template, server.data_dir, symlinks=True)
-        _process.chown_tree(server.data_dir, server._rt.run_as)
+        _process.chown_tree(server.data_dir, server.runtime.run_as)
         self._start_claiming_port(server)
         _process.parallel([functools.partial(self._start_replica, r) for r in replicas])
 
     def _start_replica(self, node: PgNode) -> None:
-        upstream, rt = node.upstream, node._rt
+        upstream, rt = node.upstream, node.runtime
         assert upstream is not None
         proc = rt.run(
             [
@@ -458,18 +458,18 @@ class LocalCluster:
         # Ports are chosen before servers bind them; another process (a
         # parallel test session) can take one in between, so pick again.
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            node._configure(self.settings)
+            node.write_config(self.settings)
             offset = _process.file_size(node.log_file)
             try:
                 node.start()
                 return
             except ClusterError:
-                if attempt == _PORT_ATTEMPTS or not node._address_in_use(offset):
+                if attempt == _PORT_ATTEMPTS or not node.address_in_use_since(offset):
                     raise
                 old, node.port = node.port, _process.free_ports(1)[0]
                 log.info("%s: port %d was taken; retrying on %d", node.name, old, node.port)
 
-    def _start_pgbouncer(self, rt: _Runtime) -> None:
+    def _start_pgbouncer(self, rt: Runtime) -> None:
         bouncer = self.pgbouncer
         assert bouncer is not None
         verifier = self.primary.execute(
@@ -490,7 +490,7 @@ class LocalCluster:
                 bouncer.start()
                 return
             except ClusterError:
-                if attempt == _PORT_ATTEMPTS or not bouncer._address_in_use(offset):
+                if attempt == _PORT_ATTEMPTS or not bouncer.address_in_use_since(offset):
                     raise
                 bouncer.port = _process.free_ports(1)[0]
 

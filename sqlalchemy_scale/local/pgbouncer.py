@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import URL
 
 from sqlalchemy_scale.local import _process
-from sqlalchemy_scale.local._runtime import HOST, ClusterError, PoolMode, _Runtime
+from sqlalchemy_scale.local._runtime import HOST, ClusterError, PoolMode, Runtime
 
 if TYPE_CHECKING:
     from sqlalchemy_scale.local.postgres import PgNode
@@ -35,14 +35,15 @@ class PgBouncerNode:
     """
 
     def __init__(
-        self, *, port: int, mode: PoolMode, config_path: Path, program: str, runtime: _Runtime
+        self, *, port: int, mode: PoolMode, config_path: Path, program: str, runtime: Runtime
     ) -> None:
         self.port = port
         self.host = HOST
         self.mode: PoolMode = mode
         self.config_path = config_path
         self._program = program
-        self._rt = runtime
+        #: Programs, account and credentials shared by the cluster's nodes.
+        self.runtime = runtime
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -63,7 +64,7 @@ class PgBouncerNode:
 
     def sa_url(self, driver: str = "psycopg2", *, database: str | None = None) -> URL:
         """SQLAlchemy URL through PgBouncer; ``database`` is ``app`` or a node name."""
-        return self._rt.url(self.port, driver, database)
+        return self.runtime.url(self.port, driver, database)
 
     def url(self, driver: str = "psycopg2", *, database: str | None = None) -> str:
         """URL string with the password through PgBouncer."""
@@ -77,9 +78,9 @@ class PgBouncerNode:
         if self.is_running():
             return
         offset = _process.file_size(self.log_file)
-        kwargs = self._rt.run_as.popen_kwargs() if self._rt.run_as else {}
+        kwargs = self.runtime.run_as.popen_kwargs() if self.runtime.run_as else {}
         with self.log_file.open("ab") as log_fh:
-            _process.chown_tree(self.log_file, self._rt.run_as)
+            _process.chown_tree(self.log_file, self.runtime.run_as)
             try:
                 self._proc = subprocess.Popen(
                     [self._program, str(self.config_path)],
@@ -92,7 +93,9 @@ class PgBouncerNode:
                     **kwargs,
                 )
             except OSError as exc:
-                raise ClusterError("pgbouncer: " + self._rt.cannot_run(self._program, exc)) from exc
+                raise ClusterError(
+                    "pgbouncer: " + self.runtime.cannot_run(self._program, exc)
+                ) from exc
         last_error: list[str] = []
 
         def answers() -> bool:
@@ -100,7 +103,9 @@ class PgBouncerNode:
                 raise ClusterError(self._describe_failure("exited during startup", offset))
             try:
                 rows = _process.query(
-                    self._rt.connect(self.port, self._rt.database, timeout=2), "SELECT 1", None
+                    self.runtime.connect(self.port, self.runtime.database, timeout=2),
+                    "SELECT 1",
+                    None,
                 )
             except Exception as exc:
                 last_error[:] = [str(exc).strip()]
@@ -142,7 +147,7 @@ class PgBouncerNode:
 
     def admin(self, command: str) -> list[tuple[Any, ...]]:
         """Run an admin console command (``SHOW POOLS``, ``RELOAD``...) and return its rows."""
-        return _process.query(self._rt.connect(self.port, "pgbouncer"), command, None)
+        return _process.query(self.runtime.connect(self.port, "pgbouncer"), command, None)
 
     def auth_file(self, user: str, verifier: str) -> str:
         """The ``auth_file`` line for ``user``: its SCRAM verifier, read from ``pg_authid``."""
@@ -163,7 +168,7 @@ class PgBouncerNode:
             "unix_socket_dir": "",
             "auth_type": "scram-sha-256",
             "auth_file": str(self.config_path.with_name("userlist.txt")),
-            "admin_users": self._rt.user,
+            "admin_users": self.runtime.user,
             "pool_mode": self.mode,
             "default_pool_size": 10,
             "max_client_conn": 500,
@@ -182,7 +187,8 @@ class PgBouncerNode:
         lines += [f"{key} = {value}" for key, value in merged.items()]
         return "\n".join(lines) + "\n"
 
-    def _address_in_use(self, offset: int) -> bool:
+    def address_in_use_since(self, offset: int) -> bool:
+        """Whether the log, from byte ``offset`` on, says the port was taken."""
         return "Address already in use" in _process.tail(self.log_file, lines=50, since=offset)
 
     def _describe_failure(self, what: str, offset: int = 0) -> str:

@@ -24,14 +24,14 @@ from sqlalchemy.engine import URL
 
 from sqlalchemy_scale.consistency import format_lsn, reachable_position
 from sqlalchemy_scale.local import _process
-from sqlalchemy_scale.local._runtime import HOST, ClusterError, StopMode, _Runtime
+from sqlalchemy_scale.local._runtime import HOST, ClusterError, Runtime, StopMode
 
 __all__ = ["PgNode"]
 
 log = logging.getLogger("sqlalchemy_scale.local")
 
 _LOG_NAME = "postgres.log"
-_NODE_CONF = "node.conf"
+NODE_CONF = "node.conf"
 
 
 class PgNode:
@@ -47,7 +47,7 @@ class PgNode:
         *,
         port: int,
         data_dir: Path,
-        runtime: _Runtime,
+        runtime: Runtime,
         upstream: PgNode | None = None,
     ) -> None:
         self.name = name
@@ -56,7 +56,8 @@ class PgNode:
         self.data_dir = data_dir
         self.upstream = upstream
         self.is_replica = upstream is not None
-        self._rt = runtime
+        #: Programs, account and credentials shared by the cluster's nodes.
+        self.runtime = runtime
         self._promoted = False
 
     def __repr__(self) -> str:
@@ -75,7 +76,7 @@ class PgNode:
 
     def sa_url(self, driver: str = "psycopg2", *, database: str | None = None) -> URL:
         """SQLAlchemy URL for this server; ``driver`` as in ``postgresql+<driver>``."""
-        return self._rt.url(self.port, driver, database)
+        return self.runtime.url(self.port, driver, database)
 
     def url(self, driver: str = "psycopg2", *, database: str | None = None) -> str:
         """URL string with the password, e.g. ``postgresql+psycopg2://scale:...@127.0.0.1:PORT/app``."""
@@ -156,8 +157,8 @@ class PgNode:
         self.start()
 
     def _pg_ctl(self, command: str, *args: str, timeout: int) -> subprocess.CompletedProcess[str]:
-        pg_ctl = self._rt.program("pg_ctl")
-        return self._rt.run(
+        pg_ctl = self.runtime.program("pg_ctl")
+        return self.runtime.run(
             [pg_ctl, command, "-D", str(self.data_dir), "-s", *args], timeout=timeout + 15
         )
 
@@ -170,7 +171,7 @@ class PgNode:
         # "exists", and postgres would refuse to start over it.
         for lock in (
             self.data_dir / "postmaster.pid",
-            self._rt.socket_dir / f".s.PGSQL.{self.port}.lock",
+            self.runtime.socket_dir / f".s.PGSQL.{self.port}.lock",
         ):
             pid = _process.read_pid(lock)
             if pid is not None and not _process.pid_matches(pid, str(self.data_dir)):
@@ -190,19 +191,21 @@ class PgNode:
             message += f"\n{detail}"
         return f"{message}\nlast lines of {self.log_file}:\n{lines}"
 
-    def _address_in_use(self, offset: int) -> bool:
+    def address_in_use_since(self, offset: int) -> bool:
+        """Whether the log, from byte ``offset`` on, says the port was taken."""
         text = _process.tail(self.log_file, lines=50, since=offset)
         return "could not bind" in text or "Address already in use" in text
 
-    def _configure(self, settings: Mapping[str, str | int]) -> None:
+    def write_config(self, settings: Mapping[str, str | int]) -> None:
+        """Write this node's ``node.conf`` (port, name, socket dir, ``settings``)."""
         lines = [
             f"# written by sqlalchemy_scale.local for node {self.name}",
             f"port = {self.port}",
             _process.render_setting("cluster_name", self.name),
-            _process.render_setting("unix_socket_directories", str(self._rt.socket_dir)),
+            _process.render_setting("unix_socket_directories", str(self.runtime.socket_dir)),
             *(_process.render_setting(k, v) for k, v in settings.items()),
         ]
-        self._rt.write(self.data_dir / _NODE_CONF, "\n".join(lines) + "\n")
+        self.runtime.write(self.data_dir / NODE_CONF, "\n".join(lines) + "\n")
 
     # replication ---------------------------------------------------------
 
@@ -220,7 +223,7 @@ class PgNode:
         """Pause WAL replay (``pg_wal_replay_pause()``) and wait until it is paused."""
         self._require_replica("pause_replay")
         self.execute("SELECT pg_wal_replay_pause()")
-        if self._rt.binaries.version >= 14:
+        if self.runtime.binaries.version >= 14:
             check = "SELECT pg_get_wal_replay_pause_state() = 'paused'"
         else:
             check = "SELECT pg_is_wal_replay_paused()"
@@ -256,7 +259,7 @@ class PgNode:
         :param timeout: seconds before :class:`ClusterError`.
         """
         upstream = self._require_replica("wait_for_replay")
-        target = lsn if lsn is not None else upstream._reachable_lsn()
+        target = lsn if lsn is not None else upstream.reachable_lsn()
         done = "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn"
         if not _process.wait_until(lambda: bool(self.execute(done, (target,))[0][0]), timeout):
             replayed = self.execute("SELECT pg_last_wal_replay_lsn()")[0][0]
@@ -265,7 +268,8 @@ class PgNode:
                 f"(data dir {self.data_dir}; is replay paused?)"
             )
 
-    def _reachable_lsn(self) -> str:
+    def reachable_lsn(self) -> str:
+        """The WAL position a replica of this server can reach now (see :meth:`wait_for_replay`)."""
         lsn, block = self.execute(
             "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
             " WHEN current_setting('synchronous_commit') = 'off' THEN pg_current_wal_insert_lsn()"
@@ -314,5 +318,5 @@ class PgNode:
         database: str | None = None,
     ) -> list[tuple[Any, ...]]:
         """Run one statement on a short-lived autocommit connection; return its rows."""
-        conn = self._rt.connect(self.port, database or self._rt.database)
+        conn = self.runtime.connect(self.port, database or self.runtime.database)
         return _process.query(conn, sql, params)
