@@ -50,6 +50,8 @@ class Node:
     ) -> None:
         self.name = name
         self.role: Role = role
+        #: ``role == "replica"`` (an attribute: routing reads it for every statement).
+        self.is_replica = role == "replica"
         self.engine = engine
         #: True when the ReplicaSet built the engine (and disposes of it).
         self.owns_engine = owns_engine
@@ -74,10 +76,6 @@ class Node:
         self._retries = 0
         self._breaker_openings = 0
         _NODES.add(self)
-
-    @property
-    def is_replica(self) -> bool:
-        return self.role == "replica"
 
     @property
     def url(self) -> str:

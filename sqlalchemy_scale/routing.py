@@ -33,7 +33,7 @@ from ._sa import is_flushing
 from .consistency import _COMMITTING, request_commit_position
 from .errors import ConfigurationError
 from .router import ROUTING_OPTIONS, Router, decide_role, use_primary
-from .topology import Node, ReplicaSet, Role
+from .topology import ReplicaSet, Role
 
 __all__ = [
     "ROUTING_OPTIONS",
@@ -92,17 +92,20 @@ class RoutingSession(Session):
         self.router = Router(
             replica_set, default_role=default_role, causal_token=causal_token, owner=self
         )
-        #: The transaction's connection to the primary, once it has one.
-        self.primary_connection: Connection | None = None
-        self._committing: Token[Any] | None = None
-        # The transaction's replica connection, joined to the session in "rollback_only"
-        # mode so that commit() never sends anything on it (see _replica_bind), and the
-        # depth of this session's own execute() calls (only they get such a connection).
-        self._replica_connection: Connection | None = None
-        self._replica_engine_used = False
-        self._executing = 0
-        # Inside this session's connection(): its bind is for the transaction, as a statement's.
-        self._connecting = False
+        # The per-transaction attributes start from the class defaults below (one session
+        # per request makes this constructor part of every request's cost).
+
+    #: The transaction's connection to the primary, once it has one.
+    primary_connection: Connection | None = None
+    _committing: Token[Any] | None = None
+    # The transaction's replica connection, joined to the session in "rollback_only"
+    # mode so that commit() never sends anything on it (see get_bind), and the
+    # depth of this session's own execute() calls (only they get such a connection).
+    _replica_connection: Connection | None = None
+    _replica_engine_used = False
+    _executing = 0
+    # Inside this session's connection(): its bind is for the transaction, as a statement's.
+    _connecting = False
 
     # -- public state ------------------------------------------------------------------
 
@@ -173,35 +176,31 @@ class RoutingSession(Session):
             # get_bind(clause=...)): where it would go, leaving the next transaction alone.
             return router.peek(decision).engine
         node = router.record(decision, clause, self)
-        if node.is_replica:
-            if self._executing and not self._replica_engine_used:
-                return self._replica_bind(node)
-            # Session may connect the engine itself now; it then refuses a second connection
-            # to the same engine in this transaction, so the rest of it uses the engine too.
-            self._replica_engine_used = self._replica_connection is None
+        if not node.is_replica:
+            return node.engine
+        if self._executing and not self._replica_engine_used:
+            # The transaction's connection to its replica, already in a transaction.
+            # Session joins a connection handed to it inside a transaction in
+            # "rollback_only" mode: its commit() commits only the primary, and close()
+            # leaves the replica's read-only transaction to _end_transaction(), which ends
+            # it and ignores a failure (nothing was written there). So a replica that fails
+            # can neither decide nor obscure the outcome of the primary's COMMIT, whatever
+            # order SQLAlchemy would commit the session's connections in, and a read-only
+            # session does not raise at close. Only for this session's own statements: a
+            # bare get_bind() has no side effects, and a session that would commit joined
+            # connections (another join_transaction_mode) gets the engine as before.
+            conn = self._replica_connection
+            if conn is None:
+                if self.join_transaction_mode not in _JOINS_ROLLBACK_ONLY:
+                    return node.engine
+                conn = node.engine.connect()
+                conn.begin()  # nothing is sent yet: the driver begins with the first statement
+                self._replica_connection = conn
+            return conn
+        # Session may connect the engine itself now; it then refuses a second connection
+        # to the same engine in this transaction, so the rest of it uses the engine too.
+        self._replica_engine_used = self._replica_connection is None
         return node.engine
-
-    def _replica_bind(self, node: Node) -> Engine | Connection:
-        """The transaction's connection to its replica, already in a transaction.
-
-        Session joins a connection handed to it inside a transaction in "rollback_only"
-        mode: its commit() commits only the primary, and close() leaves the replica's
-        read-only transaction to :meth:`_end_transaction`, which ends it and ignores a
-        failure (nothing was written there). So a replica that fails can neither decide
-        nor obscure the outcome of the primary's COMMIT, whatever order SQLAlchemy would
-        commit the session's connections in, and a read-only session does not raise at
-        close. Only for this session's own statements: a bare ``get_bind()`` has no side
-        effects, and a session that would commit joined connections (another
-        ``join_transaction_mode``) gets the engine as before.
-        """
-        conn = self._replica_connection
-        if conn is None:
-            if self.join_transaction_mode not in _JOINS_ROLLBACK_ONLY:
-                return node.engine
-            conn = node.engine.connect()
-            conn.begin()  # nothing is sent yet: the driver begins with the first statement
-            self._replica_connection = conn
-        return conn
 
     def close(self) -> None:
         """Close the session; a server lost while its transaction is being discarded (the
@@ -235,9 +234,20 @@ class RoutingSession(Session):
         return conn
 
     def _end_transaction(self) -> None:
-        if self._replica_connection is not None:
-            conn, self._replica_connection = self._replica_connection, None
-            _end_read_only(conn, self._where(self.router.replica))
+        conn = self._replica_connection
+        if conn is not None:
+            # End the replica's read-only transaction and return the connection to its pool.
+            # A ROLLBACK that fails (the replica's backend was terminated, the server went
+            # away) loses nothing: the connection is discarded, the failure logged, nothing
+            # raised.
+            self._replica_connection = None
+            try:
+                conn.close()  # ROLLBACK, then back to the pool
+            except DBAPIError as exc:
+                _log_read_only_failure(self, exc)
+                if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
+                    conn.invalidate()
+                    conn.close()
         self.router.end_transaction()
         self.primary_connection = None
         self._replica_engine_used = False
@@ -260,12 +270,9 @@ class RoutingSession(Session):
                 # idle and sends nothing.
                 conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
             except Exception as exc:
-                _log_read_only_failure(self._where(self.router.replica), exc)
+                _log_read_only_failure(self, exc)
                 conn.invalidate()
         super().rollback()
-
-    def _where(self, node: Node | None) -> str:
-        return f"replica {node.name if node is not None else '?'} of {self.replica_set.name!r}"
 
     # -- execution: options in, replica failures handled -----------------------------------
 
@@ -274,25 +281,39 @@ class RoutingSession(Session):
     # keeps SQLAlchemy's fast path: any do_orm_execute listener makes every ORM statement run
     # orm_pre_session_exec twice.
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return self._routed(super().execute, statement, params, kw)
+        # _routed() written out: every ORM load (session.get() included) comes through here.
+        options = kw.get("execution_options")
+        if options and not ROUTING_OPTIONS.isdisjoint(options):
+            _with_call_options(kw, options)
+        self._executing += 1
+        try:
+            try:
+                return Session.execute(self, statement, params, **kw)
+            except (DBAPIError, OSError) as exc:
+                self._after_failure(exc)
+            return Session.execute(self, statement, params, **kw)
+        finally:
+            self._executing -= 1
 
     def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return self._routed(super().scalars, statement, params, kw)
+        return self._routed(Session.scalars, statement, params, kw)
 
     def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return self._routed(super().scalar, statement, params, kw)
+        return self._routed(Session.scalar, statement, params, kw)
 
     def _routed(
         self, method: Callable[..., Any], statement: Any, params: Any, kw: dict[str, Any]
     ) -> Any:
-        kw = _with_call_options(kw)
+        options = kw.get("execution_options")
+        if options and not ROUTING_OPTIONS.isdisjoint(options):
+            _with_call_options(kw, options)
         self._executing += 1
         try:
             try:
-                return method(statement, params, **kw)
+                return method(self, statement, params, **kw)
             except (DBAPIError, OSError) as exc:  # OSError: asyncpg's refused connect, unwrapped
                 self._after_failure(exc)  # raises unless the statement may run once more
-            return method(statement, params, **kw)
+            return method(self, statement, params, **kw)
         finally:
             self._executing -= 1
 
@@ -328,37 +349,23 @@ class RoutingSession(Session):
             self.rollback()
 
 
-def _end_read_only(conn: Connection, where: str) -> None:
-    """End a replica connection's read-only transaction and return it to its pool.
-
-    A ROLLBACK that fails (the replica's backend was terminated, the server went away)
-    loses nothing: the connection is discarded, the failure logged, and nothing raised.
-    """
-    try:
-        conn.close()  # ROLLBACK, then back to the pool
-    except DBAPIError as exc:
-        _log_read_only_failure(where, exc)
-        if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
-            conn.invalidate()
-            conn.close()
-
-
-def _log_read_only_failure(where: str, exc: BaseException) -> None:
+def _log_read_only_failure(session: RoutingSession, exc: BaseException) -> None:
+    # The replica is named only here: every transaction ends, few fail.
+    node = session.router.replica
     orig = getattr(exc, "orig", None) or exc
     log.warning(
-        "ending a read-only transaction on %s failed (%s); nothing was lost, the connection "
-        "is discarded",
-        where,
+        "ending a read-only transaction on replica %s of %r failed (%s); nothing was lost, "
+        "the connection is discarded",
+        node.name if node is not None else "?",
+        session.replica_set.name,
         type(orig).__name__,
     )
 
 
-def _with_call_options(kw: dict[str, Any]) -> dict[str, Any]:
-    options = kw.get("execution_options")
-    if options and not ROUTING_OPTIONS.isdisjoint(options):
-        routing = {k: options[k] for k in ROUTING_OPTIONS if k in options}
-        kw["bind_arguments"] = {**(kw.get("bind_arguments") or {}), CALL_OPTIONS: routing}
-    return kw
+def _with_call_options(kw: dict[str, Any], options: Any) -> None:
+    """Carry the routing options of ``options`` (passed to execute()) to get_bind()."""
+    routing = {k: options[k] for k in ROUTING_OPTIONS if k in options}
+    kw["bind_arguments"] = {**(kw.get("bind_arguments") or {}), CALL_OPTIONS: routing}
 
 
 # Session events, not engine events: connection-level listeners would put every statement
