@@ -4,8 +4,8 @@
   ``Session`` bound to the same replica server (target ratio <= 1.05);
 - the same lookup through a ``ReplicaSet`` built from URLs and one built from the user's
   own engines, each against the plain ``Session``, all three timed in one interleaved loop
-  (target < 1.03 for both: the read-only view of a user's engine adds no per-execution
-  event dispatch);
+  (target < 1.03 for both: the read-only view of a user's engine has a pool of its own whose
+  connections are made read-only once, at connect time, so it adds no per-checkout work);
 - one ``get_bind`` decision for a SELECT (target < 5 us);
 - causal routing on reads (token already replayed) against plain routing (target: same,
   within noise: no extra round trip);
