@@ -102,7 +102,7 @@ def read_only_view(engine: Engine) -> ReadOnlyView:
 
     .. versionchanged:: 0.3 a pool of its own. The view used to share the user's pool and
        set the flag at each checkout (and reset it at checkin), which cost a fresh
-       session's primary-key lookup about 5% over an engine built from a URL. The ReplicaSet
+       session's primary-key lookup about 3% over an engine built from a URL. The ReplicaSet
        now opens its replica connections in its own pool: the user's pool stays idle unless
        the user uses the engine directly, in which case both pools may hold connections.
     """
