@@ -25,27 +25,56 @@ tables the CLI reads (``[status]``), which the constructors never see.
 from __future__ import annotations
 
 import importlib
+import math
+import tomllib
 import warnings
 from collections.abc import Mapping
 from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
-from .topology import _CONFIG_KEYS, ReplicaSet, _load_config
 
 if TYPE_CHECKING:
     from .sharding import ShardingStrategy, ShardSet
+    from .topology import ReplicaSet
 
-__all__ = ["load_topology", "shard_set_from_config", "topology_config"]
+__all__ = [
+    "REPLICA_SET_KEYS",
+    "check_flag",
+    "check_number",
+    "load_config",
+    "load_topology",
+    "shard_set_from_config",
+    "topology_config",
+]
 
 ConfigSource = str | PathLike[str] | Mapping[str, Any]
 
+#: ReplicaSet keyword arguments a configuration file may set (plus an [engine] table).
+REPLICA_SET_KEYS = frozenset(
+    {
+        "primary",
+        "replicas",
+        "policy",
+        "pool",
+        "pooling_guard",
+        "name",
+        "monitor",
+        "monitor_interval",
+        "max_lag_bytes",
+        "max_lag_seconds",
+        "max_wait",
+        "read_timeout",
+        "allow_writable_replicas",
+        "read_your_writes",
+    }
+)
 # ShardSet keyword arguments a configuration file may set; the ReplicaSet keys (but not
 # `primary`/`replicas`/`name`) are shared defaults for every shard.
 _SHARD_SET_KEYS = frozenset(
     {"shards", "strategy", "cross_shard_writes", "two_phase", "max_workers", "engine"}
 )
-_SHARED_KEYS = _CONFIG_KEYS - {"primary", "replicas", "name"}
+_SHARED_KEYS = REPLICA_SET_KEYS - {"primary", "replicas", "name"}
 #: Tables that may sit beside a topology in one file; no constructor reads them.
 SIDE_TABLES = frozenset({"status", "alembic"})
 
@@ -53,7 +82,7 @@ SIDE_TABLES = frozenset({"status", "alembic"})
 def topology_config(source: ConfigSource, *, section: str | None = None) -> Mapping[str, Any]:
     """The topology table of a file or mapping: ``section`` if given, else the root (minus
     :data:`SIDE_TABLES`), else the only ``[replica_set]`` or ``[shard_set]`` table."""
-    config = _load_config(source)
+    config = load_config(source)
     if section is not None:
         try:
             table: Any = config[section]
@@ -82,6 +111,8 @@ def topology_config(source: ConfigSource, *, section: str | None = None) -> Mapp
 def load_topology(source: ConfigSource, *, section: str | None = None) -> ReplicaSet | ShardSet:
     """A :class:`ReplicaSet` or :class:`~sqlalchemy_scale.ShardSet`, whichever the
     configuration describes (a ``shards`` table makes it a ShardSet)."""
+    from .topology import ReplicaSet  # topology reads its checks from here
+
     config = topology_config(source, section=section)
     if "shards" in config:
         return shard_set_from_config(config)
@@ -91,6 +122,7 @@ def load_topology(source: ConfigSource, *, section: str | None = None) -> Replic
 def shard_set_from_config(config: Mapping[str, Any]) -> ShardSet:
     """Build a ShardSet from a mapping in the format of this module's docstring."""
     from .sharding import ShardSet
+    from .topology import ReplicaSet
 
     unknown = set(config) - _SHARD_SET_KEYS - _SHARED_KEYS
     if unknown:
@@ -179,3 +211,50 @@ def _strategy(value: Any) -> ShardingStrategy:
         f"unknown strategy {value!r}: expected 'hash', 'jump_hash', {{range = [...]}} "
         "or 'package.module:attribute'"
     )
+
+
+def load_config(source: ConfigSource) -> Mapping[str, Any]:
+    """The mapping itself, or the TOML file at ``source`` read into one; a missing or
+    malformed file raises :class:`~sqlalchemy_scale.ConfigurationError` naming it."""
+    if isinstance(source, Mapping):
+        return source
+    try:
+        with open(source, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigurationError(f"configuration file {str(source)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(
+            f"configuration file {str(source)!r} is not valid TOML: {exc}"
+        ) from None
+
+
+def check_flag(where: str, label: str, value: object) -> None:
+    """Refuse a setting that must be True or False and is not."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{where}: {label} must be True or False, got {value!r}")
+
+
+def check_number(
+    where: str,
+    label: str,
+    value: object,
+    *,
+    optional: bool = False,
+    zero: bool = True,
+    integral: bool = False,
+) -> None:
+    """Refuse what no setting of ``label`` can mean: a wrong type, NaN, infinity, a negative
+    number (or zero, where zero would disable the thing it times)."""
+    if value is None and optional:
+        return
+    kinds = "an integer" if integral else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+        none = " or None" if optional else ""
+        raise ConfigurationError(f"{where}: {label} must be {kinds}{none}, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = "at least 0" if zero else "greater than 0"
+        off = " (None switches it off)" if optional else ""
+        raise ConfigurationError(
+            f"{where}: {label} must be a finite number {bound}{off}, got {value!r}"
+        )

@@ -62,6 +62,7 @@ __all__ = [
     "select_head",
     "select_head_of",
     "select_syntax_extensions",
+    "statement_options",
     "transaction_connection",
     "type_affinity",
     "update_set_keys",
@@ -69,6 +70,12 @@ __all__ = [
 ]
 
 # -- statements -------------------------------------------------------------------------------
+
+
+#: A statement's own execution options: ``Executable.get_execution_options()`` read by a
+#: C-level getter, without that method's Python frame (routing reads them for every
+#: statement, when the caches are cold). AttributeError for what is not a statement.
+statement_options: Callable[[Any], Mapping[str, Any]] = operator.attrgetter("_execution_options")
 
 
 #: ``(for_update, columns)`` of a ``Select``: its ``FOR UPDATE/SHARE`` clause (None: it

@@ -212,9 +212,9 @@ PGBOUNCER_ADMIN_ENV = "SQLALCHEMY_SCALE_PGBOUNCER_ADMIN"
 
 
 def _status_table(path: str) -> dict[str, Any]:
-    from .topology import _load_config
+    from ._config import load_config
 
-    table = _load_config(path).get("status", {})
+    table = load_config(path).get("status", {})
     return dict(table) if isinstance(table, dict) else {}
 
 

@@ -542,8 +542,8 @@ class HealthMonitor:
             log.info("%s: node %s answers again", self.name, probe.node.name)
             # Pooled connections from before the outage are dead: drop them now rather than
             # let the first reads after the node's return find out (and take it down again).
-            # Only for engines we made: a user's engine (and its pool) is theirs to manage.
-            if probe.node.owns_engine:
+            # Only for pools we made: a user's engine (and its pool) is theirs to manage.
+            if probe.node.owns_pool:
                 # An async pool's connections can only be closed on their event loop.
                 probe.node.engine.dispose(close=not is_async_engine(probe.node.engine))
         probe.state = state

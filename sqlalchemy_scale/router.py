@@ -39,7 +39,7 @@ from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 
-from ._sa import select_head, select_head_of
+from ._sa import select_head, select_head_of, statement_options
 from .consistency import CausalContext, current_causal_context, parse_token
 from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import NodeUnavailableError, ReplicaWriteError, sqlstate
@@ -286,7 +286,7 @@ class Router:
         role, kind = decide_role(clause, flushing)
         options = call_options
         try:
-            stmt_options: Mapping[str, Any] | None = clause.get_execution_options()  # type: ignore[union-attr]
+            stmt_options: Mapping[str, Any] | None = statement_options(clause)
         except AttributeError:  # None (a flush), or a clause that is not a statement
             stmt_options = None
         if stmt_options:

@@ -32,8 +32,9 @@ from sqlalchemy.sql.elements import ClauseElement
 from ._sa import is_flushing
 from .consistency import _COMMITTING, newer_token, request_commit_position
 from .errors import ConfigurationError
+from .node import Node
 from .router import ROUTING_OPTIONS, Router, decide_role, use_primary
-from .topology import Node, ReplicaSet, Role
+from .topology import ReplicaSet, Role
 
 __all__ = [
     "ROUTING_OPTIONS",
@@ -309,25 +310,39 @@ class RoutingSession(Session):
     # keeps SQLAlchemy's fast path: any do_orm_execute listener makes every ORM statement run
     # orm_pre_session_exec twice.
     def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return self._routed(super().execute, statement, params, kw)
+        # _routed() written out: every ORM load (session.get() included) comes through here.
+        options = kw.get("execution_options")
+        if options and not ROUTING_OPTIONS.isdisjoint(options):
+            _with_call_options(kw, options)
+        self._executing += 1
+        try:
+            try:
+                return Session.execute(self, statement, params, **kw)
+            except (DBAPIError, OSError) as exc:
+                self._after_failure(exc)
+            return Session.execute(self, statement, params, **kw)
+        finally:
+            self._executing -= 1
 
     def scalars(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return self._routed(super().scalars, statement, params, kw)
+        return self._routed(Session.scalars, statement, params, kw)
 
     def scalar(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        return self._routed(super().scalar, statement, params, kw)
+        return self._routed(Session.scalar, statement, params, kw)
 
     def _routed(
         self, method: Callable[..., Any], statement: Any, params: Any, kw: dict[str, Any]
     ) -> Any:
-        kw = _with_call_options(kw)
+        options = kw.get("execution_options")
+        if options and not ROUTING_OPTIONS.isdisjoint(options):
+            _with_call_options(kw, options)
         self._executing += 1
         try:
             try:
-                return method(statement, params, **kw)
+                return method(self, statement, params, **kw)
             except (DBAPIError, OSError) as exc:  # OSError: asyncpg's refused connect, unwrapped
                 self._after_failure(exc)  # raises unless the statement may run once more
-            return method(statement, params, **kw)
+            return method(self, statement, params, **kw)
         finally:
             self._executing -= 1
 
@@ -477,12 +492,10 @@ def _log_read_only_failure(where: str, exc: BaseException) -> None:
     )
 
 
-def _with_call_options(kw: dict[str, Any]) -> dict[str, Any]:
-    options = kw.get("execution_options")
-    if options and not ROUTING_OPTIONS.isdisjoint(options):
-        routing = {k: options[k] for k in ROUTING_OPTIONS if k in options}
-        kw["bind_arguments"] = {**(kw.get("bind_arguments") or {}), CALL_OPTIONS: routing}
-    return kw
+def _with_call_options(kw: dict[str, Any], options: Any) -> None:
+    """Carry the routing options of ``options`` (passed to execute()) to get_bind()."""
+    routing = {k: options[k] for k in ROUTING_OPTIONS if k in options}
+    kw["bind_arguments"] = {**(kw.get("bind_arguments") or {}), CALL_OPTIONS: routing}
 
 
 # Session events, not engine events: connection-level listeners would put every statement

@@ -6,10 +6,13 @@ its own pool), its counters and its health state. Which node serves a given
 statement is decided elsewhere (:func:`sqlalchemy_scale.routing.decide_role`
 picks the role, a :mod:`~sqlalchemy_scale.policies` policy picks the replica);
 this module only holds the nodes and answers "which replicas are usable now".
+A node itself (name, engine, counters, connections) is :mod:`sqlalchemy_scale.node`;
+the configuration file format is :mod:`sqlalchemy_scale._config`.
 
 Replica engines run every transaction as ``BEGIN READ ONLY`` (the driver's
 read-only flag, sent inside BEGIN so it costs no round trip and survives
-transaction pooling). A URL that wrongly names a
+transaction pooling; how, and for a user's own engine, is
+:mod:`sqlalchemy_scale._engines`). A URL that wrongly names a
 writable server as a replica therefore still cannot be written through, and a
 write that reaches a replica raises :class:`~sqlalchemy_scale.errors.ReplicaWriteError`
 naming the node.
@@ -18,28 +21,32 @@ naming the node.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 import os
-import re
-import socket
 import threading
 import time
-import tomllib
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from os import PathLike
 from typing import Any, Literal, Self, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.engine.interfaces import ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from ._async_bridge import pause, run_blocking
+from ._config import check_flag, check_number
+from ._engines import (
+    dispose_at_fork,
+    make_read_only,
+    read_only_view,
+    refuse_transaction_control,
+    replica_write_error,
+    track_connections,
+    with_installed_driver,
+)
 from ._process_position import ProcessPosition, ReadYourWrites, install_process_position
 from .consistency import (
     commit_position,
@@ -49,13 +56,13 @@ from .consistency import (
     take_commit_position,
 )
 from .decisions import DecisionListener
-from .errors import ConfigurationError, ReplicaWriteError, render_url, sqlstate
-from .health import PROBING, HealthMonitor, NodeHealth
+from .errors import ConfigurationError, render_url
+from .health import HealthMonitor, NodeHealth
+from .node import Node, Role
 from .policies import PolicyName, ReplicaPolicy, make_policy
 
 __all__ = ["EngineTarget", "Node", "ReplicaSet", "Role"]
 
-Role = Literal["primary", "replica"]
 EngineTarget = str | URL | Engine | AsyncEngine
 
 log = logging.getLogger("sqlalchemy_scale.topology")
@@ -64,135 +71,6 @@ _Listener = TypeVar("_Listener", bound=DecisionListener)
 # A replica further behind a causal token than this is not waited for: replaying 16 MiB
 # of WAL takes far longer than max_wait's few milliseconds.
 _CATCH_UP_BYTES = 16 * 1024 * 1024
-
-# SQLSTATE 25006: read_only_sql_transaction ("cannot execute INSERT in a read-only transaction").
-_READ_ONLY_SQLSTATE = "25006"
-
-
-class Node:
-    """One server: its name, role, engine, counters and health state.
-
-    Nodes are made by :class:`ReplicaSet`; applications read them (``node.name``,
-    ``node.engine``) but do not construct them.
-    """
-
-    def __init__(self, name: str, engine: Engine, *, role: Role, owns_engine: bool) -> None:
-        self.name = name
-        self.role: Role = role
-        self.engine = engine
-        self.owns_engine = owns_engine
-        #: False while health checks keep this node out of rotation.
-        self.is_usable = True
-        #: The newest replay LSN the health monitor has seen (replicas), or None.
-        self.replay_lsn: int | None = None
-        #: True while the circuit breaker is open (the node failed and has not answered since).
-        self.is_down = False
-        #: True when the monitor last saw this replica behind the primary without having
-        #: replayed anything since its previous look (replay paused or stuck).
-        self.replay_stalled = False
-        self._lock = threading.Lock()
-        self._statements = 0
-        self._fallbacks = 0
-        # The DB-API connections opened to this node (its pool's and the monitor's), weakly,
-        # so that abort_connections() can free the threads a frozen server holds.
-        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._retries = 0
-        self._breaker_openings = 0
-
-    @property
-    def is_replica(self) -> bool:
-        return self.role == "replica"
-
-    @property
-    def url(self) -> str:
-        """The node's URL with the password masked."""
-        return render_url(self.engine)
-
-    def checked_out(self) -> int:
-        """Connections of this node's pool currently in use (0 for pools that do not count)."""
-        checkedout = getattr(self.engine.pool, "checkedout", None)
-        return int(checkedout()) if checkedout is not None else 0
-
-    def track_connection(self, dbapi_connection: Any) -> None:
-        """Remember a DB-API connection to this node for :meth:`abort_connections`.
-
-        Async drivers' adapted connections take no weak reference and expose no socket:
-        they are not tracked, so ``read_timeout`` does not cut a frozen replica's reads
-        short under asyncio (the README says so)."""
-        try:
-            with self._lock:
-                self._connections.add(dbapi_connection)
-        except TypeError:
-            return
-
-    def abort_connections(self) -> int:
-        """Shut down the socket of every open connection to this node; return how many.
-
-        A thread blocked reading from the node (a frozen server) then gets a lost-connection
-        error at once. The sockets are shut down, not closed: each driver still owns its file
-        descriptor and closes it itself. Used by the health monitor for a replica that has not
-        answered for ``read_timeout`` seconds.
-        """
-        with self._lock:
-            connections = list(self._connections)
-        aborted = 0
-        for dbapi_connection in connections:
-            if _shutdown_socket(dbapi_connection):
-                aborted += 1
-        return aborted
-
-    def count(self, *, fallback: bool = False) -> None:
-        with self._lock:
-            self._statements += 1
-            if fallback:
-                self._fallbacks += 1
-
-    def count_retry(self) -> None:
-        """A read that failed on this node was run again on another."""
-        with self._lock:
-            self._retries += 1
-
-    def count_breaker_opening(self) -> None:
-        """The health monitor's circuit breaker opened for this node (it went down)."""
-        with self._lock:
-            self._breaker_openings += 1
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "statements": self._statements,
-                "fallbacks": self._fallbacks,
-                "retries": self._retries,
-                "breaker_openings": self._breaker_openings,
-            }
-
-    def reset_stats(self) -> None:
-        with self._lock:
-            self._statements = self._fallbacks = self._retries = self._breaker_openings = 0
-
-    def __repr__(self) -> str:
-        return f"<Node {self.name} {self.role} {self.url}>"
-
-
-# ReplicaSet keyword arguments a configuration file may set (plus an [engine] table).
-_CONFIG_KEYS = frozenset(
-    {
-        "primary",
-        "replicas",
-        "policy",
-        "pool",
-        "pooling_guard",
-        "name",
-        "monitor",
-        "monitor_interval",
-        "max_lag_bytes",
-        "max_lag_seconds",
-        "max_wait",
-        "read_timeout",
-        "allow_writable_replicas",
-        "read_your_writes",
-    }
-)
 
 
 class ReplicaSet:
@@ -305,13 +183,13 @@ class ReplicaSet:
             )
         self._pooling_guard = pooling_guard
         where = f"ReplicaSet {name!r}"
-        _check_flag(where, "monitor", monitor)
-        _check_flag(where, "allow_writable_replicas", allow_writable_replicas)
-        _check_number(where, "monitor_interval", monitor_interval, zero=False)
-        _check_number(where, "max_wait", max_wait)
-        _check_number(where, "max_lag_seconds", max_lag_seconds, optional=True)
-        _check_number(where, "max_lag_bytes", max_lag_bytes, optional=True, integral=True)
-        _check_number(where, "read_timeout", read_timeout, optional=True, zero=False)
+        check_flag(where, "monitor", monitor)
+        check_flag(where, "allow_writable_replicas", allow_writable_replicas)
+        check_number(where, "monitor_interval", monitor_interval, zero=False)
+        check_number(where, "max_wait", max_wait)
+        check_number(where, "max_lag_seconds", max_lag_seconds, optional=True)
+        check_number(where, "max_lag_bytes", max_lag_bytes, optional=True, integral=True)
+        check_number(where, "read_timeout", read_timeout, optional=True, zero=False)
         self.name = name
         self._read_timeout = read_timeout
         self.policy = make_policy(policy)
@@ -431,7 +309,7 @@ class ReplicaSet:
                     f"{where}: {render_url(url)} is not a PostgreSQL URL; "
                     "sqlalchemy-scale routes PostgreSQL primaries and streaming replicas"
                 )
-            url = _with_installed_driver(url)
+            url = with_installed_driver(url)
             options = self._engine_options(url)
             if role == "replica":
                 options = self._replica_connect_timeout(url, options)
@@ -458,18 +336,20 @@ class ReplicaSet:
             )
         if engine.dialect.name != "postgresql":
             raise ConfigurationError(f"{where}: {render_url(engine)} is not a PostgreSQL engine")
+        if owns:
+            dispose_at_fork(engine)
         if role == "primary":
             install_primary_hooks(engine, set_name=self.name, node_name=node_name, owns_engine=owns)
-        elif owns:
-            _make_read_only(engine)
+            return Node(node_name, engine, role=role, owns_engine=owns)
+        if owns:
+            make_read_only(engine)
         else:
-            engine = _read_only_view(engine)
-        node = Node(node_name, engine, role=role, owns_engine=owns)
-        if role == "replica":
-            # handle_error is a dialect event: the handler checks it is our engine that failed.
-            event.listen(engine, "handle_error", _replica_write_error(engine, self.name, node_name))
-            _track_connections(node, owns=owns)
-            _refuse_transaction_control(engine, self.name, node_name, owns=owns)
+            engine = read_only_view(engine)  # the user's engine and pool stay as they were
+        node = Node(node_name, engine, role=role, owns_engine=owns, owns_pool=True)
+        # handle_error is a dialect event: the handler checks it is our engine that failed.
+        event.listen(engine, "handle_error", replica_write_error(engine, self.name, node_name))
+        track_connections(node)
+        refuse_transaction_control(engine, self.name, node_name, owns=owns)
         return node
 
     @classmethod
@@ -488,13 +368,15 @@ class ReplicaSet:
             [engine]
             pool_size = 5
         """
-        config = _load_config(source)
+        from ._config import REPLICA_SET_KEYS, load_config  # _config builds ReplicaSets
+
+        config = load_config(source)
         if section is not None:
             try:
                 config = config[section]
             except KeyError:
                 raise ConfigurationError(f"configuration has no [{section}] table") from None
-        known = _CONFIG_KEYS | {"engine"}
+        known = REPLICA_SET_KEYS | {"engine"}
         unknown = set(config) - known
         if unknown:
             raise ConfigurationError(
@@ -767,13 +649,14 @@ class ReplicaSet:
             node.reset_stats()
 
     def dispose(self) -> None:
-        """Stop the health monitor and close the pools of the engines this ReplicaSet
-        created (not engines it was given)."""
+        """Stop the health monitor and close the pools this ReplicaSet created: its engines'
+        and its read-only views' of replica engines it was given (never a given engine's
+        own pool)."""
         self._monitor_wanted = False
         if self.monitor is not None:
             self.monitor.stop()
         for node in self.nodes:
-            if node.owns_engine:
+            if node.owns_pool:
                 node.engine.dispose()
 
     async def adispose(self) -> None:
@@ -783,7 +666,7 @@ class ReplicaSet:
         if self.monitor is not None:
             await asyncio.to_thread(self.monitor.stop)  # joins the monitor thread
         for node in self.nodes:
-            if node.owns_engine:
+            if node.owns_pool:
                 await greenlet_spawn(node.engine.dispose)
 
     def __enter__(self) -> Self:
@@ -806,302 +689,14 @@ class ReplicaSet:
         return f"<ReplicaSet {self.name} primary={self.primary.url} replicas=[{replicas}]>"
 
 
-_READ_ONLY_MARK = "sqlalchemy_scale_read_only"
-
-
-def _make_read_only(engine: Engine) -> None:
-    """Make every connection of an engine we own begin its transactions ``READ ONLY``.
-
-    The flag is the driver's own (psycopg2 ``readonly``, psycopg ``read_only``), sent inside
-    BEGIN: no extra round trip, and safe under transaction pooling. Set once per new
-    connection by a pool ``connect`` event, so it costs nothing per statement.
-    """
-    dialect: Any = engine.dialect  # PGDialect: set_readonly() is PostgreSQL-specific
-
-    def on_connect(dbapi_connection: Any, record: Any) -> None:
-        dialect.set_readonly(dbapi_connection, True)
-
-    event.listen(engine.pool, "connect", on_connect)
-
-
-class _ReadOnlyView(Engine):
-    """Checkouts that begin ``READ ONLY``: mixed into SQLAlchemy's ``OptionEngine`` class by
-    :func:`_read_only_view`, never instantiated alone."""
-
-    #: Called with each connection checked out (see _track_connections).
-    on_checkout: Callable[[PoolProxiedConnection], None] | None = None
-
-    def raw_connection(self) -> PoolProxiedConnection:
-        pooled = super().raw_connection()
-        try:
-            dialect: Any = self.dialect  # PGDialect: set_readonly() is PostgreSQL-specific
-            dialect.set_readonly(pooled.dbapi_connection, True)
-            pooled.info[_READ_ONLY_MARK] = dialect
-            if self.on_checkout is not None:
-                self.on_checkout(pooled)
-        except BaseException:
-            pooled.invalidate()
-            pooled.close()
-            raise
-        return pooled
-
-
-_TRACK_MARKS = itertools.count()
-_VIEW_CLASSES: dict[type[Engine], Callable[[Engine, dict[str, Any]], _ReadOnlyView]] = {}
-
-
-def _read_only_view(engine: Engine) -> _ReadOnlyView:
-    """A read-only engine over the pool of an engine the user owns.
-
-    Like ``engine.execution_options()`` (an ``OptionEngine``: the user's pool, dialect,
-    settings and event listeners), but each checkout sets the driver's read-only flag, so
-    every transaction on it begins ``READ ONLY``; a pool ``checkin`` event puts the flag back
-    to the driver's default (None: the server's default) when the connection returns to the
-    pool, so the user's own use of the engine is unchanged. (SQLAlchemy's
-    ``postgresql_readonly`` option resets it to False instead, which makes the next user of
-    the shared pool send ``BEGIN READ WRITE``: an error on a standby.)
-
-    The flag is set in ``raw_connection()`` rather than by an ``engine_connect`` listener: an
-    engine with listeners takes SQLAlchemy's event-dispatching path on every execution, which
-    cost about 10% of a fresh session's primary-key lookup.
-    """
-    option_engine = type(engine.execution_options())  # SQLAlchemy's OptionEngine class
-    make = _VIEW_CLASSES.get(option_engine)
-    if make is None:
-        make = _VIEW_CLASSES.setdefault(
-            option_engine, type("ReadOnlyView", (_ReadOnlyView, option_engine), {})
-        )
-    view = make(engine, {})
-    if not event.contains(engine.pool, "checkin", _reset_read_only):
-        event.listen(engine.pool, "checkin", _reset_read_only)
-    return view
-
-
-def _reset_read_only(dbapi_connection: Any, record: Any) -> None:
-    dialect = record.info.pop(_READ_ONLY_MARK, None)
-    if dbapi_connection is not None and dialect is not None:
-        dialect.set_readonly(dbapi_connection, None)
-
-
 _REPLICA_SETS: weakref.WeakSet[ReplicaSet] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # A forked child must not share the parent's sockets: drop (without closing) the pooled
-    # connections of every engine we created, as SQLAlchemy advises for os.fork().
+    # A forked child gets fresh locks (the parent's may be held at the fork). Nodes reset
+    # their own, and the pools this package made are dropped by _engines.
     for replica_set in list(_REPLICA_SETS):
-        replica_set._state_lock = threading.Lock()  # noqa: SLF001 (this module's classes)
-        for node in replica_set.nodes:
-            node._lock = threading.Lock()  # noqa: SLF001
-            if node.owns_engine:
-                node.engine.dispose(close=False)
+        replica_set._state_lock = threading.Lock()  # noqa: SLF001 (this module's class)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _check_flag(where: str, label: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"{where}: {label} must be True or False, got {value!r}")
-
-
-def _check_number(
-    where: str,
-    label: str,
-    value: object,
-    *,
-    optional: bool = False,
-    zero: bool = True,
-    integral: bool = False,
-) -> None:
-    """Refuse what no setting of ``label`` can mean: a wrong type, NaN, infinity, a negative
-    number (or zero, where zero would disable the thing it times)."""
-    if value is None and optional:
-        return
-    kinds = "an integer" if integral else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
-        none = " or None" if optional else ""
-        raise ConfigurationError(f"{where}: {label} must be {kinds}{none}, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-        bound = "at least 0" if zero else "greater than 0"
-        off = " (None switches it off)" if optional else ""
-        raise ConfigurationError(
-            f"{where}: {label} must be a finite number {bound}{off}, got {value!r}"
-        )
-
-
-def _with_installed_driver(url: URL) -> URL:
-    """A bare ``postgresql://`` URL with SQLAlchemy's default driver when it is installed,
-    else with psycopg2, the driver this package installs (SQLAlchemy 2.1's default is
-    psycopg 3, which is an extra here)."""
-    if url.drivername != "postgresql":
-        return url
-    try:
-        url.get_dialect().import_dbapi()
-    except ImportError:
-        return url.set(drivername="postgresql+psycopg2")
-    return url
-
-
-def _track_connections(node: Node, *, owns: bool) -> None:
-    """Register every DB-API connection opened to a replica with its node.
-
-    For an engine we built, a pool ``connect`` event: it is copied into the health
-    monitor's pool (``Pool.recreate()``), so probe connections are tracked too. For a
-    user's engine, the read-only view's checkout hook (its pool is the user's).
-    """
-    if owns:
-
-        def on_connect(dbapi_connection: Any, record: Any) -> None:
-            node.track_connection(dbapi_connection)
-
-        event.listen(node.engine.pool, "connect", on_connect)
-        dbapi = node.engine.dialect.loaded_dbapi
-
-        def refuse_while_down(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
-            # A replica out of rotation because it stopped answering gets no new connection
-            # except the monitor's: a read caught re-connecting (its pre-ping failed when
-            # the monitor shut the socket down) fails at once and is retried elsewhere,
-            # instead of waiting connect_timeout on a frozen server. As a driver error
-            # without SQLSTATE, which is what a refused connection is.
-            if node.is_down and not node.is_usable and not PROBING.get():
-                raise dbapi.OperationalError(
-                    f"replica {node.name!r} is out of rotation and not answering; "
-                    "no connection attempted"
-                )
-
-        event.listen(node.engine, "do_connect", refuse_while_down)
-    elif isinstance(node.engine, _ReadOnlyView):
-        # Once per DB-API connection (a pooled connection's info lives as long as it does).
-        mark = f"sqlalchemy_scale_tracked_{next(_TRACK_MARKS)}"
-
-        def on_checkout(pooled: PoolProxiedConnection) -> None:
-            if mark not in pooled.info:
-                pooled.info[mark] = True
-                node.track_connection(pooled.dbapi_connection)
-
-        node.engine.on_checkout = on_checkout
-
-
-def _shutdown_socket(dbapi_connection: Any) -> bool:
-    # psycopg2 and psycopg 3 both expose the socket as fileno() (and closed); shutdown acts
-    # on the socket itself, so shutting down a duplicate descriptor is enough, and the
-    # driver keeps ownership of its own descriptor.
-    try:
-        if dbapi_connection.closed:
-            return False
-        fd = dbapi_connection.fileno()
-        sock = socket.socket(fileno=os.dup(fd))
-    except Exception:
-        return False
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.close()
-
-
-# Statements that end a replica's READ ONLY transaction or make it read-write, so that what
-# follows them (in the same string, or the next statement) could write on a server that
-# accepts writes: `COMMIT; INSERT ...`, `SET TRANSACTION READ WRITE; INSERT ...`.
-_TXN_HEAD = re.compile(
-    r"\s*(?:COMMIT|END|ROLLBACK|ABORT|BEGIN|START|SET|RESET|PREPARE|/\*|--)", re.I
-).match
-_TXN_CONTROL = re.compile(
-    r"(?:COMMIT|END|ABORT|BEGIN|START\s+TRANSACTION|PREPARE\s+TRANSACTION)\b"
-    # ROLLBACK, but not ROLLBACK TO SAVEPOINT (begin_nested() on a replica's transaction).
-    r"|ROLLBACK\b(?!\s+(?:(?:WORK|TRANSACTION)\s+)?TO\b)"
-    r"|SET\s+(?:SESSION\s+CHARACTERISTICS\s+AS\s+)?TRANSACTION\b.*\bREAD\s+WRITE\b"
-    r"|(?:SET|RESET)\b.*\b(?:default_)?transaction_read_only\b"
-    r"|RESET\s+ALL\b",
-    re.I | re.S,
-)
-_LEADING_COMMENTS = re.compile(r"\A(?:\s+|--[^\n]*(?:\n|\Z)|/\*.*?\*/)+", re.S)
-
-
-def _transaction_control(statement: str) -> str | None:
-    """The part of ``statement`` that ends or re-opens its transaction read-write, or None."""
-    if _TXN_HEAD(statement) is None and ";" not in statement:
-        return None  # the fast path: every SELECT
-    for part in statement.split(";"):
-        part = _LEADING_COMMENTS.sub("", part, count=1)
-        if _TXN_CONTROL.match(part):
-            return " ".join(part.split())[:80]
-    return None
-
-
-def _refuse_transaction_control(
-    engine: Engine, set_name: str, node_name: str, *, owns: bool
-) -> None:
-    """Refuse, before it is sent, a replica statement that would end its ``READ ONLY``
-    transaction (a ``text()`` marked ``use_replica=True`` is the caller's word that it only
-    reads; this keeps the word even on a server that accepts writes).
-
-    A dialect-level ``do_execute`` listener, like the pooling guard: no engine events on the
-    statement path. For a user's engine (whose dialect the read-only view shares) it acts
-    only on the view's own connections. Like the pooling guard it splits on ``;`` without
-    parsing, so a ``DO`` block whose body holds ``END`` after a ``;`` is refused too.
-
-    Why not ``default_transaction_read_only=on`` as a connection option instead: ``SET
-    TRANSACTION READ WRITE`` overrides it, and PgBouncer refuses (or, configured with
-    ``ignore_startup_parameters = options``, drops) the ``options`` startup parameter.
-    """
-    view = weakref.ref(engine) if not owns else None
-
-    def check(cursor: Any, statement: str, *rest: Any) -> None:
-        if _TXN_HEAD(statement) is None and ";" not in statement:
-            return
-        if view is not None:
-            context = rest[-1] if rest else None
-            root = getattr(context, "root_connection", None)
-            if root is None or root.engine is not view():
-                return
-        part = _transaction_control(statement)
-        if part is not None:
-            raise ReplicaWriteError(
-                f"{part!r} would end the READ ONLY transaction of replica {node_name!r} of "
-                f"{set_name!r}, so what follows could write there; nothing was sent. Run "
-                "transaction control through the session (commit(), rollback()), not in text()",
-                node=node_name,
-                statement=statement,
-            )
-
-    for name in ("do_execute", "do_execute_no_params", "do_executemany"):
-        event.listen(engine, name, check)
-
-
-def _replica_write_error(engine: Engine, set_name: str, node_name: str) -> Any:
-    # Weakly: the listener lives on the engine's dialect (see install_primary_hooks).
-    engine_ref = weakref.ref(engine)
-
-    def handle_error(context: ExceptionContext) -> BaseException | None:
-        if context.engine is not engine_ref():
-            return None
-        if sqlstate(context.original_exception) != _READ_ONLY_SQLSTATE:
-            return None
-        statement = context.statement
-        return ReplicaWriteError(
-            f"a statement that writes reached replica {node_name!r} of {set_name!r} and was "
-            f"rejected there (nothing was written): {context.original_exception}".strip()
-            + "; route writes to the primary (use_primary=True or session.use_primary())",
-            node=node_name,
-            statement=statement,
-        )
-
-    return handle_error
-
-
-def _load_config(source: str | PathLike[str] | Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(source, Mapping):
-        return source
-    try:
-        with open(source, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigurationError(f"configuration file {str(source)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(
-            f"configuration file {str(source)!r} is not valid TOML: {exc}"
-        ) from None

@@ -440,7 +440,7 @@ def test_a_users_writable_engine_as_replica_is_read_only_and_stays_the_users(
 ) -> None:
     """A user's engine on a writable server, given as a replica, cannot be written through
     the ReplicaSet (every transaction READ ONLY), while the user's own use of that engine
-    (sharing its pool) still writes."""
+    (its own pool, untouched) still writes."""
     engine: Engine = create_engine(cluster.primary.url(driver), pool_size=1, max_overflow=0)
     with ss.ReplicaSet(
         primary=cluster.primary.url(driver),
@@ -469,14 +469,16 @@ def test_a_users_replica_engine_hands_each_connection_to_the_node_once(
     cluster: LocalCluster, driver: str
 ) -> None:
     """The connections a user's replica engine serves reads on are known to their node, so
-    abort_connections() (read_timeout's cut) reaches them: one pooled connection, one socket."""
+    abort_connections() (read_timeout's cut) reaches them: the reads' one pooled connection
+    and the monitor's probe, as for a URL; the user's own pool opens none."""
     engine: Engine = create_engine(cluster.replicas[0].url(driver), pool_size=1, max_overflow=0)
     with ss.ReplicaSet(primary=cluster.primary.url(driver), replicas={"mine": engine}) as rs:
         Session = ss.routing_sessionmaker(rs)
         for _ in range(3):
             with Session() as session:
                 assert session.execute(WHERE).one() == (cluster.replicas[0].port, True)
-        assert rs.replicas[0].abort_connections() == 1
+        assert rs.replicas[0].abort_connections() == 2
+        assert engine.pool.checkedin() + engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     engine.dispose()
 
 

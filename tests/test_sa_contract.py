@@ -105,6 +105,14 @@ def check_select_head(engine: Engine) -> None:
         _sa.select_head(insert(t))
 
 
+def check_statement_options(engine: Engine) -> None:
+    statement = select(t).execution_options(use_replica=True)
+    assert _sa.statement_options(statement) == statement.get_execution_options()
+    assert _sa.statement_options(insert(t)) == {}
+    with pytest.raises(AttributeError):
+        _sa.statement_options(None)
+
+
 def check_select_head_of(engine: Engine) -> None:
     union = select(t).union_all(select(t)).with_for_update()
     for_update, columns = _sa.select_head_of(union)
