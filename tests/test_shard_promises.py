@@ -584,3 +584,35 @@ def test_a_connection_lost_during_commit_prepared_is_outcome_unknown(
     assert (caught.value.shard, caught.value.node) == ("c", "c")
     assert "prepared but not yet committed on 'c'" in str(caught.value)
     assert (nodes.rows(nodes.a, on_a), nodes.rows(nodes.c, on_c)) == (1, 1)
+
+
+# -- the shard precedence, on real shards ---------------------------------------------------------
+
+
+def test_placements_that_disagree_are_refused_on_real_shards(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet]
+) -> None:
+    """shard_id='c' with a shard_key owned by shard a, or a shard_key of a with a WHERE naming
+    b's key, raises ShardKeyError; an explicit shard id with a WHERE naming another shard's key
+    runs on the shard named (asked of the server)."""
+    Session = ss.sharded_sessionmaker(make_shards())
+    with Session() as session:
+        with pytest.raises(ss.ShardKeyError, match="disagree"):
+            session.execute(select(Note).execution_options(shard_id="c", shard_key=KEY_A))
+        with pytest.raises(ss.ShardKeyError, match="disagree"):
+            session.execute(select(Note).where(Note.k == KEY_B).execution_options(shard_key=KEY_A))
+        port, found = session.execute(
+            select(func.inet_server_port(), func.count(Note.id))
+            .where(Note.k == KEY_A)
+            .execution_options(shard_id="c")
+        ).one()
+    assert (port, found) == (nodes.c.port, 0)
+
+
+def test_a_malformed_token_is_refused_when_the_session_is_made(
+    make_shards: Callable[..., ss.ShardSet],
+) -> None:
+    """A causal token that is not scope=LSN pairs raises ConfigurationError at construction,
+    before any statement."""
+    with pytest.raises(ss.ConfigurationError, match="not a causal token"):
+        ss.sharded_sessionmaker(make_shards(), causal_token="a=0/1&a=0/2")()
