@@ -434,6 +434,31 @@ def test_a_shard_replica_failing_a_concurrent_fan_out_is_retried(
     assert served[KEY_C] == (nodes.c.port, False)
 
 
+def test_a_lost_shard_replica_connection_does_not_decide_the_commit(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transaction that read from shard a's replica, lost that connection, then wrote to a
+    and committed: commit() succeeds and the row is there; a session that only read and lost
+    its replica connection commits quietly. Both failures are logged."""
+    Session = ss.sharded_sessionmaker(make_shards(monitor=False))
+    with Session() as session:
+        port, pid = _backend_of_first_read(session, KEY_A)
+        assert port == nodes.a_replica.port
+        _terminate(nodes.a_replica, pid)
+        row_id = _add(session, KEY_A)
+        session.commit()
+        assert session.causal_token is not None
+    with Session() as session:
+        port, pid = _backend_of_first_read(session, KEY_B)
+        node = next(r for r in nodes.b_replicas if r.port == port)
+        _terminate(node, pid)
+        session.commit()
+    logged = [r.getMessage() for r in caplog.records if "read-only transaction" in r.getMessage()]
+    print(f"\nlogged: {logged}")
+    assert nodes.rows(nodes.a, row_id) == 1
+    assert len(logged) == 2
+
+
 # -- commit outcome inside shards --------------------------------------------------------------
 
 

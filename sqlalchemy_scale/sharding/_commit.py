@@ -16,7 +16,9 @@ commit into SQLAlchemy's session events; at ``before_commit``, once the last flu
 
 The COMMITs are sent through the driver connection: SQLAlchemy's own COMMIT of these
 connections afterwards finds the driver idle and sends nothing (psycopg2 and psycopg 3).
-Connections of shards only read are committed by SQLAlchemy as before.
+Connections to shards' replicas have their read-only transactions ended first, and a lost
+one is logged and discarded (:func:`end_replica_reads`): it decides nothing. Connections to
+the primaries of shards only read are committed by SQLAlchemy as before.
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, SessionTransaction
 
-from .._sa import transaction_connection
+from .._sa import committing_connections, exclude_from_commit, transaction_connection
 from ..consistency import request_commit_position
-from ..errors import CommitOutcomeUnknown, CrossShardWriteError, NodeUnavailableError
+from ..errors import (
+    CommitOutcomeUnknown,
+    CrossShardWriteError,
+    NodeUnavailableError,
+    render_url,
+)
 from . import _best_effort as best_effort
 from . import _two_phase as two_phase
 from ._shard_set import ShardSet
@@ -41,7 +48,7 @@ from .strategies import ShardId
 if TYPE_CHECKING:
     from .session import ShardedSession
 
-__all__ = ["ShardWrites", "commit_one", "install", "is_late_write"]
+__all__ = ["ShardWrites", "commit_one", "end_replica_reads", "install", "is_late_write"]
 
 log = logging.getLogger("sqlalchemy_scale.sharding")
 
@@ -137,6 +144,7 @@ def _before_commit(session: Session) -> None:
     session.flush()  # the last flush may write to another shard: decide after it
     # From here writes are refused (get_bind): SQLAlchemy flushes again after this listener.
     writes.preparing = True
+    end_replica_reads(session.shard_set, transaction)
     shard_ids = writes.shards
     connections = [
         (s, conn)
@@ -164,6 +172,40 @@ def _before_commit(session: Session) -> None:
             f"the transaction wrote to shards {shard_ids}; nothing was committed"
         )
     _commit_two_phase(session, connections)
+
+
+def end_replica_reads(shard_set: ShardSet, transaction: SessionTransaction) -> None:
+    """End the read-only transactions of the shards' replica connections before the commit,
+    and keep SQLAlchemy's commit from sending COMMIT on them.
+
+    A replica connection lost since its last read (its backend terminated, its server
+    restarted) must not decide the outcome of a commit of other connections, nor fail the
+    commit of a session that only read: ending a transaction that wrote nothing cannot lose
+    anything, so a failure is logged, the connection discarded, and nothing raised (as
+    :class:`~sqlalchemy_scale.RoutingSession` does with its replica connection).
+    """
+    replica_engines = {
+        id(node.engine)
+        for shard_id in shard_set.shard_ids
+        for node in shard_set.replica_set(shard_id).replicas
+    }
+    if not replica_engines:
+        return
+    for conn in committing_connections(transaction):
+        if id(conn.engine) not in replica_engines:
+            continue
+        exclude_from_commit(transaction, conn)
+        try:
+            # The driver's own rollback: SQLAlchemy's close then finds the driver idle.
+            conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+        except Exception as exc:
+            log.warning(
+                "ending a read-only transaction on a replica (%s) failed (%s); nothing was "
+                "lost, the connection is discarded",
+                render_url(conn.engine),
+                type(exc).__name__,
+            )
+            conn.invalidate(exc)
 
 
 def commit_one(shard_set: ShardSet, shard_id: ShardId, conn: Connection) -> None:

@@ -221,6 +221,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._routers: dict[ShardId, Router] = {}
         # The shard of the latest statement routed (a failure there is that shard's).
         self._last_shard: ShardId | None = None
+        # Inside execute(): statements it runs on the shards are part of the caller's.
+        self._executing = False
         super().__init__(
             shard_chooser=self._choose_shard,
             identity_chooser=self._choose_identity_shards,
@@ -539,16 +541,22 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _retried(
         self, method: Callable[..., Any], statement: Any, params: Any, kw: dict[str, Any]
     ) -> Any:
-        if self.has_user_choosers:
+        if self.has_user_choosers or self._executing:
+            # Statements run by our own executor for the caller's (one per shard) are retried,
+            # if at all, as the caller's whole statement: once.
             return method(statement, params, **kw)
         # Only a statement that begins the transaction may be retried: the session began it
         # by itself, so rolling it back loses nothing (nothing else ran in it).
         first = not self.in_transaction()
+        self._executing = True
         try:
+            try:
+                return method(statement, params, **kw)
+            except (DBAPIError, OSError) as exc:  # OSError: asyncpg's refused connect
+                self._after_failure(exc, first=first)  # raises unless it may run once more
             return method(statement, params, **kw)
-        except (DBAPIError, OSError) as exc:  # OSError: asyncpg's refused connect, unwrapped
-            self._after_failure(exc, first=first)  # raises unless it may run once more
-        return method(statement, params, **kw)
+        finally:
+            self._executing = False
 
     def _after_failure(self, exc: DBAPIError | OSError, *, first: bool) -> None:
         """Return to retry the statement once; raise otherwise.
