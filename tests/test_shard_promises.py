@@ -336,6 +336,36 @@ def test_a_lagging_shard_replica_leaves_the_rotation_and_comes_back(
     assert after == (nodes.a_replica.port, True)
 
 
+def test_a_killed_shard_replica_leaves_the_rotation_and_rejoins(
+    nodes: Nodes,
+    make_shards: Callable[..., ss.ShardSet],
+    scale_restart: Callable[[PgNode], None],
+) -> None:
+    """Shard a's replica killed: every read of a is answered (by a's primary, none fails)
+    and the replica is out of the rotation; started again, the monitor lets it back in and
+    it serves a's reads."""
+    shard_set = make_shards()
+    Session = ss.sharded_sessionmaker(shard_set)
+    node = shard_set.replica_set("a").replicas[0]
+    scale_restart(nodes.a_replica)
+    with Session() as session:
+        assert _read(session, KEY_A, 0)[:2] == (nodes.a_replica.port, True)
+    nodes.a_replica.kill()
+    while_down = []
+    for _ in range(10):
+        with Session() as session:
+            while_down.append(_read(session, KEY_A, 0)[:2])
+    out = not node.is_usable
+    nodes.a_replica.start()
+    back = wait_until(lambda: node.is_usable, timeout=30)
+    with Session() as session:
+        after = _read(session, KEY_A, 0)[:2]
+    print(f"\nreads while down: {sorted(set(while_down))}, out: {out}, back: {back}")
+    assert set(while_down) == {(nodes.a.port, False)}
+    assert out and back
+    assert after == (nodes.a_replica.port, True)
+
+
 # -- a shard's replica failing a read ------------------------------------------------------------
 
 
