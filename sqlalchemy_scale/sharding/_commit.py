@@ -24,7 +24,7 @@ the primaries of shards only read are committed by SQLAlchemy as before.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -107,10 +107,13 @@ def install(session_class: type[ShardedSession]) -> None:
     event.listen(session_class, "after_begin", _after_begin)
 
 
-def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
-    shard_set = getattr(session, "shard_set", None)
-    if shard_set is None or getattr(session, "has_user_choosers", True):
+def _after_begin(
+    any_session: Session, transaction: SessionTransaction, connection: Connection
+) -> None:
+    session = cast("ShardedSession", any_session)  # listened for on that class only
+    if session.has_user_choosers:
         return
+    shard_set = session.shard_set
     for shard_id in shard_set.shard_ids:
         replica_set = shard_set.replica_set(shard_id)
         if connection.engine is replica_set.primary.engine:
@@ -120,11 +123,8 @@ def _after_begin(session: Session, transaction: SessionTransaction, connection: 
             return
 
 
-def _before_commit(session: Session) -> None:
-    from .session import ShardedSession  # the class installed us: imported by now
-
-    if not isinstance(session, ShardedSession):
-        return
+def _before_commit(any_session: Session) -> None:
+    session = cast("ShardedSession", any_session)  # listened for on that class only
     transaction = session.get_transaction()
     if transaction is None or transaction.nested or transaction.parent is not None:
         return

@@ -11,7 +11,7 @@ When *not* to use it: data that changes often (every write is a write to every s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from sqlalchemy import event, inspect
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -33,10 +33,9 @@ def install(session_class: type[ShardedSession]) -> None:
     event.listen(session_class, "after_flush", _replicate_global_rows)
 
 
-def _replicate_global_rows(session: Session, flush_context: Any) -> None:
-    from .session import ShardedSession  # the class installed us: imported by now
-
-    if not isinstance(session, ShardedSession) or session.has_user_choosers:
+def _replicate_global_rows(any_session: Session, flush_context: Any) -> None:
+    session = cast("ShardedSession", any_session)  # listened for on that class only
+    if session.has_user_choosers:
         return
     written = [(obj, False) for obj in session.new] + [
         (obj, False) for obj in session.dirty if session.is_modified(obj)

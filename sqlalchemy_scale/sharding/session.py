@@ -34,6 +34,8 @@ so applications write none. What it adds to horizontal_shard:
   before the second shard is written, ``"two_phase"`` commits with two-phase commit,
   ``"best_effort"`` commits shard by shard and raises
   :class:`~sqlalchemy_scale.PartialCommitError` naming what committed when one fails;
+  a connection lost during a shard's COMMIT (or COMMIT PREPARED) raises
+  :class:`~sqlalchemy_scale.CommitOutcomeUnknown` naming the shard (:mod:`._commit`);
 * global tables (``__shard__ = "all"``) are written to every shard and read
   from the ShardSet's home shard (:mod:`._global_tables`); ``__shard__ = "<shard id>"``
   pins a table.
