@@ -489,6 +489,29 @@ def test_a_lost_shard_replica_connection_does_not_decide_the_commit(
     assert len(logged) == 2
 
 
+def test_a_fan_out_with_a_shard_replica_server_down_is_answered(
+    nodes: Nodes,
+    make_shards: Callable[..., ss.ShardSet],
+    scale_restart: Callable[[PgNode], None],
+) -> None:
+    """With shard a's replica server stopped, a new ShardSet's first statement, a fan-out
+    over a, b and c, returns the right rows (a's from a's primary) and raises nothing."""
+    shard_set = make_shards(monitor=False)
+    row_ids = _seeded(nodes, shard_set, [KEY_A, KEY_B, KEY_C])
+    scale_restart(nodes.a_replica)
+    nodes.a_replica.kill()
+    fresh = make_shards(monitor=False)
+    with ss.sharded_sessionmaker(fresh)() as session:
+        rows = session.execute(
+            select(Note.id, Note.k, func.inet_server_port())
+            .where(Note.id.in_(row_ids))
+            .order_by(Note.id)
+        ).all()
+    assert [(r[0], r[1]) for r in rows] == list(zip(row_ids, [KEY_A, KEY_B, KEY_C], strict=True))
+    assert rows[0][2] == nodes.a.port
+    assert not fresh.replica_set("a").replicas[0].is_usable
+
+
 # -- commit outcome inside shards --------------------------------------------------------------
 
 
