@@ -40,6 +40,7 @@ __all__ = [
     "compile_state_cls",
     "deannotate",
     "dml_values",
+    "exclude_from_commit",
     "extra_froms",
     "identity_token_option",
     "is_flushing",
@@ -215,6 +216,15 @@ def transaction_connection(transaction: SessionTransaction, engine: Engine) -> C
     """The connection a session transaction holds for ``engine``, or None."""
     entry = transaction._connections.get(engine)
     return None if entry is None else entry[0]
+
+
+def exclude_from_commit(transaction: SessionTransaction, conn: Connection) -> None:
+    """Make a session transaction's commit leave ``conn``'s transaction alone, as it does a
+    joined connection's (the caller ends it); a rollback or close still ends it."""
+    connections = transaction._connections
+    for key, (held, trans, _, autoclose) in list(connections.items()):
+        if held is conn:
+            connections[key] = (held, trans, False, autoclose)
 
 
 def committing_connections(transaction: SessionTransaction) -> list[Connection]:

@@ -123,6 +123,8 @@ class AsyncShardedSession(AsyncSession):
 
     :param shard_set: a :class:`~sqlalchemy_scale.ShardSet` of async engines.
     :param default_role: as for :class:`~sqlalchemy_scale.ShardedSession`.
+    :param causal_token: as for :class:`~sqlalchemy_scale.ShardedSession` (one token
+        covering every shard).
 
     Fan-out SELECTs run concurrently on the event loop, one task per shard.
     ``await session.get(Model, pk, shard_key=...)`` routes a primary-key get.
@@ -140,6 +142,7 @@ class AsyncShardedSession(AsyncSession):
         *,
         shard_set: ShardSet,
         default_role: Role = "replica",
+        causal_token: str | None = None,
         **kw: Any,
     ) -> None:
         if isinstance(shard_set, ShardSet):
@@ -148,8 +151,15 @@ class AsyncShardedSession(AsyncSession):
             bind,  # type: ignore[arg-type]
             shard_set=shard_set,
             default_role=default_role,
+            causal_token=causal_token,
             **kw,
         )
+
+    @property
+    def causal_token(self) -> str | None:
+        """The newest causal token this session honours, covering every shard it wrote to
+        (see ``ShardedSession.causal_token``)."""
+        return self.sync_session.causal_token
 
     @property
     def shard_set(self) -> ShardSet:
@@ -196,17 +206,27 @@ def async_routing_sessionmaker(
 
 
 def async_sharded_sessionmaker(
-    shard_set: ShardSet, *, default_role: Role = "replica", **kw: Any
+    shard_set: ShardSet,
+    *,
+    default_role: Role = "replica",
+    causal_token: str | None = None,
+    **kw: Any,
 ) -> async_sessionmaker[AsyncShardedSession]:
     """An :class:`~sqlalchemy.ext.asyncio.async_sessionmaker` of :class:`AsyncShardedSession`
     over an async ``shard_set``.
 
     .. versionadded:: 0.2
+
+    .. versionchanged:: 0.3 ``causal_token``.
     """
     _check_set(shard_set, ShardSet)
     _require_async("ShardSet", shard_set.is_async, ",".join(shard_set.shard_ids))
     return async_sessionmaker(
-        class_=AsyncShardedSession, shard_set=shard_set, default_role=default_role, **kw
+        class_=AsyncShardedSession,
+        shard_set=shard_set,
+        default_role=default_role,
+        causal_token=causal_token,
+        **kw,
     )
 
 

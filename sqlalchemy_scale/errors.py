@@ -125,11 +125,23 @@ class ReplicaWriteError(ScaleError):
 
 
 class NodeUnavailableError(ScaleError, sa_exc.OperationalError):
-    """A node could not be reached and no other node could answer correctly instead."""
+    """A node could not be reached and no other node could answer correctly instead.
 
-    def __init__(self, message: str, *, node: str, orig: BaseException | None = None) -> None:
+    :attr:`node` names the node; :attr:`shard` the shard it belongs to (None outside a
+    :class:`~sqlalchemy_scale.ShardedSession`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        node: str,
+        orig: BaseException | None = None,
+        shard: str | None = None,
+    ) -> None:
         sa_exc.OperationalError.__init__(self, message, None, orig or Exception(message))
         self.node = node
+        self.shard = shard
         self._text = message
 
     def __str__(self) -> str:
@@ -171,12 +183,22 @@ class CrossShardWriteError(ScaleError):
 class CommitOutcomeUnknown(ScaleError, sa_exc.OperationalError):
     """The connection was lost during COMMIT: the transaction may or may not have committed.
 
-    Reconcile (read back what was written) instead of blindly retrying.
+    Reconcile (read back what was written) instead of blindly retrying. :attr:`node` names
+    the node; :attr:`shard` the shard whose COMMIT (or COMMIT PREPARED) it was (None outside
+    a :class:`~sqlalchemy_scale.ShardedSession`).
     """
 
-    def __init__(self, message: str, *, node: str, orig: BaseException | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        node: str,
+        orig: BaseException | None = None,
+        shard: str | None = None,
+    ) -> None:
         sa_exc.OperationalError.__init__(self, message, None, orig or Exception(message))
         self.node = node
+        self.shard = shard
         self._text = message
 
     def __str__(self) -> str:

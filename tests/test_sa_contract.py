@@ -34,7 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import CursorResult
+from sqlalchemy.engine import Connection, CursorResult
 from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -281,6 +281,19 @@ def check_committing_connections(engine: Engine) -> None:
             assert joined_transaction is not None
             assert _sa.committing_connections(joined_transaction) == []
             joined.close()
+
+
+def check_exclude_from_commit(engine: Engine) -> None:
+    with Session(engine) as session:
+        conn = session.connection()
+        transaction = session.get_transaction()
+        assert transaction is not None
+        committed: list[Connection] = []
+        event.listen(conn, "commit", committed.append)
+        _sa.exclude_from_commit(transaction, conn)
+        assert _sa.committing_connections(transaction) == []
+        session.commit()  # sends no COMMIT on conn: the caller ends its transaction
+        assert committed == []
 
 
 def check_mapped_registries(engine: Engine) -> None:

@@ -21,14 +21,14 @@ nothing (psycopg2 and psycopg 3 send nothing outside a transaction).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.engine import Connection
 
 from ..errors import PartialCommitError, mask_secrets
 from .strategies import ShardId
 
-__all__ = ["commit_shards"]
+__all__ = ["commit_shards", "connection_lost", "describe"]
 
 log = logging.getLogger("sqlalchemy_scale.sharding")
 
@@ -38,9 +38,14 @@ log = logging.getLogger("sqlalchemy_scale.sharding")
 _LOST_CLASSES = ("08", "57")
 
 
-def commit_shards(connections: Sequence[tuple[ShardId, Connection]]) -> None:
-    """COMMIT each shard's transaction in the given order; at the first failure roll back
-    the rest and raise :class:`~sqlalchemy_scale.PartialCommitError`."""
+def commit_shards(
+    connections: Sequence[tuple[ShardId, Connection]],
+    *,
+    on_commit: Callable[[ShardId, Connection], None] | None = None,
+) -> None:
+    """COMMIT each shard's transaction in the given order (calling ``on_commit`` after each
+    success); at the first failure roll back the rest and raise
+    :class:`~sqlalchemy_scale.PartialCommitError`."""
     committed: list[ShardId] = []
     for index, (shard_id, conn) in enumerate(connections):
         dbapi_connection = conn.connection.dbapi_connection
@@ -48,7 +53,7 @@ def commit_shards(connections: Sequence[tuple[ShardId, Connection]]) -> None:
         try:
             dbapi_connection.commit()
         except Exception as exc:
-            lost = _connection_lost(exc)
+            lost = connection_lost(exc)
             if lost:
                 conn.invalidate(exc)
             rest = [s for s, _ in connections[index + 1 :]]
@@ -57,6 +62,8 @@ def commit_shards(connections: Sequence[tuple[ShardId, Connection]]) -> None:
             raise _partial(committed, shard_id, rest, exc, lost=lost) from exc
         committed.append(shard_id)
         log.debug("best-effort commit: shard %s committed", shard_id)
+        if on_commit is not None:
+            on_commit(shard_id, conn)
 
 
 def _rollback(conn: Connection) -> None:
@@ -68,11 +75,18 @@ def _rollback(conn: Connection) -> None:
         conn.invalidate(exc)
 
 
-def _connection_lost(exc: BaseException) -> bool:
+def connection_lost(exc: BaseException) -> bool:
+    """Whether a driver error at COMMIT says the connection, not the transaction, failed
+    (the outcome is then unknown: the commit record may already be written)."""
     sqlstate = getattr(exc, "pgcode", None) or getattr(exc, "sqlstate", None)
     if sqlstate is None:
         return True  # no answer from the server: it may have committed
     return str(sqlstate)[:2] in _LOST_CLASSES
+
+
+def describe(exc: BaseException) -> str:
+    """A driver error on one line, secrets masked, at most 200 characters."""
+    return mask_secrets(" ".join(str(exc).split()))[:200]
 
 
 def _partial(
@@ -89,7 +103,7 @@ def _partial(
         if lost
         else f"shard {shard_id!r} refused its COMMIT and rolled its writes back"
     )
-    detail = mask_secrets(" ".join(str(exc).split()))[:200]
+    detail = describe(exc)
     message = (
         f"best-effort cross-shard commit stopped: shard(s) {committed} committed; {what}; "
         f"shard(s) {rest} were rolled back ({type(exc).__name__}: {detail})"

@@ -65,7 +65,14 @@ from .planner import KNOWN_SCALARS
 from .shapes import refuse
 from .strategies import ShardId
 
-__all__ = ["Proof", "exists_columns", "prove", "shards_for_statement", "statement_tables"]
+__all__ = [
+    "Proof",
+    "exists_columns",
+    "key_shard",
+    "prove",
+    "shards_for_statement",
+    "statement_tables",
+]
 
 _UNKNOWN: Any = object()
 _AGGREGATE_NAMES = frozenset({"count", "sum", "min", "max", "avg"})
@@ -612,17 +619,9 @@ def prove(
     prover = _Prover(shard_set, params or {}, writing=writing)
     rules = [prover.rule(t) for t in tables]
     if shard_key is not _UNKNOWN:
-        keyed = [(t, r) for t, r in zip(tables, rules, strict=True) if r[0] == "key"]
-        if keyed:
-            table, (_, column) = keyed[0]
-            assert column is not None
-            return Proof(
-                [
-                    shard_set.shard_for(
-                        shard_key, model=table.name, column=column, key_column=table.c[column]
-                    )
-                ]
-            )
+        owner = _key_owner(tables, rules, shard_set, shard_key)
+        if owner is not None:
+            return Proof([owner])
     if (
         isinstance(statement, Insert)
         and statement.select is not None
@@ -662,6 +661,33 @@ def prove(
         found = prover.scope(top, [])
     return Proof(
         **_final(found, shard_set, writing, rules, exists=exists), functions=prover.functions
+    )
+
+
+def key_shard(statement: Any, shard_set: ShardSet, shard_key: Any) -> ShardId | None:
+    """The shard owning ``shard_key`` for the first sharded table ``statement`` names (the
+    ``execution_options(shard_key=...)`` rule); None when it names no sharded table, where
+    the option has nothing to place. A value no strategy can place raises ShardKeyError."""
+    if not isinstance(statement, Select | CompoundSelect | UpdateBase):
+        return None
+    tables = statement_tables(statement)
+    prover = _Prover(shard_set, {}, writing=isinstance(statement, UpdateBase))
+    return _key_owner(tables, [prover.rule(t) for t in tables], shard_set, shard_key)
+
+
+def _key_owner(
+    tables: list[Table],
+    rules: list[tuple[str, str | None]],
+    shard_set: ShardSet,
+    shard_key: Any,
+) -> ShardId | None:
+    keyed = [(t, r) for t, r in zip(tables, rules, strict=True) if r[0] == "key"]
+    if not keyed:
+        return None
+    table, (_, column) = keyed[0]
+    assert column is not None
+    return shard_set.shard_for(
+        shard_key, model=table.name, column=column, key_column=table.c[column]
     )
 
 

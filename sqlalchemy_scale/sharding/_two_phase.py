@@ -38,6 +38,7 @@ It is private and does nothing unless a test sets it.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import threading
 import time
@@ -306,36 +307,55 @@ def prepare(conn: Connection, gid: str) -> None:
         conn.invalidate(exc)
 
 
-def finish(engine: Engine, gid: str, decision: Decision) -> bool:
+def finish(
+    engine: Engine,
+    gid: str,
+    decision: Decision,
+    *,
+    on_done: Callable[[Connection], None] | None = None,
+) -> bool:
     """COMMIT PREPARED (or ROLLBACK PREPARED) ``gid`` on an autocommit connection of
-    ``engine``; False when no such prepared transaction exists (someone finished it)."""
+    ``engine``; False when no such prepared transaction exists (someone finished it).
+    ``on_done`` is called with that connection once it has succeeded."""
     verb = "COMMIT PREPARED" if decision == "commit" else "ROLLBACK PREPARED"
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         for attempt in range(_BUSY_ATTEMPTS):
             try:
                 conn.execute(_gid_statement(verb, gid))
-                return True
             except DBAPIError as exc:
                 code = sqlstate(exc)
                 if code == _UNDEFINED_OBJECT:
                     return False
                 if code != _OBJECT_IN_USE or attempt == _BUSY_ATTEMPTS - 1:
                     raise
+            else:
+                if on_done is not None:
+                    on_done(conn)
+                return True
             # Another process is finishing it right now (by the same record): wait for it.
             time.sleep(0.05)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def commit_parts(parts: Sequence[Part]) -> None:
+def commit_parts(
+    parts: Sequence[Part], *, on_commit: Callable[[Part, Connection], None] | None = None
+) -> None:
     """Phase two after a 'commit' record: COMMIT PREPARED every part, all of them even after
     a failure, then raise :class:`CommitOutcomeUnknown` naming the parts that failed.
 
     A part that no longer exists was committed by recovery (it acts by the same record).
+    ``on_commit`` is called with each part this call committed and its connection (to read
+    the shard's WAL position after it); an error it raises is logged, not raised.
     """
     failed: list[tuple[Part, BaseException]] = []
     for part in parts:
         try:
-            finish(part.engine, part.gid, "commit")
+            finish(
+                part.engine,
+                part.gid,
+                "commit",
+                on_done=None if on_commit is None else functools.partial(_after, on_commit, part),
+            )
             step(f"committed:{part.shard_id}")
         except Exception as exc:
             failed.append((part, exc))
@@ -348,9 +368,17 @@ def commit_parts(parts: Sequence[Part]) -> None:
             f"yet committed on {pending}; ShardSet.recover_prepared() (or `sqlalchemy-scale "
             "recover`) commits it there when the server answers (a prepared transaction "
             "holds its locks until then)",
-            node=failed[0][0].shard_id,
+            node=failed[0][0].shard_id,  # a part is named by its shard (on its primary)
+            shard=failed[0][0].shard_id,
             orig=failed[0][1],
         )
+
+
+def _after(on_commit: Callable[[Part, Connection], None], part: Part, conn: Connection) -> None:
+    try:
+        on_commit(part, conn)
+    except Exception as exc:  # the part is committed; only what follows it is lost
+        log.warning("after COMMIT PREPARED of %s: %s", part.shard_id, type(exc).__name__)
 
 
 def rollback_parts(parts: Sequence[Part]) -> None:

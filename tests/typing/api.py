@@ -91,6 +91,23 @@ def cross_shard_writes(urls: dict[str, str]) -> list[str]:
     return []
 
 
+def shard_tokens(shards: ss.ShardSet) -> str | None:
+    with ss.sharded_sessionmaker(shards)() as session:
+        session.commit()
+        token: str | None = session.causal_token
+    with ss.sharded_sessionmaker(shards, causal_token=token)() as session:
+        return session.causal_token
+
+
+async def async_shard_tokens(shards: ss.ShardSet, token: str | None) -> str | None:
+    async with ss.async_sharded_sessionmaker(shards, causal_token=token)() as session:
+        return session.causal_token
+
+
+def node_errors(exc: ss.NodeUnavailableError | ss.CommitOutcomeUnknown) -> str | None:
+    return exc.shard or exc.node
+
+
 def horizontal_shard_drop_in(engines: dict[str, Engine]) -> list[int]:
     def shard_chooser(mapper: object, instance: object, clause: object = None) -> str:
         return "east"
