@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import Boolean, func, select, text
+from sqlalchemy import Boolean, func, insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -694,3 +694,23 @@ def test_a_malformed_token_is_refused_when_the_session_is_made(
     before any statement."""
     with pytest.raises(ss.ConfigurationError, match="not a causal token"):
         ss.sharded_sessionmaker(make_shards(), causal_token="a=0/1&a=0/2")()
+
+
+def test_get_bind_of_a_write_outside_a_transaction_leaves_the_next_transaction_alone(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet]
+) -> None:
+    """session.get_bind(clause=insert(...), shard_id="a") outside any transaction names a's
+    primary but notes nothing: the next transaction reads a from its replica and may write
+    to shard c without a cross-shard refusal (the routing session's rule, inside shards)."""
+    shard_set = make_shards(max_lag_seconds=None)
+    with ss.sharded_sessionmaker(shard_set)() as session:
+        engine = session.get_bind(
+            clause=insert(Note).values(id=0, k=KEY_A, slow=False, fail=False), shard_id="a"
+        )
+        with engine.connect() as conn:
+            assert conn.execute(select(func.inet_server_port())).scalar_one() == nodes.a.port
+        assert not session.router("a").has_written and not session.shard_writes.shards
+        assert _read(session, KEY_A, 0)[:2] == (nodes.a_replica.port, True)
+        row_id = _add(session, KEY_C)
+        session.commit()
+    assert nodes.rows(nodes.c, row_id) == 1

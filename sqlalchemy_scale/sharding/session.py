@@ -461,6 +461,11 @@ class ShardedSession(horizontal_shard.ShardedSession):
             # on routing state; connection() notes the write itself.
             return router.replica_set.primary.engine
         decision = router.decide(clause, flushing=flushing, call_options=kw.get(CALL_OPTIONS))
+        if not (self._executing or flushing or self.in_transaction()):
+            # Asked outside any transaction and not to run a statement of ours (a user's
+            # get_bind(clause=...)): where it would go, leaving the next transaction alone
+            # (no write noted, so no cross-shard refusal and no primary reads follow from it).
+            return router.peek(decision).engine
         writes = self.shard_writes
         if writes.preparing and is_late_write(decision[2]):
             # SQLAlchemy flushes again after every before_commit listener; by then the
