@@ -40,7 +40,7 @@ from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 
 from ._sa import select_head, select_head_of, statement_options
-from .consistency import CausalContext, current_causal_context, parse_token
+from .consistency import CausalContext, get_causal_context, parse_token
 from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import NodeUnavailableError, ReplicaWriteError, sqlstate
 from .topology import Node, ReplicaSet, Role
@@ -228,9 +228,12 @@ class Router:
         self.default_role: Role = default_role
         self._pin_key = id(owner if owner is not None else self)
         self._scope = replica_set.causal_scope
-        self._causal = CausalContext()
+        # The router's own causal position: made when a token is given or a commit is
+        # recorded (most sessions never have one, and a Router is made per session).
+        self._causal: CausalContext | None = None
         if causal_token is not None:  # a token covering several primaries: this one's part
             position = parse_token(causal_token).get(self._scope)
+            self._causal = CausalContext()
             if position is not None:
                 self._causal.observe_position(position, self._scope)
         self._follows_context = follows_causal_context
@@ -420,17 +423,21 @@ class Router:
     def causal_token(self) -> str | None:
         """The newest causal token honoured: the one given, or the primary's WAL position
         after the latest committed write."""
-        return self._causal.token
+        causal = self._causal
+        return None if causal is None else causal.token
 
     def causal_position(self) -> int | None:
         """The WAL position reads must see: the newest of the router's own, the process's
         (``read_your_writes="process"``) and the causal context's."""
         scope = self._scope
-        own = self._causal.position_for(scope)
+        causal = self._causal
+        own = None if causal is None else causal.position_for(scope)
         process = self.replica_set.process_position
         if process is not None and process.position is not None:
             own = process.position if own is None else max(own, process.position)
-        ctx = current_causal_context() if self._follows_context else None
+        if not self._follows_context:
+            return own
+        ctx = get_causal_context()
         if ctx is None:
             return own
         theirs = ctx.position_for(scope)
@@ -447,16 +454,19 @@ class Router:
     def _capped(self, position: int) -> int:
         checked = self.replica_set.check_causal_position(position)
         if checked != position:
-            self._causal.cap(checked, self._scope)
-            ctx = current_causal_context() if self._follows_context else None
+            if self._causal is not None:
+                self._causal.cap(checked, self._scope)
+            ctx = get_causal_context() if self._follows_context else None
             if ctx is not None:
                 ctx.cap(checked, self._scope)
         return checked
 
     def record_commit(self, position: int) -> None:
         """A transaction that wrote committed at ``position``: later reads must see it."""
+        if self._causal is None:
+            self._causal = CausalContext()
         self._causal.observe_position(position, self._scope)
-        ctx = current_causal_context() if self._follows_context else None
+        ctx = get_causal_context() if self._follows_context else None
         if ctx is not None:
             ctx.observe_position(position, self._scope)
 

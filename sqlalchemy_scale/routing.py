@@ -90,21 +90,25 @@ class RoutingSession(Session):
         super().__init__(bind, **kw)
         self.replica_set = replica_set
         self._causal_token = causal_token
-        # One route per replica set routed over, keyed by its primary engine: the
-        # replica_set's, and any a subclass adds for other binds (_add_replica_set).
-        self._routes: dict[Engine, _Route] = {}
-        self._route = self._add_replica_set(replica_set, default_role)
         #: What this session's transaction has done on ``replica_set``, and where its next
         #: statement goes.
-        self.router = self._route.router
-        # The route of the latest statement (None: a bind the caller chose, or no route).
-        self._last_route: _Route | None = None
-        self._committing: Token[Any] | None = None
-        # The depth of this session's own execute() calls (only they get a replica
-        # connection joined in "rollback_only" mode, see _Route.replica_bind).
-        self._executing = 0
-        # Inside this session's connection(): its bind is for the transaction, as a statement's.
-        self._connecting = False
+        self.router = Router(
+            replica_set, default_role=default_role, causal_token=causal_token, owner=self
+        )
+        self._route = route = _Route(self.router)
+        # One route per replica set routed over, keyed by its primary engine: the
+        # replica_set's, and any a subclass adds for other binds (_add_replica_set).
+        self._routes: dict[Engine, _Route] = {route.primary_engine: route}
+
+    # Per-transaction state, as class defaults: a fresh session sets none of it.
+    # The route of the latest statement (None: a bind the caller chose, or no route).
+    _last_route: _Route | None = None
+    _committing: Token[Any] | None = None
+    # The depth of this session's own execute() calls (only they get a replica
+    # connection joined in "rollback_only" mode, see _Route.replica_bind).
+    _executing = 0
+    # Inside this session's connection(): its bind is for the transaction, as a statement's.
+    _connecting = False
 
     # -- public state ------------------------------------------------------------------
 
@@ -451,9 +455,10 @@ class _Route:
             self.router.record_commit(position)
 
     def end_transaction(self) -> None:
-        if self.replica_connection is not None:
-            conn, self.replica_connection = self.replica_connection, None
-            _end_read_only(conn, self.where())
+        conn = self.replica_connection
+        if conn is not None:
+            self.replica_connection = None
+            _end_read_only(conn, self)
         self.router.end_transaction()
         self.primary_connection = None
         self.replica_engine_used = False
@@ -467,7 +472,7 @@ def _others_ran(routes: Iterable[_Route], route: _Route) -> bool:
     return any(other.router.statements for other in routes if other is not route)
 
 
-def _end_read_only(conn: Connection, where: str) -> None:
+def _end_read_only(conn: Connection, route: _Route) -> None:
     """End a replica connection's read-only transaction and return it to its pool.
 
     A ROLLBACK that fails (the replica's backend was terminated, the server went away)
@@ -476,7 +481,7 @@ def _end_read_only(conn: Connection, where: str) -> None:
     try:
         conn.close()  # ROLLBACK, then back to the pool
     except DBAPIError as exc:
-        _log_read_only_failure(where, exc)
+        _log_read_only_failure(route.where(), exc)
         if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
             conn.invalidate()
             conn.close()
@@ -542,7 +547,8 @@ def _after_commit(session: Session) -> None:
 @event.listens_for(RoutingSession, "after_transaction_end")
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None and isinstance(session, RoutingSession):
-        session._end_transaction()  # noqa: SLF001 (this module's class)
+        for route in session._routes.values():  # noqa: SLF001 (this module's class)
+            route.end_transaction()
         committing = session._committing  # noqa: SLF001
         if committing is not None:
             _COMMITTING.reset(committing)
