@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 from sqlalchemy.engine import Engine
@@ -72,6 +73,8 @@ class Node:
         # Statements routed here: next() on an itertools.count is atomic under CPython, so
         # routing counts without taking the lock (once per statement); see stats().
         self._statements = itertools.count()
+        #: Count one statement routed here (:meth:`count` without its Python frame).
+        self.count_statement: Callable[[], int] = self._statements.__next__
         self._fallbacks = 0
         # The DB-API connections opened to this node (its pool's and the monitor's), weakly,
         # so that abort_connections() can free the threads a frozen server holds.
@@ -120,7 +123,7 @@ class Node:
 
     def count(self, *, fallback: bool = False) -> None:
         """A statement was routed here (``fallback``: a read no replica could serve)."""
-        next(self._statements)
+        self.count_statement()
         if fallback:
             with self._lock:
                 self._fallbacks += 1
@@ -147,6 +150,7 @@ class Node:
     def reset_stats(self) -> None:
         with self._lock:
             self._statements = itertools.count()
+            self.count_statement = self._statements.__next__
             self._fallbacks = self._retries = self._breaker_openings = 0
 
     def __repr__(self) -> str:

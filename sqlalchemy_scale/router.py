@@ -67,8 +67,13 @@ Decision: TypeAlias = tuple[Role, str, str, bool]
 _PINS: ContextVar[tuple[frozenset[int], ...]] = ContextVar("sqlalchemy_scale_pins", default=())
 _GLOBAL_PIN: Final = 0
 
+# Rule 6's decision for a plain SELECT (decide_role: ("replica", "read")) with no option.
+_PLAIN_READ: Final[Decision] = ("replica", "read", "read", False)
+
 # Statements that certainly write or lock: use_replica=True on them is refused.
 _DEFINITE_WRITES: Final = frozenset({"flush", "write", "ddl", "locking read"})
+
+_DEBUG: Final = logging.DEBUG
 
 # Reasons a statement must run on the primary because it writes or locks. Once one of these
 # runs, the rest of the transaction stays on the primary.
@@ -320,6 +325,34 @@ class Router:
                 role, reason = "primary", "session default_role"
         return role, reason, kind, writes
 
+    def route(
+        self,
+        clause: ClauseElement | None,
+        flushing: bool = False,
+        call_options: Mapping[str, Any] | None = None,
+        session: Any = None,
+    ) -> Node:
+        """:meth:`decide` then :meth:`record`: the node that runs a statement about to be sent.
+
+        The commonest statement, a plain SELECT (rule 6, no routing option) in a
+        transaction that has not written, outside any ``use_primary()`` block, with
+        ``default_role="replica"``, is recorded without the rules that cannot apply to it
+        (they cost a fresh session's primary-key lookup about 1%); any other goes through
+        :meth:`decide`. ``tests/test_router.py`` checks that both ways agree.
+        """
+        if (
+            not (flushing or call_options or self.has_written or _PINS.get())
+            and self.default_role == "replica"
+            and decide_role(clause)[0] == "replica"  # a plain SELECT
+        ):
+            try:
+                options: Mapping[str, Any] | None = statement_options(clause)
+            except AttributeError:  # a clause that is not a statement
+                options = None
+            if not options or ROUTING_OPTIONS.isdisjoint(options):
+                return self.record(_PLAIN_READ, clause, session)
+        return self.record(self.decide(clause, flushing, call_options), clause, session)
+
     def record(self, decision: Decision, statement: Any = None, session: Any = None) -> Node:
         """Make a decision happen: note a write, pick the node (the transaction's replica,
         one that has replayed the causal position, or the primary), count it, log it and
@@ -330,14 +363,21 @@ class Router:
         replica_set = self.replica_set
         if role == "primary":
             node = replica_set.primary
-            node.count()
+            node.count_statement()
         elif (replica := self.replica) is not None:  # the transaction's reads stay on one
             node = replica
-            node.count()
+            node.count_statement()
         else:  # the transaction's first read (inline: this runs for most transactions)
-            position = self.causal_position()
-            if position is not None:
-                position = self._capped(position)
+            if (
+                self._causal is None
+                and replica_set.process_position is None
+                and (not self._follows_context or get_causal_context() is None)
+            ):
+                position = None  # causal_position() without its call: no source to read
+            else:
+                position = self.causal_position()
+                if position is not None:
+                    position = self._capped(position)
             chosen = replica_set.choose_replica(position)
             if chosen is None:
                 # The rest of this transaction reads from the primary too: no second
@@ -347,12 +387,12 @@ class Router:
                 node.count(fallback=True)
             else:
                 node = chosen
-                node.count()
+                node.count_statement()
             self.replica = node
         self.statements += 1
         self.last_node = node
         listeners = replica_set.decision_listeners
-        if listeners or log.isEnabledFor(logging.DEBUG):  # nobody watching: nothing more
+        if listeners or log.isEnabledFor(_DEBUG):  # nobody watching: nothing more
             if role == "replica" and node.role == "primary":
                 reason = self.fallback_reason
             log.debug("[%s] %s: %s", node.name, replica_set.name, reason)

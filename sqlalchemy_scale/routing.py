@@ -200,14 +200,11 @@ class RoutingSession(Session):
             # names no statement: the primary, with no effect on routing state. connection()
             # pins the transaction itself, since it hands out something to write through.
             return route.primary_engine
-        decision = router.decide(
-            clause, flushing, kw.get(CALL_OPTIONS)
-        )  # positional: per statement
         if not (self._executing or flushing or self._connecting or self.in_transaction()):
             # Asked outside any transaction and not to run a statement of ours (a user's
             # get_bind(clause=...)): where it would go, leaving the next transaction alone.
-            return router.peek(decision).engine
-        node = router.record(decision, clause, self)
+            return router.peek(router.decide(clause, flushing, kw.get(CALL_OPTIONS))).engine
+        node = router.route(clause, flushing, kw.get(CALL_OPTIONS), self)  # positional: hot
         if node.is_replica:
             if self._executing and not route.replica_engine_used:
                 return route.replica_bind(node, self.join_transaction_mode)
@@ -458,7 +455,12 @@ class _Route:
         conn = self.replica_connection
         if conn is not None:
             self.replica_connection = None
-            _end_read_only(conn, self)
+            # A ROLLBACK that fails (the replica's backend was terminated, the server went
+            # away) loses nothing: the connection is discarded, the failure logged.
+            try:
+                conn.close()  # ROLLBACK, then back to the pool
+            except DBAPIError as exc:
+                _read_only_end_failed(conn, self, exc)
         self.router.end_transaction()
         self.primary_connection = None
         self.replica_engine_used = False
@@ -472,19 +474,12 @@ def _others_ran(routes: Iterable[_Route], route: _Route) -> bool:
     return any(other.router.statements for other in routes if other is not route)
 
 
-def _end_read_only(conn: Connection, route: _Route) -> None:
-    """End a replica connection's read-only transaction and return it to its pool.
-
-    A ROLLBACK that fails (the replica's backend was terminated, the server went away)
-    loses nothing: the connection is discarded, the failure logged, and nothing raised.
-    """
-    try:
-        conn.close()  # ROLLBACK, then back to the pool
-    except DBAPIError as exc:
-        _log_read_only_failure(route.where(), exc)
-        if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
-            conn.invalidate()
-            conn.close()
+def _read_only_end_failed(conn: Connection, route: _Route, exc: DBAPIError) -> None:
+    """Ending a replica connection's read-only transaction failed: log it, discard it."""
+    _log_read_only_failure(route.where(), exc)
+    if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
+        conn.invalidate()
+        conn.close()
 
 
 def _log_read_only_failure(where: str, exc: BaseException) -> None:
