@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin, sessionmaker
 from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.util import EMPTY_DICT
 
 from ._sa import is_flushing
 from .consistency import _COMMITTING, newer_token, request_commit_position
@@ -310,18 +311,48 @@ class RoutingSession(Session):
     # ones in bind_arguments (which are). Doing it here rather than in a do_orm_execute hook
     # keeps SQLAlchemy's fast path: any do_orm_execute listener makes every ORM statement run
     # orm_pre_session_exec twice.
-    def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        # _routed() written out: every ORM load (session.get() included) comes through here.
-        options = kw.get("execution_options")
-        if options and not ROUTING_OPTIONS.isdisjoint(options):
-            _with_call_options(kw, options)
+    def execute(
+        self,
+        statement: Any,
+        params: Any = None,
+        *,
+        execution_options: Any = EMPTY_DICT,
+        bind_arguments: Any = None,
+        **kw: Any,
+    ) -> Any:
+        # _routed() written out, with Session.execute()'s keywords named (passing them on as
+        # **kw costs a dict per call): every ORM load (session.get() included) comes here.
+        if execution_options and not ROUTING_OPTIONS.isdisjoint(execution_options):
+            bind_arguments = _with_routing_options(bind_arguments, execution_options)
         self._executing += 1
         try:
             try:
-                return Session.execute(self, statement, params, **kw)
+                if kw:  # SQLAlchemy's own private keywords (an ORM re-execution)
+                    return Session.execute(
+                        self,
+                        statement,
+                        params,
+                        execution_options=execution_options,
+                        bind_arguments=bind_arguments,
+                        **kw,
+                    )
+                return Session.execute(
+                    self,
+                    statement,
+                    params,
+                    execution_options=execution_options,
+                    bind_arguments=bind_arguments,
+                )
             except (DBAPIError, OSError) as exc:
                 self._after_failure(exc)
-            return Session.execute(self, statement, params, **kw)
+            return Session.execute(
+                self,
+                statement,
+                params,
+                execution_options=execution_options,
+                bind_arguments=bind_arguments,
+                **kw,
+            )
         finally:
             self._executing -= 1
 
@@ -494,8 +525,13 @@ def _log_read_only_failure(where: str, exc: BaseException) -> None:
 
 def _with_call_options(kw: dict[str, Any], options: Any) -> None:
     """Carry the routing options of ``options`` (passed to execute()) to get_bind()."""
+    kw["bind_arguments"] = _with_routing_options(kw.get("bind_arguments"), options)
+
+
+def _with_routing_options(bind_arguments: Any, options: Any) -> dict[str, Any]:
+    """``bind_arguments`` plus the routing options of ``options``, for get_bind()."""
     routing = {k: options[k] for k in ROUTING_OPTIONS if k in options}
-    kw["bind_arguments"] = {**(kw.get("bind_arguments") or {}), CALL_OPTIONS: routing}
+    return {**(bind_arguments or {}), CALL_OPTIONS: routing}
 
 
 # Session events, not engine events: connection-level listeners would put every statement
