@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.engine.interfaces import ExceptionContext
-from sqlalchemy.pool import Pool
 
+from ._sa import proxied_events_flag
 from .errors import ReplicaWriteError, sqlstate
 from .health import PROBING
 from .node import Node
@@ -73,21 +73,16 @@ class ReadOnlyView(Engine):
     and engine events: mixed into SQLAlchemy's ``OptionEngine`` class by
     :func:`read_only_view`, never instantiated alone."""
 
-    #: The view's own pool (``OptionEngine`` would use the user's engine's).
-    read_only_pool: Pool
-
-    if not TYPE_CHECKING:  # an attribute of Engine's, a property here (as in OptionEngine)
-
-        @property
-        def pool(self) -> Pool:
-            return self.read_only_pool
-
-        @pool.setter
-        def pool(self, pool: Pool) -> None:
-            self.read_only_pool = pool
-
-
-_VIEW_CLASSES: dict[type[Engine], Callable[[Engine, dict[str, Any]], ReadOnlyView]] = {}
+    if not TYPE_CHECKING:
+        # The view's own pool, a plain instance attribute (set by read_only_view() and by
+        # Engine.dispose()): this class attribute hides OptionEngine's property, which
+        # would read (and replace) the user's engine's pool, and costs a Python call at
+        # every checkout.
+        pool = None
+        # Whether the view's connections dispatch engine events: the user's engine's flag,
+        # read by a C-level getter (SQLAlchemy reads it several times per statement), until
+        # a listener is added to the view itself.
+        _has_events = proxied_events_flag()
 
 
 def read_only_view(engine: Engine) -> ReadOnlyView:
@@ -107,14 +102,13 @@ def read_only_view(engine: Engine) -> ReadOnlyView:
        the user uses the engine directly, in which case both pools may hold connections.
     """
     option_engine = type(engine.execution_options())  # SQLAlchemy's OptionEngine class
-    make = _VIEW_CLASSES.get(option_engine)
-    if make is None:
-        make = _VIEW_CLASSES.setdefault(
-            option_engine, type("ReadOnlyView", (ReadOnlyView, option_engine), {})
-        )
+    # A class per view: a listener added to the view sets its class's event flag for good.
+    make: Callable[[Engine, dict[str, Any]], ReadOnlyView] = type(
+        "ReadOnlyView", (ReadOnlyView, option_engine), {}
+    )
     pool = engine.pool.recreate()
     view = make(engine, {})
-    view.read_only_pool = pool
+    view.pool = pool
     make_read_only(view)
     dispose_at_fork(view)
     return view

@@ -56,6 +56,7 @@ __all__ = [
     "on_conflict_clause",
     "on_conflict_set_keys",
     "orm_rows",
+    "proxied_events_flag",
     "rewind",
     "row_getter",
     "select_clauses",
@@ -280,6 +281,21 @@ def keep_prepared(transaction: TwoPhaseTransaction) -> None:
     """Forget that ``transaction`` is prepared, so closing its connection does not roll the
     prepared transaction back (it is left for recovery)."""
     transaction._is_prepared = False
+
+
+def proxied_events_flag() -> Any:
+    """An ``Engine._has_events`` for a class derived from SQLAlchemy's ``OptionEngine`` for
+    one instance: the proxied engine's flag, read by a C-level getter (``OptionEngine``'s
+    own is a Python property, and SQLAlchemy reads the flag several times per statement),
+    so events added to the proxied engine later still reach the instance's connections.
+    A listener added to the instance itself sets the flag of its class for good (as
+    ``OptionEngine`` keeps its own flag beside the proxied one)."""
+
+    def set_flag(self: Engine, value: bool) -> None:
+        if value:
+            type(self)._has_events = True
+
+    return property(operator.attrgetter("_proxied._has_events"), set_flag)
 
 
 # -- where SQLAlchemy 2.0 and 2.1 differ -------------------------------------------------------

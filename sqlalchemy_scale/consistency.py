@@ -266,6 +266,11 @@ def current_causal_context() -> CausalContext | None:
     return _CONTEXT.get()
 
 
+#: :func:`current_causal_context` as the ContextVar's own getter, without a Python frame:
+#: routing asks for every transaction's first read.
+get_causal_context: Final = _CONTEXT.get
+
+
 #: The primary's WAL insert position, read right after a commit: past the commit record
 #: whatever ``synchronous_commit`` the transaction ran with (a ``SET LOCAL
 #: synchronous_commit = off`` is already undone when this runs, so the setting cannot be

@@ -14,10 +14,12 @@ When *not* to use it: applications read nodes (``node.name``, ``node.engine``,
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any, Literal
 
 from sqlalchemy.engine import Engine
@@ -68,7 +70,11 @@ class Node:
         #: replayed anything since its previous look (replay paused or stuck).
         self.replay_stalled = False
         self._lock = threading.Lock()
-        self._statements = 0
+        # Statements routed here: next() on an itertools.count is atomic under CPython, so
+        # routing counts without taking the lock (once per statement); see stats().
+        self._statements = itertools.count()
+        #: Count one statement routed here (:meth:`count` without its Python frame).
+        self.count_statement: Callable[[], int] = self._statements.__next__
         self._fallbacks = 0
         # The DB-API connections opened to this node (its pool's and the monitor's), weakly,
         # so that abort_connections() can free the threads a frozen server holds.
@@ -116,9 +122,10 @@ class Node:
         return aborted
 
     def count(self, *, fallback: bool = False) -> None:
-        with self._lock:
-            self._statements += 1
-            if fallback:
+        """A statement was routed here (``fallback``: a read no replica could serve)."""
+        self.count_statement()
+        if fallback:
+            with self._lock:
                 self._fallbacks += 1
 
     def count_retry(self) -> None:
@@ -134,7 +141,7 @@ class Node:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
-                "statements": self._statements,
+                "statements": _current(self._statements),
                 "fallbacks": self._fallbacks,
                 "retries": self._retries,
                 "breaker_openings": self._breaker_openings,
@@ -142,10 +149,18 @@ class Node:
 
     def reset_stats(self) -> None:
         with self._lock:
-            self._statements = self._fallbacks = self._retries = self._breaker_openings = 0
+            self._statements = itertools.count()
+            self.count_statement = self._statements.__next__
+            self._fallbacks = self._retries = self._breaker_openings = 0
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.role} {self.url}>"
+
+
+def _current(counter: itertools.count[int]) -> int:
+    """The value an :func:`itertools.count` would return next, without advancing it (its
+    repr is ``count(N)``; made under the GIL, like ``next()``, so it is exact)."""
+    return int(repr(counter)[6:-1])
 
 
 def shutdown_socket(dbapi_connection: Any) -> bool:

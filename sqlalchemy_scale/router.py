@@ -40,7 +40,7 @@ from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 
 from ._sa import select_head, select_head_of, statement_options
-from .consistency import CausalContext, current_causal_context, parse_token
+from .consistency import CausalContext, get_causal_context, parse_token
 from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import NodeUnavailableError, ReplicaWriteError, sqlstate
 from .topology import Node, ReplicaSet, Role
@@ -67,8 +67,13 @@ Decision: TypeAlias = tuple[Role, str, str, bool]
 _PINS: ContextVar[tuple[frozenset[int], ...]] = ContextVar("sqlalchemy_scale_pins", default=())
 _GLOBAL_PIN: Final = 0
 
+# Rule 6's decision for a plain SELECT (decide_role: ("replica", "read")) with no option.
+_PLAIN_READ: Final[Decision] = ("replica", "read", "read", False)
+
 # Statements that certainly write or lock: use_replica=True on them is refused.
 _DEFINITE_WRITES: Final = frozenset({"flush", "write", "ddl", "locking read"})
+
+_DEBUG: Final = logging.DEBUG
 
 # Reasons a statement must run on the primary because it writes or locks. Once one of these
 # runs, the rest of the transaction stays on the primary.
@@ -228,9 +233,12 @@ class Router:
         self.default_role: Role = default_role
         self._pin_key = id(owner if owner is not None else self)
         self._scope = replica_set.causal_scope
-        self._causal = CausalContext()
+        # The router's own causal position: made when a token is given or a commit is
+        # recorded (most sessions never have one, and a Router is made per session).
+        self._causal: CausalContext | None = None
         if causal_token is not None:  # a token covering several primaries: this one's part
             position = parse_token(causal_token).get(self._scope)
+            self._causal = CausalContext()
             if position is not None:
                 self._causal.observe_position(position, self._scope)
         self._follows_context = follows_causal_context
@@ -317,6 +325,34 @@ class Router:
                 role, reason = "primary", "session default_role"
         return role, reason, kind, writes
 
+    def route(
+        self,
+        clause: ClauseElement | None,
+        flushing: bool = False,
+        call_options: Mapping[str, Any] | None = None,
+        session: Any = None,
+    ) -> Node:
+        """:meth:`decide` then :meth:`record`: the node that runs a statement about to be sent.
+
+        The commonest statement, a plain SELECT (rule 6, no routing option) in a
+        transaction that has not written, outside any ``use_primary()`` block, with
+        ``default_role="replica"``, is recorded without the rules that cannot apply to it
+        (they cost a fresh session's primary-key lookup about 1%); any other goes through
+        :meth:`decide`. ``tests/test_router.py`` checks that both ways agree.
+        """
+        if (
+            not (flushing or call_options or self.has_written or _PINS.get())
+            and self.default_role == "replica"
+            and decide_role(clause)[0] == "replica"  # a plain SELECT
+        ):
+            try:
+                options: Mapping[str, Any] | None = statement_options(clause)
+            except AttributeError:  # a clause that is not a statement
+                options = None
+            if not options or ROUTING_OPTIONS.isdisjoint(options):
+                return self.record(_PLAIN_READ, clause, session)
+        return self.record(self.decide(clause, flushing, call_options), clause, session)
+
     def record(self, decision: Decision, statement: Any = None, session: Any = None) -> Node:
         """Make a decision happen: note a write, pick the node (the transaction's replica,
         one that has replayed the causal position, or the primary), count it, log it and
@@ -327,14 +363,21 @@ class Router:
         replica_set = self.replica_set
         if role == "primary":
             node = replica_set.primary
-            node.count()
+            node.count_statement()
         elif (replica := self.replica) is not None:  # the transaction's reads stay on one
             node = replica
-            node.count()
+            node.count_statement()
         else:  # the transaction's first read (inline: this runs for most transactions)
-            position = self.causal_position()
-            if position is not None:
-                position = self._capped(position)
+            if (
+                self._causal is None
+                and replica_set.process_position is None
+                and (not self._follows_context or get_causal_context() is None)
+            ):
+                position = None  # causal_position() without its call: no source to read
+            else:
+                position = self.causal_position()
+                if position is not None:
+                    position = self._capped(position)
             chosen = replica_set.choose_replica(position)
             if chosen is None:
                 # The rest of this transaction reads from the primary too: no second
@@ -344,12 +387,12 @@ class Router:
                 node.count(fallback=True)
             else:
                 node = chosen
-                node.count()
+                node.count_statement()
             self.replica = node
         self.statements += 1
         self.last_node = node
         listeners = replica_set.decision_listeners
-        if listeners or log.isEnabledFor(logging.DEBUG):  # nobody watching: nothing more
+        if listeners or log.isEnabledFor(_DEBUG):  # nobody watching: nothing more
             if role == "replica" and node.role == "primary":
                 reason = self.fallback_reason
             log.debug("[%s] %s: %s", node.name, replica_set.name, reason)
@@ -420,17 +463,21 @@ class Router:
     def causal_token(self) -> str | None:
         """The newest causal token honoured: the one given, or the primary's WAL position
         after the latest committed write."""
-        return self._causal.token
+        causal = self._causal
+        return None if causal is None else causal.token
 
     def causal_position(self) -> int | None:
         """The WAL position reads must see: the newest of the router's own, the process's
         (``read_your_writes="process"``) and the causal context's."""
         scope = self._scope
-        own = self._causal.position_for(scope)
+        causal = self._causal
+        own = None if causal is None else causal.position_for(scope)
         process = self.replica_set.process_position
         if process is not None and process.position is not None:
             own = process.position if own is None else max(own, process.position)
-        ctx = current_causal_context() if self._follows_context else None
+        if not self._follows_context:
+            return own
+        ctx = get_causal_context()
         if ctx is None:
             return own
         theirs = ctx.position_for(scope)
@@ -447,16 +494,19 @@ class Router:
     def _capped(self, position: int) -> int:
         checked = self.replica_set.check_causal_position(position)
         if checked != position:
-            self._causal.cap(checked, self._scope)
-            ctx = current_causal_context() if self._follows_context else None
+            if self._causal is not None:
+                self._causal.cap(checked, self._scope)
+            ctx = get_causal_context() if self._follows_context else None
             if ctx is not None:
                 ctx.cap(checked, self._scope)
         return checked
 
     def record_commit(self, position: int) -> None:
         """A transaction that wrote committed at ``position``: later reads must see it."""
+        if self._causal is None:
+            self._causal = CausalContext()
         self._causal.observe_position(position, self._scope)
-        ctx = current_causal_context() if self._follows_context else None
+        ctx = get_causal_context() if self._follows_context else None
         if ctx is not None:
             ctx.observe_position(position, self._scope)
 

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin, sessionmaker
 from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.util import EMPTY_DICT
 
 from ._sa import is_flushing
 from .consistency import _COMMITTING, newer_token, request_commit_position
@@ -90,21 +91,25 @@ class RoutingSession(Session):
         super().__init__(bind, **kw)
         self.replica_set = replica_set
         self._causal_token = causal_token
-        # One route per replica set routed over, keyed by its primary engine: the
-        # replica_set's, and any a subclass adds for other binds (_add_replica_set).
-        self._routes: dict[Engine, _Route] = {}
-        self._route = self._add_replica_set(replica_set, default_role)
         #: What this session's transaction has done on ``replica_set``, and where its next
         #: statement goes.
-        self.router = self._route.router
-        # The route of the latest statement (None: a bind the caller chose, or no route).
-        self._last_route: _Route | None = None
-        self._committing: Token[Any] | None = None
-        # The depth of this session's own execute() calls (only they get a replica
-        # connection joined in "rollback_only" mode, see _Route.replica_bind).
-        self._executing = 0
-        # Inside this session's connection(): its bind is for the transaction, as a statement's.
-        self._connecting = False
+        self.router = Router(
+            replica_set, default_role=default_role, causal_token=causal_token, owner=self
+        )
+        self._route = route = _Route(self.router)
+        # One route per replica set routed over, keyed by its primary engine: the
+        # replica_set's, and any a subclass adds for other binds (_add_replica_set).
+        self._routes: dict[Engine, _Route] = {route.primary_engine: route}
+
+    # Per-transaction state, as class defaults: a fresh session sets none of it.
+    # The route of the latest statement (None: a bind the caller chose, or no route).
+    _last_route: _Route | None = None
+    _committing: Token[Any] | None = None
+    # The depth of this session's own execute() calls (only they get a replica
+    # connection joined in "rollback_only" mode, see _Route.replica_bind).
+    _executing = 0
+    # Inside this session's connection(): its bind is for the transaction, as a statement's.
+    _connecting = False
 
     # -- public state ------------------------------------------------------------------
 
@@ -196,14 +201,11 @@ class RoutingSession(Session):
             # names no statement: the primary, with no effect on routing state. connection()
             # pins the transaction itself, since it hands out something to write through.
             return route.primary_engine
-        decision = router.decide(
-            clause, flushing, kw.get(CALL_OPTIONS)
-        )  # positional: per statement
         if not (self._executing or flushing or self._connecting or self.in_transaction()):
             # Asked outside any transaction and not to run a statement of ours (a user's
             # get_bind(clause=...)): where it would go, leaving the next transaction alone.
-            return router.peek(decision).engine
-        node = router.record(decision, clause, self)
+            return router.peek(router.decide(clause, flushing, kw.get(CALL_OPTIONS))).engine
+        node = router.route(clause, flushing, kw.get(CALL_OPTIONS), self)  # positional: hot
         if node.is_replica:
             if self._executing and not route.replica_engine_used:
                 return route.replica_bind(node, self.join_transaction_mode)
@@ -309,18 +311,48 @@ class RoutingSession(Session):
     # ones in bind_arguments (which are). Doing it here rather than in a do_orm_execute hook
     # keeps SQLAlchemy's fast path: any do_orm_execute listener makes every ORM statement run
     # orm_pre_session_exec twice.
-    def execute(self, statement: Any, params: Any = None, **kw: Any) -> Any:
-        # _routed() written out: every ORM load (session.get() included) comes through here.
-        options = kw.get("execution_options")
-        if options and not ROUTING_OPTIONS.isdisjoint(options):
-            _with_call_options(kw, options)
+    def execute(
+        self,
+        statement: Any,
+        params: Any = None,
+        *,
+        execution_options: Any = EMPTY_DICT,
+        bind_arguments: Any = None,
+        **kw: Any,
+    ) -> Any:
+        # _routed() written out, with Session.execute()'s keywords named (passing them on as
+        # **kw costs a dict per call): every ORM load (session.get() included) comes here.
+        if execution_options and not ROUTING_OPTIONS.isdisjoint(execution_options):
+            bind_arguments = _with_routing_options(bind_arguments, execution_options)
         self._executing += 1
         try:
             try:
-                return Session.execute(self, statement, params, **kw)
+                if kw:  # SQLAlchemy's own private keywords (an ORM re-execution)
+                    return Session.execute(
+                        self,
+                        statement,
+                        params,
+                        execution_options=execution_options,
+                        bind_arguments=bind_arguments,
+                        **kw,
+                    )
+                return Session.execute(
+                    self,
+                    statement,
+                    params,
+                    execution_options=execution_options,
+                    bind_arguments=bind_arguments,
+                )
             except (DBAPIError, OSError) as exc:
                 self._after_failure(exc)
-            return Session.execute(self, statement, params, **kw)
+            return Session.execute(
+                self,
+                statement,
+                params,
+                execution_options=execution_options,
+                bind_arguments=bind_arguments,
+                **kw,
+            )
         finally:
             self._executing -= 1
 
@@ -451,9 +483,15 @@ class _Route:
             self.router.record_commit(position)
 
     def end_transaction(self) -> None:
-        if self.replica_connection is not None:
-            conn, self.replica_connection = self.replica_connection, None
-            _end_read_only(conn, self.where())
+        conn = self.replica_connection
+        if conn is not None:
+            self.replica_connection = None
+            # A ROLLBACK that fails (the replica's backend was terminated, the server went
+            # away) loses nothing: the connection is discarded, the failure logged.
+            try:
+                conn.close()  # ROLLBACK, then back to the pool
+            except DBAPIError as exc:
+                _read_only_end_failed(conn, self, exc)
         self.router.end_transaction()
         self.primary_connection = None
         self.replica_engine_used = False
@@ -467,19 +505,12 @@ def _others_ran(routes: Iterable[_Route], route: _Route) -> bool:
     return any(other.router.statements for other in routes if other is not route)
 
 
-def _end_read_only(conn: Connection, where: str) -> None:
-    """End a replica connection's read-only transaction and return it to its pool.
-
-    A ROLLBACK that fails (the replica's backend was terminated, the server went away)
-    loses nothing: the connection is discarded, the failure logged, and nothing raised.
-    """
-    try:
-        conn.close()  # ROLLBACK, then back to the pool
-    except DBAPIError as exc:
-        _log_read_only_failure(where, exc)
-        if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
-            conn.invalidate()
-            conn.close()
+def _read_only_end_failed(conn: Connection, route: _Route, exc: DBAPIError) -> None:
+    """Ending a replica connection's read-only transaction failed: log it, discard it."""
+    _log_read_only_failure(route.where(), exc)
+    if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
+        conn.invalidate()
+        conn.close()
 
 
 def _log_read_only_failure(where: str, exc: BaseException) -> None:
@@ -494,8 +525,13 @@ def _log_read_only_failure(where: str, exc: BaseException) -> None:
 
 def _with_call_options(kw: dict[str, Any], options: Any) -> None:
     """Carry the routing options of ``options`` (passed to execute()) to get_bind()."""
+    kw["bind_arguments"] = _with_routing_options(kw.get("bind_arguments"), options)
+
+
+def _with_routing_options(bind_arguments: Any, options: Any) -> dict[str, Any]:
+    """``bind_arguments`` plus the routing options of ``options``, for get_bind()."""
     routing = {k: options[k] for k in ROUTING_OPTIONS if k in options}
-    kw["bind_arguments"] = {**(kw.get("bind_arguments") or {}), CALL_OPTIONS: routing}
+    return {**(bind_arguments or {}), CALL_OPTIONS: routing}
 
 
 # Session events, not engine events: connection-level listeners would put every statement
@@ -542,7 +578,8 @@ def _after_commit(session: Session) -> None:
 @event.listens_for(RoutingSession, "after_transaction_end")
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None and isinstance(session, RoutingSession):
-        session._end_transaction()  # noqa: SLF001 (this module's class)
+        for route in session._routes.values():  # noqa: SLF001 (this module's class)
+            route.end_transaction()
         committing = session._committing  # noqa: SLF001
         if committing is not None:
             _COMMITTING.reset(committing)

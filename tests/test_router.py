@@ -9,6 +9,7 @@ the servers in test_routing.py and test_sharding.py.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -287,3 +288,93 @@ def test_sessions_and_shards_share_one_use_primary(replica_set: ss.ReplicaSet) -
         sharded.close()
         routing.close()
         shard_set.dispose()
+
+
+# Situations for route() beyond the precedence rows: (name, statement, call options,
+# default_role, inside the owner's use_primary() block, causal position given).
+ROUTE_CASES: list[tuple[str, object, dict[str, bool] | None, ss.Role, bool, bool]] = [
+    ("plain read", select(t), None, "replica", False, False),
+    ("plain read in a block", select(t), None, "replica", True, False),
+    ("plain read with a token", select(t), None, "replica", False, True),
+    (
+        "use_primary=False option",
+        select(t).execution_options(use_primary=False),
+        None,
+        "replica",
+        False,
+        False,
+    ),
+    (
+        "unrelated option",
+        select(t).execution_options(stream_results=True),
+        None,
+        "replica",
+        False,
+        False,
+    ),
+    ("empty call options", select(t), {}, "replica", False, False),
+    ("union", select(t).union_all(select(t)), None, "replica", False, False),
+    (
+        "labelled advisory lock",
+        select(func.pg_advisory_lock(1).label("l")),
+        None,
+        "replica",
+        False,
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("setup", "statement", "call_options", "default_role", "block", "token"),
+    [(*row[1:5], False, False) for row in PRECEDENCE]
+    + [(_nothing, *row[1:]) for row in ROUTE_CASES],
+    ids=[row[0] for row in PRECEDENCE] + [row[0] for row in ROUTE_CASES],
+)
+def test_route_agrees_with_decide_then_record(
+    replica_set: ss.ReplicaSet,
+    setup: Setup,
+    statement: object,
+    call_options: dict[str, bool] | None,
+    default_role: ss.Role,
+    block: bool,
+    token: bool,
+) -> None:
+    """route() (with its fast path for plain reads) picks the node, reason and state that
+    record(decide()) does, in every situation of the precedence, twice in a transaction."""
+    seen: list[tuple[str, str, str]] = []
+    replica_set.on_decision(lambda d: seen.append((d.node.name, d.reason, d.kind)))
+    position = 0x16B3748
+    replica_set.note_primary_position(position)  # a token the primary has reached
+    outcomes = []
+    for way in ("route", "decide+record"):
+        owner = Owner()
+        router = ss.Router(
+            replica_set,
+            default_role=default_role,
+            owner=owner,
+            causal_token=format_lsn(position) if token else None,
+        )
+        setup(router)
+        with contextlib.ExitStack() as stack:
+            if block:
+                stack.enter_context(ss.use_primary(owner))
+            nodes = []
+            for _ in range(2):  # the transaction's first statement, and a later one
+                if way == "route":
+                    nodes.append(router.route(statement, call_options=call_options))  # type: ignore[arg-type]
+                else:
+                    decision = router.decide(statement, call_options=call_options)  # type: ignore[arg-type]
+                    nodes.append(router.record(decision))
+        outcomes.append(
+            (
+                [node.name for node in nodes],
+                router.has_written,
+                router.statements,
+                router.replica.name if router.replica is not None else None,
+                router.fallback_reason,
+                seen[:],
+            )
+        )
+        seen.clear()
+    assert outcomes[0] == outcomes[1]

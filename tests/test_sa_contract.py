@@ -341,6 +341,30 @@ def check_keep_prepared(engine: Engine) -> None:
         transaction.rollback()
 
 
+def check_proxied_events_flag(engine: Engine) -> None:
+    # An OptionEngine subclass with the flag: it follows the proxied engine's flag (also
+    # when a listener is added there later), and a listener on the view itself sets it.
+    proxied = create_engine(engine.url)
+    view_class = type(
+        "View", (type(proxied.execution_options()),), {"_has_events": _sa.proxied_events_flag()}
+    )
+    view = view_class(proxied, {})
+    assert view._has_events is False
+    event.listen(proxied, "before_cursor_execute", lambda *args: None)
+    assert view._has_events is True
+    other = type(
+        "View", (type(proxied.execution_options()),), {"_has_events": _sa.proxied_events_flag()}
+    )(create_engine(engine.url), {})
+    seen: list[str] = []
+    event.listen(other, "before_cursor_execute", lambda *args: seen.append("view"))
+    assert other._has_events is True
+    with other.connect() as conn:  # the view's own listener runs on its connections
+        conn.exec_driver_sql("SELECT 1")
+    assert seen == ["view"]
+    other.dispose()
+    proxied.dispose()
+
+
 # -- where SQLAlchemy 2.0 and 2.1 differ (tests/test_compat.py covers them further) ---------
 
 

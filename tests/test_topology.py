@@ -114,3 +114,32 @@ def test_a_bare_url_works_with_the_installed_driver(scale_cluster: LocalCluster)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["psycopg2", str(scale_cluster.primary.port)]
+
+
+def test_node_counters_are_exact_across_threads() -> None:
+    """Statements counted from several threads at once (without the node's lock) all show
+    in stats(), fallbacks apart, and reset_stats() starts again from zero."""
+    with ss.ReplicaSet(primary=URL, replicas=[REPLICA], monitor=False) as replica_set:
+        node = replica_set.replicas[0]
+
+        def count() -> None:
+            for i in range(20_000):
+                node.count_statement()
+                if i % 1000 == 0:
+                    node.count(fallback=True)
+
+        threads = [threading.Thread(target=count) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert node.stats()["statements"] == 4 * (20_000 + 20)
+        assert node.stats()["fallbacks"] == 4 * 20
+        node.reset_stats()
+        node.count_statement()
+        assert node.stats() == {
+            "statements": 1,
+            "fallbacks": 0,
+            "retries": 0,
+            "breaker_openings": 0,
+        }
