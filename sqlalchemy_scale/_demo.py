@@ -148,8 +148,8 @@ def shard_act(cluster: LocalCluster, driver: str, say: Say) -> list[str]:
                 _scalar(e, "SELECT count(*) FROM pg_prepared_xacts") for e in engines.values()
             )
             say(
-                f"The same write with ShardSet(two_phase=True): committed with PREPARE TRANSACTION"
-                f" / COMMIT PREPARED on {shards.shard_for(a)} and {shards.shard_for(b)}: "
+                "The same write with ShardSet(cross_shard_writes='two_phase'): committed with "
+                f"PREPARE TRANSACTION / COMMIT PREPARED on {shards.shard_for(a)} and {shards.shard_for(b)}: "
                 f"{written} rows, {pending} prepared transactions left"
             )
             if written != 2 or pending:
