@@ -33,7 +33,6 @@ from sqlalchemy.util import EMPTY_DICT
 from ._sa import is_flushing
 from .consistency import _COMMITTING, newer_token, request_commit_position
 from .errors import ConfigurationError
-from .node import Node
 from .router import ROUTING_OPTIONS, Router, decide_role, use_primary
 from .topology import ReplicaSet, Role
 
@@ -106,7 +105,7 @@ class RoutingSession(Session):
     _last_route: _Route | None = None
     _committing: Token[Any] | None = None
     # The depth of this session's own execute() calls (only they get a replica
-    # connection joined in "rollback_only" mode, see _Route.replica_bind).
+    # connection joined in "rollback_only" mode, see _Route).
     _executing = 0
     # Inside this session's connection(): its bind is for the transaction, as a statement's.
     _connecting = False
@@ -208,7 +207,17 @@ class RoutingSession(Session):
         node = router.route(clause, flushing, kw.get(CALL_OPTIONS), self)  # positional: hot
         if node.is_replica:
             if self._executing and not route.replica_engine_used:
-                return route.replica_bind(node, self.join_transaction_mode)
+                # The transaction's replica connection, joined read-only (see _Route's
+                # docstring): written out here, since every routed read comes this way.
+                conn = route.replica_connection
+                if conn is not None:
+                    return conn
+                if self.join_transaction_mode in _JOINS_ROLLBACK_ONLY:
+                    conn = node.engine.connect()
+                    conn.begin()  # nothing is sent yet: the driver begins with the first statement
+                    route.replica_connection = conn
+                    return conn
+                return node.engine
             # Session may connect the engine itself now; it then refuses a second connection
             # to the same engine in this transaction, so the rest of it uses the engine too.
             route.replica_engine_used = route.replica_connection is None
@@ -416,7 +425,18 @@ class RoutingSession(Session):
 
 class _Route:
     """One replica set's part of a session's transaction: its :class:`Router` and the
-    connections the transaction holds to its primary and its replica."""
+    connections the transaction holds to its primary and its replica.
+
+    The replica connection (opened by :meth:`RoutingSession.get_bind` for the session's own
+    statements, already in a transaction) is one Session joins in "rollback_only" mode: its
+    commit() commits only the primary, and close() leaves the replica's read-only
+    transaction to :meth:`end_transaction`, which ends it and ignores a failure (nothing was
+    written there). So a replica that fails can neither decide nor obscure the outcome of
+    the primary's COMMIT, whatever order SQLAlchemy would commit the session's connections
+    in, and a read-only session does not raise at close. A bare ``get_bind()`` has no side
+    effects, and a session that would commit joined connections (another
+    ``join_transaction_mode``) gets the engine as before.
+    """
 
     __slots__ = (
         "primary_connection",
@@ -434,31 +454,9 @@ class _Route:
         #: The transaction's connection to the primary, once it has one.
         self.primary_connection: Connection | None = None
         # The transaction's replica connection, joined to the session in "rollback_only"
-        # mode so that commit() never sends anything on it (see replica_bind).
+        # mode so that commit() never sends anything on it (see the class docstring).
         self.replica_connection: Connection | None = None
         self.replica_engine_used = False
-
-    def replica_bind(self, node: Node, join_transaction_mode: str) -> Engine | Connection:
-        """The transaction's connection to its replica, already in a transaction.
-
-        Session joins a connection handed to it inside a transaction in "rollback_only"
-        mode: its commit() commits only the primary, and close() leaves the replica's
-        read-only transaction to :meth:`end_transaction`, which ends it and ignores a
-        failure (nothing was written there). So a replica that fails can neither decide
-        nor obscure the outcome of the primary's COMMIT, whatever order SQLAlchemy would
-        commit the session's connections in, and a read-only session does not raise at
-        close. Only for the session's own statements: a bare ``get_bind()`` has no side
-        effects, and a session that would commit joined connections (another
-        ``join_transaction_mode``) gets the engine as before.
-        """
-        conn = self.replica_connection
-        if conn is None:
-            if join_transaction_mode not in _JOINS_ROLLBACK_ONLY:
-                return node.engine
-            conn = node.engine.connect()
-            conn.begin()  # nothing is sent yet: the driver begins with the first statement
-            self.replica_connection = conn
-        return conn
 
     def roll_back_replica(self) -> None:
         """Roll back the replica's read-only transaction; a failure is logged, not raised."""
@@ -575,9 +573,19 @@ def _after_commit(session: Session) -> None:
         route.record_commit()  # each primary written to: its position
 
 
+# A root transaction is neither a savepoint nor a subtransaction (SessionTransaction
+# asserts as much of its parent); read from plain attributes, not the `parent` property,
+# since this runs for every session.
+_SUBTRANSACTION: Final = SessionTransactionOrigin.SUBTRANSACTION
+
+
 @event.listens_for(RoutingSession, "after_transaction_end")
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
-    if transaction.parent is None and isinstance(session, RoutingSession):
+    if (
+        not transaction.nested
+        and transaction.origin is not _SUBTRANSACTION
+        and isinstance(session, RoutingSession)
+    ):
         for route in session._routes.values():  # noqa: SLF001 (this module's class)
             route.end_transaction()
         committing = session._committing  # noqa: SLF001
