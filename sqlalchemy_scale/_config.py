@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib
 import math
 import tomllib
-import warnings
 from collections.abc import Mapping
 from os import PathLike
 from typing import TYPE_CHECKING, Any
@@ -122,6 +121,7 @@ def load_topology(source: ConfigSource, *, section: str | None = None) -> Replic
 def shard_set_from_config(config: Mapping[str, Any]) -> ShardSet:
     """Build a ShardSet from a mapping in the format of this module's docstring."""
     from .sharding import ShardSet
+    from .sharding._shard_set import cross_shard_writes_mode
     from .topology import ReplicaSet
 
     unknown = set(config) - _SHARD_SET_KEYS - _SHARED_KEYS
@@ -157,33 +157,18 @@ def shard_set_from_config(config: Mapping[str, Any]) -> ShardSet:
         return ShardSet(
             sets,
             strategy=strategy,
-            cross_shard_writes=_cross_shard_writes(config),
+            cross_shard_writes=cross_shard_writes_mode(
+                config.get("cross_shard_writes"),
+                config.get("two_phase"),
+                in_config=True,
+                stacklevel=4,
+            ),
             max_workers=config.get("max_workers"),
         )
     except BaseException:
         for replica_set in sets.values():
             replica_set.dispose()
         raise
-
-
-def _cross_shard_writes(config: Mapping[str, Any]) -> Any:
-    """The ``cross_shard_writes`` key, or the deprecated ``two_phase`` one (with a warning)."""
-    mode = config.get("cross_shard_writes")
-    if "two_phase" not in config:
-        return mode
-    replacement = "two_phase" if config["two_phase"] else "refuse"
-    warnings.warn(
-        "the shard set key 'two_phase' is deprecated since sqlalchemy-scale 0.3 and will be "
-        f"removed in 0.4; write cross_shard_writes = {replacement!r}",
-        DeprecationWarning,
-        stacklevel=4,
-    )
-    if mode is not None and mode != replacement:
-        raise ConfigurationError(
-            f"the shard set has two_phase = {config['two_phase']!r} and cross_shard_writes = "
-            f"{mode!r}, which disagree; keep only cross_shard_writes"
-        )
-    return replacement
 
 
 def _strategy(value: Any) -> ShardingStrategy:

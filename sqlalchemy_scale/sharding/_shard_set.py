@@ -120,7 +120,7 @@ class ShardSet:
             validate(self.shard_ids)
         self.strategy = strategy
         #: "refuse", "two_phase" or "best_effort": see the class docstring.
-        self.cross_shard_writes: CrossShardWrites = _cross_shard_writes(
+        self.cross_shard_writes: CrossShardWrites = cross_shard_writes_mode(
             cross_shard_writes, two_phase
         )
         self.max_workers = max_workers or 2 * len(self.shard_ids)
@@ -337,21 +337,38 @@ class ShardSet:
         return f"<ShardSet {self.shard_ids} strategy={self.strategy!r}>"
 
 
-def _cross_shard_writes(mode: str | None, two_phase: bool | None) -> CrossShardWrites:
-    """The cross_shard_writes mode from the new keyword and the deprecated ``two_phase``."""
+def cross_shard_writes_mode(
+    mode: Any, two_phase: Any, *, in_config: bool = False, stacklevel: int = 3
+) -> CrossShardWrites:
+    """The cross_shard_writes mode from the keyword (or TOML key, ``in_config``) and the
+    deprecated ``two_phase`` spelling, which warns and must not disagree with it."""
     if two_phase is not None:
         replacement = "two_phase" if two_phase else "refuse"
-        warnings.warn(
-            "ShardSet(two_phase=...) is deprecated since sqlalchemy-scale 0.3 and will be "
-            f"removed in 0.4; use ShardSet(cross_shard_writes={replacement!r})",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        if mode is not None and mode != replacement:
-            raise ConfigurationError(
+        if in_config:
+            old, new = (
+                "the shard set key 'two_phase'",
+                f"write cross_shard_writes = {replacement!r}",
+            )
+            given = (
+                f"the shard set has two_phase = {two_phase!r} and cross_shard_writes = "
+                f"{mode!r}, which disagree; keep only cross_shard_writes"
+            )
+        else:
+            old, new = (
+                "ShardSet(two_phase=...)",
+                f"use ShardSet(cross_shard_writes={replacement!r})",
+            )
+            given = (
                 f"ShardSet got two_phase={two_phase!r} and cross_shard_writes={mode!r}, which "
                 "disagree; give only cross_shard_writes"
             )
+        warnings.warn(
+            f"{old} is deprecated since sqlalchemy-scale 0.3 and will be removed in 0.4; {new}",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        if mode is not None and mode != replacement:
+            raise ConfigurationError(given)
         mode = replacement
     if mode is None:
         return "refuse"
@@ -359,7 +376,7 @@ def _cross_shard_writes(mode: str | None, two_phase: bool | None) -> CrossShardW
         raise ConfigurationError(
             f"cross_shard_writes must be one of {list(get_args(CrossShardWrites))}, got {mode!r}"
         )
-    return mode  # type: ignore[return-value]
+    return mode  # type: ignore[no-any-return]
 
 
 def _same_kind(sets: Mapping[ShardId, ReplicaSet]) -> bool:
