@@ -124,12 +124,9 @@ class ReplicaWriteError(ScaleError):
         self.statement = statement
 
 
-class NodeUnavailableError(ScaleError, sa_exc.OperationalError):
-    """A node could not be reached and no other node could answer correctly instead.
-
-    :attr:`node` names the node; :attr:`shard` the shard it belongs to (None outside a
-    :class:`~sqlalchemy_scale.ShardedSession`).
-    """
+class _NodeFailure(ScaleError, sa_exc.OperationalError):
+    """What failed where: the node (and the shard) named, the driver's error as ``orig``,
+    and the message as given (without SQLAlchemy's statement decoration)."""
 
     def __init__(
         self,
@@ -146,6 +143,14 @@ class NodeUnavailableError(ScaleError, sa_exc.OperationalError):
 
     def __str__(self) -> str:
         return self._text
+
+
+class NodeUnavailableError(_NodeFailure):
+    """A node could not be reached and no other node could answer correctly instead.
+
+    :attr:`node` names the node; :attr:`shard` the shard it belongs to (None outside a
+    :class:`~sqlalchemy_scale.ShardedSession`).
+    """
 
 
 class ShardKeyError(ScaleError):
@@ -180,29 +185,13 @@ class CrossShardWriteError(ScaleError):
     """
 
 
-class CommitOutcomeUnknown(ScaleError, sa_exc.OperationalError):
+class CommitOutcomeUnknown(_NodeFailure):
     """The connection was lost during COMMIT: the transaction may or may not have committed.
 
     Reconcile (read back what was written) instead of blindly retrying. :attr:`node` names
     the node; :attr:`shard` the shard whose COMMIT (or COMMIT PREPARED) it was (None outside
     a :class:`~sqlalchemy_scale.ShardedSession`).
     """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        node: str,
-        orig: BaseException | None = None,
-        shard: str | None = None,
-    ) -> None:
-        sa_exc.OperationalError.__init__(self, message, None, orig or Exception(message))
-        self.node = node
-        self.shard = shard
-        self._text = message
-
-    def __str__(self) -> str:
-        return self._text
 
 
 class PartialCommitError(ScaleError):
