@@ -26,6 +26,7 @@ It is not thread-safe, like the Session that holds it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -35,6 +36,7 @@ from typing import Any, Final, ParamSpec, TypeAlias, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement, TextClause
 from sqlalchemy.sql.functions import FunctionElement
@@ -518,6 +520,15 @@ class Router:
         self.replica = None
         self.statements = 0
         self.last_node = None
+
+
+def drop_kept_connection(session: Session, node: Node, exc: BaseException) -> None:
+    """After a replica failed as a node: if the server reported its own shutdown (57P0x)
+    and SQLAlchemy kept the session's connection to it, invalidate that connection, so
+    that a rollback (the session's or the caller's) sends nothing on it."""
+    if isinstance(exc, DBAPIError) and not exc.connection_invalidated:
+        with contextlib.suppress(DBAPIError, OSError):  # already gone: nothing to drop
+            session.connection(bind_arguments={"bind": node.engine}).invalidate()
 
 
 def is_node_failure(exc: BaseException) -> bool:

@@ -17,7 +17,6 @@ the primary) or :meth:`RoutingSession.use_primary`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from contextvars import Token
@@ -33,7 +32,7 @@ from sqlalchemy.util import EMPTY_DICT
 from ._sa import is_flushing
 from .consistency import _COMMITTING, newer_token, request_commit_position
 from .errors import ConfigurationError
-from .router import ROUTING_OPTIONS, Router, decide_role, use_primary
+from .router import ROUTING_OPTIONS, Router, decide_role, drop_kept_connection, use_primary
 from .topology import ReplicaSet, Role
 
 __all__ = [
@@ -399,11 +398,7 @@ class RoutingSession(Session):
         node = None if route is None else route.router.failed_replica(exc)
         if route is None or node is None:
             raise exc
-        if isinstance(exc, DBAPIError) and not exc.connection_invalidated:
-            # The server reported its own shutdown (57P0x) and SQLAlchemy kept the connection:
-            # drop it, so that the rollback below (or the caller's) sends nothing on it.
-            with contextlib.suppress(DBAPIError, OSError):  # already gone: nothing to drop
-                self.connection(bind_arguments={"bind": node.engine}).invalidate()
+        drop_kept_connection(self, node, exc)  # the rollback below sends nothing on it
         transaction = self.get_transaction()
         route.router.check_retry(
             node,

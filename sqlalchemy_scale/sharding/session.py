@@ -60,7 +60,6 @@ shards (global averages, top-N lists) in one statement.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -82,7 +81,7 @@ from ..errors import (
     NodeUnavailableError,
     render_url,
 )
-from ..router import Router, use_primary
+from ..router import Router, drop_kept_connection, use_primary
 from ..routing import CALL_OPTIONS
 from ..topology import Role
 from . import _commit, _global_tables
@@ -580,11 +579,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         node = router.failed_replica(exc) if router is not None else None
         if router is None or node is None or shard_id is None:
             raise exc
-        if isinstance(exc, DBAPIError) and not exc.connection_invalidated:
-            # The server reported its own shutdown (57P0x) and SQLAlchemy kept the connection:
-            # drop it, so that the rollback below (or the caller's) sends nothing on it.
-            with contextlib.suppress(DBAPIError, OSError):  # already gone: nothing to drop
-                self.connection(bind_arguments={"bind": node.engine}).invalidate()
+        drop_kept_connection(self, node, exc)  # the rollback below sends nothing on it
         clean = (
             first
             and not (self.new or self.dirty or self.deleted)
