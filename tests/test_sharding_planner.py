@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, mapped_column
 
 from sqlalchemy_scale.errors import CrossShardQueryError, ShardKeyError
 from sqlalchemy_scale.sharding import RangeSharding, ShardSet
-from sqlalchemy_scale.sharding._pinning import prove
+from sqlalchemy_scale.sharding._proof import prove
 from sqlalchemy_scale.sharding._scopes import scopes_of
 from sqlalchemy_scale.sharding.shapes import SHAPES
 

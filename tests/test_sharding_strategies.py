@@ -22,7 +22,7 @@ from sqlalchemy_scale.sharding import (
     jump_hash,
     stable_hash64,
 )
-from sqlalchemy_scale.sharding._pinning import shards_for_statement
+from sqlalchemy_scale.sharding._proof import shards_for_statement
 from sqlalchemy_scale.sharding.strategies import canonical_bytes
 
 

@@ -33,8 +33,8 @@ from ..errors import CrossShardQueryError, CrossShardWriteError, ShardKeyError
 from ..router import ROUTING_OPTIONS
 from ..routing import CALL_OPTIONS
 from ._keys import key_attr
-from ._pinning import Proof, key_shard, prove
 from ._precedence import NOT_GIVEN, choose_shards
+from ._proof import Proof, key_shard, prove
 from .fanout import execute_exists, execute_fanout
 from .shapes import refuse
 from .strategies import ShardId

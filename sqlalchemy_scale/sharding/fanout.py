@@ -1,6 +1,6 @@
 """Fan-out execution: one SELECT run on several shards at once, merged into one database's answer.
 
-What runs where is decided before anything runs: :func:`~._pinning.prove`
+What runs where is decided before anything runs: :func:`~._proof.prove`
 proves which shards a statement needs (or refuses it), and
 :func:`~.planner.plan_fanout` decides how a multi-shard SELECT is pushed down
 and merged (or refuses it). Before any shard runs the statement,
@@ -38,7 +38,7 @@ from sqlalchemy.orm import ORMExecuteState
 
 from .. import _sa
 from ._async_fanout import is_async_connection, run_concurrently_on_loop
-from ._pinning import exists_columns
+from ._proof import exists_columns
 from ._shard_set import ShardSet
 from .merge import SortKey, apply_limit, group_key, merge_ordered
 from .planner import C_COLLATIONS, FanoutPlan, TextCheck, plan_fanout

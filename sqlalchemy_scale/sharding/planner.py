@@ -20,7 +20,7 @@ It accepts only the shapes :mod:`.shapes` lists as ``merged``:
   and OFFSET then apply to the merged groups.
 
 Whether the statement may run on several shards at all (joins, subqueries,
-global tables) is proven first by :func:`~sqlalchemy_scale.sharding._pinning.prove`.
+global tables) is proven first by :func:`~sqlalchemy_scale.sharding._proof.prove`.
 
 When *not* to rely on it: it refuses what it cannot prove, so a query shape
 missing from :mod:`.shapes` fails loudly rather than slowly; pin such queries

@@ -12,7 +12,7 @@ so applications write none. What it adds to horizontal_shard:
   shard_key=v)`` route explicitly; ``set_shard_id``, ``shard_id`` and
   ``bind_arguments={"shard_id": ...}`` keep working;
 * every statement is first proven to need only the shards it runs on
-  (:func:`~sqlalchemy_scale.sharding._pinning.prove`: co-located joins,
+  (:func:`~sqlalchemy_scale.sharding._proof.prove`: co-located joins,
   subqueries correlated on the key or pruned to the same shard), else it raises
   :class:`~sqlalchemy_scale.CrossShardQueryError` before anything runs;
 * other SELECTs fan out to every shard *concurrently* and are merged into one
@@ -89,8 +89,8 @@ from ._commit import ShardWrites, is_late_write
 from ._execute import execute_statement
 from ._global_tables import GLOBAL_COPY
 from ._keys import key_attr, key_column, read_owners
-from ._pinning import Proof, prove, shards_for_statement
 from ._precedence import choose_shards
+from ._proof import Proof, prove, shards_for_statement
 from ._shard_set import ShardRule, ShardSet, rule_for_mapper
 from ._user_choosers import execute_with_user_choosers
 from .strategies import ShardId
@@ -360,7 +360,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     def prove_statement(self, orm_context: ORMExecuteState) -> Proof:
         """Which shards an ORM execution's statement needs, proven (see
-        :func:`~sqlalchemy_scale.sharding._pinning.prove`); raises CrossShardQueryError
+        :func:`~sqlalchemy_scale.sharding._proof.prove`); raises CrossShardQueryError
         before anything runs when the answer over those shards is not exact."""
         options = orm_context.execution_options
         params = orm_context.parameters if isinstance(orm_context.parameters, Mapping) else None
