@@ -227,6 +227,7 @@ def seed_orders(shards: ShardSet, n: int = 40) -> list[Order]:
 
 
 _RECORDERS: list[Callable[..., None]] = []
+_HAD_EVENTS: list[bool] = []  # Engine._has_events before the first recorder
 
 
 def record_servers(cluster: LocalCluster) -> Callable[[], set[str]]:
@@ -249,6 +250,8 @@ def record_servers(cluster: LocalCluster) -> Callable[[], set[str]]:
         if key in where and statement.lstrip().upper().startswith("SELECT"):
             seen.add(where[key])
 
+    if not _RECORDERS:  # SQLAlchemy sets the class's flag and never clears it: we do
+        _HAD_EVENTS[:] = [EngineClass._has_events]
     event.listen(EngineClass, "before_cursor_execute", before)
     _RECORDERS.append(before)
 
@@ -264,3 +267,7 @@ def forget_server_recorders() -> None:
     """Remove every recorder :func:`record_servers` installed."""
     while _RECORDERS:
         event.remove(EngineClass, "before_cursor_execute", _RECORDERS.pop())
+    if _HAD_EVENTS:
+        # Engines made later get no event dispatch they do not need (a test of the flag,
+        # tests/test_sa_contract.py, expects a fresh engine to have none).
+        EngineClass._has_events = _HAD_EVENTS.pop()
