@@ -457,13 +457,7 @@ class _Route:
         """Roll back the replica's read-only transaction; a failure is logged, not raised."""
         conn = self.replica_connection
         if conn is not None and not conn.invalidated:
-            try:
-                # The driver's own rollback: SQLAlchemy's rollback then finds the driver
-                # idle and sends nothing.
-                conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
-            except Exception as exc:
-                _log_read_only_failure(self.where(), exc)
-                conn.invalidate()
+            roll_back_read_only(conn, self.where())
 
     def record_commit(self) -> None:
         """The transaction committed: if it wrote here, later reads must see the primary's
@@ -504,6 +498,18 @@ def _read_only_end_failed(conn: Connection, route: _Route, exc: DBAPIError) -> N
     if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
         conn.invalidate()
         conn.close()
+
+
+def roll_back_read_only(conn: Connection, where: str) -> None:
+    """End a replica connection's read-only transaction with the driver's own rollback
+    (SQLAlchemy's rollback or close then finds the driver idle and sends nothing). A failure
+    loses nothing (nothing was written there): it is logged, the connection discarded, and
+    nothing raised."""
+    try:
+        conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+    except Exception as exc:
+        _log_read_only_failure(where, exc)
+        conn.invalidate(exc)
 
 
 def _log_read_only_failure(where: str, exc: BaseException) -> None:

@@ -39,6 +39,7 @@ from ..errors import (
     NodeUnavailableError,
     render_url,
 )
+from ..routing import roll_back_read_only
 from . import _best_effort as best_effort
 from . import _two_phase as two_phase
 from ._shard_set import ShardSet
@@ -195,17 +196,7 @@ def end_replica_reads(shard_set: ShardSet, transaction: SessionTransaction) -> N
         if id(conn.engine) not in replica_engines:
             continue
         exclude_from_commit(transaction, conn)
-        try:
-            # The driver's own rollback: SQLAlchemy's close then finds the driver idle.
-            conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
-        except Exception as exc:
-            log.warning(
-                "ending a read-only transaction on a replica (%s) failed (%s); nothing was "
-                "lost, the connection is discarded",
-                render_url(conn.engine),
-                type(exc).__name__,
-            )
-            conn.invalidate(exc)
+        roll_back_read_only(conn, f"a replica ({render_url(conn.engine)})")
 
 
 def commit_one(shard_set: ShardSet, shard_id: ShardId, conn: Connection) -> None:
