@@ -415,14 +415,17 @@ def _positioned_connection_class() -> type[Any]:
         first, later = _FIRST_COMMIT_AND_POSITION_SQL.encode(), COMMIT_AND_POSITION_SQL.encode()
 
         class PositionedConnection(psycopg.Connection[Any]):
-            # Set when a routing session's transaction begins on this connection; the
-            # position is left for the session's after_commit hook.
+            # Set when a sharded session's transaction begins on this connection (a routing
+            # session's commit asks by being the committer, _COMMITTING); the position is
+            # left for the session's after_commit hook, and forgotten at the next commit.
             wants_position = False
             position: int | None = None
             block_size: int | None = None
 
             def commit(self) -> None:
-                wanted, self.wants_position = self.wants_position, False
+                wanted = self.wants_position or _COMMITTING.get() is not None
+                self.wants_position = False
+                self.position = None
                 if (
                     not wanted
                     or self.closed
@@ -467,12 +470,18 @@ def request_commit_position(conn: Connection) -> None:
 
 
 def install_primary_hooks(
-    engine: Engine, *, set_name: str, node_name: str, owns_engine: bool = False
+    engine: Engine,
+    *,
+    set_name: str,
+    node_name: str,
+    owns_engine: bool = False,
+    commit_positions: bool = True,
 ) -> None:
     """Listen on a primary's engine so that a connection lost during a routing session's
     COMMIT raises :class:`~sqlalchemy_scale.CommitOutcomeUnknown`, and, on a psycopg 3
-    engine the ReplicaSet built itself (``owns_engine``), open connections whose COMMIT
-    carries the WAL position query (:data:`COMMIT_AND_POSITION_SQL`).
+    engine the ReplicaSet built itself (``owns_engine``) that records ``commit_positions``
+    (``read_your_writes`` is not ``"off"``), open connections whose COMMIT carries the WAL
+    position query (:data:`COMMIT_AND_POSITION_SQL`).
 
     Both are dialect events (``handle_error`` runs only when an error happens,
     ``do_connect`` only for a new connection): connection-level events would put every
@@ -500,7 +509,12 @@ def install_primary_hooks(
 
     event.listen(engine, "handle_error", on_error)
     # psycopg_async's dialect also says driver "psycopg": its connections are async ones.
-    if owns_engine and engine.dialect.driver == "psycopg" and not engine.dialect.is_async:
+    if (
+        owns_engine
+        and commit_positions
+        and engine.dialect.driver == "psycopg"
+        and not engine.dialect.is_async
+    ):
         connection_class = _positioned_connection_class()
 
         def on_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:

@@ -339,7 +339,13 @@ class ReplicaSet:
         if owns:
             dispose_at_fork(engine)
         if role == "primary":
-            install_primary_hooks(engine, set_name=self.name, node_name=node_name, owns_engine=owns)
+            install_primary_hooks(
+                engine,
+                set_name=self.name,
+                node_name=node_name,
+                owns_engine=owns,
+                commit_positions=self.read_your_writes != "off",
+            )
             return Node(node_name, engine, role=role, owns_engine=owns)
         if owns:
             make_read_only(engine)

@@ -105,6 +105,39 @@ def test_process_mode_reads_a_plain_sessions_commit(
     assert session_count == 0
 
 
+def test_process_mode_never_tracks_an_earlier_commits_position(cluster: LocalCluster) -> None:
+    """psycopg 3 connections a ReplicaSet opens read the WAL position with a routing
+    session's COMMIT. A routing session that only read on the primary leaves that position
+    untaken on the driver connection; a plain Session's write committed next on the same
+    connection is tracked at its own commit, not at that older position, so that the next
+    read in "process" mode does not go to a replica that has not replayed the write."""
+    with make_set(cluster, "psycopg", "process") as replica_set:
+        with ss.routing_sessionmaker(replica_set)() as session, session.use_primary():
+            port, backend = session.execute(
+                select(func.inet_server_port(), func.pg_backend_pid())
+            ).one()
+            assert port == cluster.primary.port
+            session.commit()  # read-only: its position is not the session's to take
+        for replica in cluster.replicas:
+            replica.wait_for_replay()
+        paused: list[PgNode] = []
+        try:
+            for replica in cluster.replicas:
+                replica.pause_replay()
+                paused.append(replica)
+            row_id = next(_ids)
+            with Session(bind=replica_set.primary.engine) as plain:
+                plain.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+                assert plain.execute(select(func.pg_backend_pid())).scalar_one() == backend
+                plain.commit()
+            port, count = routed_read(replica_set, row_id)
+        finally:
+            for replica in paused:
+                replica.resume_replay()
+                replica.wait_for_replay()
+    assert (port, count) == (cluster.primary.port, 1)
+
+
 def test_process_mode_uses_replicas_once_they_caught_up(cluster: LocalCluster, driver: str) -> None:
     """After a commit in "process" mode, reads return to the replicas once they have
     replayed it, and a read-only transaction does not move the floor."""
