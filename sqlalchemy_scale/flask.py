@@ -63,7 +63,7 @@ from .topology import ReplicaSet, Role
 from .web import RoleResolver, TokenCarrier, make_carrier, resolve_role, role_for_method
 
 if TYPE_CHECKING:
-    from .routing import _Route
+    from .routing import _SessionRouter
 
 __all__ = ["RoutingFlaskSession", "Scale", "session_options"]
 
@@ -150,7 +150,7 @@ class RoutingFlaskSession(FlaskSQLAlchemySession, RoutingSession):
     ) -> Engine | Connection:
         return RoutingSession.get_bind(self, mapper, clause=clause, bind=bind, **kw)
 
-    def _route_for(self, mapper: Any, clause: Any) -> _Route | Engine | Connection:
+    def _route_for(self, mapper: Any, clause: Any) -> _SessionRouter | Engine | Connection:
         # The bind by Flask-SQLAlchemy's own rules (its engine; a bind key missing from
         # SQLALCHEMY_BINDS raises there), then that bind's route if it has replicas.
         engine = FlaskSQLAlchemySession.get_bind(self, mapper, clause)

@@ -38,8 +38,9 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.ddl import ExecutableDDLElement
-from sqlalchemy.sql.elements import ClauseElement, TextClause
+from sqlalchemy.sql.elements import ClauseElement, ColumnClause, TextClause
 from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.selectable import Select, TableClause
 
 from ._sa import select_head, select_head_of, statement_options
 from .consistency import CausalContext, get_causal_context, parse_token
@@ -71,6 +72,10 @@ _GLOBAL_PIN: Final = 0
 
 # Rule 6's decision for a plain SELECT (decide_role: ("replica", "read")) with no option.
 _PLAIN_READ: Final[Decision] = ("replica", "read", "read", False)
+
+# Columns of a SELECT that are never a function nor wrap one (decide_role reads them as
+# plain columns): what an ORM entity or attribute selects. A fast-path check only.
+_NEVER_FUNCTIONS: Final = (TableClause, ColumnClause)
 
 # Statements that certainly write or lock: use_replica=True on them is refused.
 _DEFINITE_WRITES: Final = frozenset({"flush", "write", "ddl", "locking read"})
@@ -212,7 +217,6 @@ class Router:
         "_causal",
         "_follows_context",
         "_pin_key",
-        "_scope",
         "default_role",
         "fallback_reason",
         "has_written",
@@ -234,16 +238,15 @@ class Router:
         self.replica_set = replica_set
         self.default_role: Role = default_role
         self._pin_key = id(owner if owner is not None else self)
-        self._scope = replica_set.causal_scope
+        self._follows_context = follows_causal_context
         # The router's own causal position: made when a token is given or a commit is
         # recorded (most sessions never have one, and a Router is made per session).
         self._causal: CausalContext | None = None
         if causal_token is not None:  # a token covering several primaries: this one's part
-            position = parse_token(causal_token).get(self._scope)
+            position = parse_token(causal_token).get(replica_set.causal_scope)
             self._causal = CausalContext()
             if position is not None:
-                self._causal.observe_position(position, self._scope)
-        self._follows_context = follows_causal_context
+                self._causal.observe_position(position, replica_set.causal_scope)
         #: True once the current transaction has sent a write (or lock) to the primary.
         self.has_written = False
         #: The node serving this transaction's reads (a replica, or the primary as fallback).
@@ -254,6 +257,11 @@ class Router:
         self.last_node: Node | None = None
         #: Why this transaction's reads fell back to the primary (for logs and listeners).
         self.fallback_reason = "fallback: no usable replica"
+
+    @property
+    def _scope(self) -> str | None:
+        """The name of this primary's position in a causal token."""
+        return self.replica_set.causal_scope
 
     def __repr__(self) -> str:
         return (
@@ -336,23 +344,50 @@ class Router:
     ) -> Node:
         """:meth:`decide` then :meth:`record`: the node that runs a statement about to be sent.
 
-        The commonest statement, a plain SELECT (rule 6, no routing option) in a
-        transaction that has not written, outside any ``use_primary()`` block, with
-        ``default_role="replica"``, is recorded without the rules that cannot apply to it
-        (they cost a fresh session's primary-key lookup about 1%); any other goes through
+        The commonest statement, a plain ``Select`` (no ``FOR UPDATE``, no function among
+        its columns, no routing option) in a transaction that has not written, outside any
+        ``use_primary()`` block, with ``default_role="replica"``, is recorded as rule 6's
+        read without the rules that cannot apply to it; any other goes through
         :meth:`decide`. ``tests/test_router.py`` checks that both ways agree.
         """
         if (
-            not (flushing or call_options or self.has_written or _PINS.get())
+            clause.__class__ is Select
+            and not (flushing or call_options or self.has_written or _PINS.get())
             and self.default_role == "replica"
-            and decide_role(clause)[0] == "replica"  # a plain SELECT
         ):
-            try:
-                options: Mapping[str, Any] | None = statement_options(clause)
-            except AttributeError:  # a clause that is not a statement
-                options = None
-            if not options or ROUTING_OPTIONS.isdisjoint(options):
-                return self.record(_PLAIN_READ, clause, session)
+            for_update, columns = select_head(clause)
+            options = statement_options(clause)
+            if for_update is None and (not options or ROUTING_OPTIONS.isdisjoint(options)):
+                for column in columns:
+                    if isinstance(column, _NEVER_FUNCTIONS):  # a table (an ORM entity), a column
+                        continue
+                    # A function may lock or write (decide_role judges which): the long way.
+                    if isinstance(getattr(column, "element", column), FunctionElement):
+                        break
+                else:
+                    # Rule 6's plain read, recorded as record() would: on the transaction's
+                    # replica, or on the one the policy picks for its first read. A first
+                    # read with a causal position to honour, or with no usable replica
+                    # (where choose_replica() says None again), is left to record().
+                    replica_set = self.replica_set
+                    node = self.replica
+                    if node is None:
+                        if not (
+                            self._causal is None
+                            and replica_set.process_position is None
+                            and (not self._follows_context or get_causal_context() is None)
+                        ):
+                            return self.record(_PLAIN_READ, clause, session)
+                        node = replica_set.choose_replica()
+                        if node is None:
+                            return self.record(_PLAIN_READ, clause, session)
+                        self.replica = node
+                    node.count_statement()
+                    self.statements += 1
+                    self.last_node = node
+                    if replica_set.decision_listeners or log.isEnabledFor(_DEBUG):
+                        self._tell(node, "replica", "read", "read", clause, session)
+                    return node
         return self.record(self.decide(clause, flushing, call_options), clause, session)
 
     def record(self, decision: Decision, statement: Any = None, session: Any = None) -> Node:
@@ -393,17 +428,23 @@ class Router:
             self.replica = node
         self.statements += 1
         self.last_node = node
-        listeners = replica_set.decision_listeners
-        if listeners or log.isEnabledFor(_DEBUG):  # nobody watching: nothing more
-            if role == "replica" and node.role == "primary":
-                reason = self.fallback_reason
-            log.debug("[%s] %s: %s", node.name, replica_set.name, reason)
-            if listeners:
-                notify(
-                    listeners,
-                    RoutingDecision(session, replica_set, node, reason, kind, statement),
-                )
+        if replica_set.decision_listeners or log.isEnabledFor(_DEBUG):  # else nobody watches
+            self._tell(node, role, reason, kind, statement, session)
         return node
+
+    def _tell(
+        self, node: Node, role: Role, reason: str, kind: str, statement: Any, session: Any
+    ) -> None:
+        """Log a recorded decision at DEBUG and tell the replica set's listeners."""
+        replica_set = self.replica_set
+        if role == "replica" and node.role == "primary":
+            reason = self.fallback_reason
+        log.debug("[%s] %s: %s", node.name, replica_set.name, reason)
+        if replica_set.decision_listeners:
+            notify(
+                replica_set.decision_listeners,
+                RoutingDecision(session, replica_set, node, reason, kind, statement),
+            )
 
     def peek(self, decision: Decision) -> Node:
         """The node a decision would use, recording nothing: for a bind asked for outside

@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session, SessionTransaction, SessionTransactionOrigin
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.util import EMPTY_DICT
 
-from ._sa import is_flushing
-from .consistency import _COMMITTING, newer_token, request_commit_position
+from ._sa import is_flushing, transaction_connection
+from .consistency import _COMMITTING, newer_token
 from .errors import ConfigurationError
 from .router import ROUTING_OPTIONS, Router, decide_role, drop_kept_connection, use_primary
 from .topology import ReplicaSet, Role
@@ -78,33 +78,40 @@ class RoutingSession(Session):
         causal_token: str | None = None,
         **kw: Any,
     ) -> None:
+        super().__init__(bind, **kw)
+        self._route_over(replica_set, default_role, causal_token)
+
+    def _route_over(
+        self, replica_set: ReplicaSet, default_role: Role, causal_token: str | None
+    ) -> None:
+        """Set up routing over ``replica_set`` (the part of ``__init__`` after Session's)."""
         if not isinstance(replica_set, ReplicaSet):
             raise ConfigurationError(
                 f"RoutingSession needs replica_set=ReplicaSet(...), got {type(replica_set).__name__}"
             )
-        if default_role not in ("primary", "replica"):
+        if default_role != "replica" and default_role != "primary":
             raise ConfigurationError(
                 f"default_role must be 'primary' or 'replica', got {default_role!r}"
             )
-        super().__init__(bind, **kw)
         self.replica_set = replica_set
-        self._causal_token = causal_token
+        if causal_token is not None:
+            self._causal_token = causal_token
         #: What this session's transaction has done on ``replica_set``, and where its next
         #: statement goes.
-        self.router = Router(
+        self.router = router = _SessionRouter(
             replica_set, default_role=default_role, causal_token=causal_token, owner=self
         )
-        self._route = route = _Route(self.router)
-        # One route per replica set routed over, keyed by its primary engine: the
+        # One router per replica set routed over, keyed by its primary engine: the
         # replica_set's, and any a subclass adds for other binds (_add_replica_set).
-        self._routes: dict[Engine, _Route] = {route.primary_engine: route}
+        self._routes: dict[Engine, _SessionRouter] = {replica_set.primary.engine: router}
 
-    # Per-transaction state, as class defaults: a fresh session sets none of it.
-    # The route of the latest statement (None: a bind the caller chose, or no route).
-    _last_route: _Route | None = None
+    # Per-session and per-transaction state, as class defaults: a fresh session sets none.
+    _causal_token: str | None = None
+    # The router of the latest statement (None: a bind the caller chose, or no router).
+    _last_route: _SessionRouter | None = None
     _committing: Token[Any] | None = None
     # The depth of this session's own execute() calls (only they get a replica
-    # connection joined in "rollback_only" mode, see _Route).
+    # connection joined in "rollback_only" mode, see _SessionRouter).
     _executing = 0
     # Inside this session's connection(): its bind is for the transaction, as a statement's.
     _connecting = False
@@ -119,15 +126,15 @@ class RoutingSession(Session):
 
     @default_role.setter
     def default_role(self, role: Role) -> None:
-        for route in self._routes.values():
-            route.router.default_role = role
+        for router in self._routes.values():
+            router.default_role = role
 
     @property
     def has_written(self) -> bool:
         """True once the current transaction has sent a write (or lock) to a primary."""
         if len(self._routes) == 1:
             return self.router.has_written
-        return any(route.router.has_written for route in self._routes.values())
+        return any(router.has_written for router in self._routes.values())
 
     @property
     def causal_token(self) -> str | None:
@@ -137,20 +144,26 @@ class RoutingSession(Session):
         if len(self._routes) == 1:
             return self.router.causal_token
         token = None
-        for route in self._routes.values():
-            token = newer_token(token, route.router.causal_token)
+        for router in self._routes.values():
+            token = newer_token(token, router.causal_token)
         return token
 
     @property
     def primary_connection(self) -> Connection | None:
         """The transaction's connection to the primary of ``replica_set``, once it has one."""
-        return self._route.primary_connection
+        return self._primary_connection(self.router)
+
+    def _primary_connection(self, router: _SessionRouter) -> Connection | None:
+        transaction = self.get_transaction()
+        if transaction is None:
+            return None
+        return transaction_connection(transaction, router.replica_set.primary.engine)
 
     def is_primary_connection(self, connection: Connection | None) -> bool:
         """Whether ``connection`` is this transaction's connection to a primary it routes
         over (the commit-outcome check of :mod:`sqlalchemy_scale.consistency`)."""
         return connection is not None and any(
-            route.primary_connection is connection for route in self._routes.values()
+            self._primary_connection(router) is connection for router in self._routes.values()
         )
 
     def use_primary(self) -> use_primary:
@@ -185,41 +198,41 @@ class RoutingSession(Session):
             self._last_route = None  # not ours: a failure on it is not a replica's
             return bind
         if self._picks_binds:
-            route = self._route_for(mapper, clause)
-            if not isinstance(route, _Route):  # a bind routed over no replica set: as it is
+            router = self._route_for(mapper, clause)
+            if not isinstance(router, _SessionRouter):  # a bind routed over no replica set
                 self._last_route = None
-                return route
+                return router
         else:  # one replica set (no call on this path: it runs for every statement)
-            route = self._route
-        self._last_route = route
-        router = route.router
+            router = self.router
+        self._last_route = router
         flushing = is_flushing(self)
         if clause is None and not flushing:
             # A bare get_bind() (session.connection(), pandas.read_sql(q, session.get_bind()))
             # names no statement: the primary, with no effect on routing state. connection()
             # pins the transaction itself, since it hands out something to write through.
-            return route.primary_engine
+            return router.replica_set.primary.engine
         if not (self._executing or flushing or self._connecting or self.in_transaction()):
             # Asked outside any transaction and not to run a statement of ours (a user's
             # get_bind(clause=...)): where it would go, leaving the next transaction alone.
             return router.peek(router.decide(clause, flushing, kw.get(CALL_OPTIONS))).engine
         node = router.route(clause, flushing, kw.get(CALL_OPTIONS), self)  # positional: hot
         if node.is_replica:
-            if self._executing and not route.replica_engine_used:
-                # The transaction's replica connection, joined read-only (see _Route's
-                # docstring): written out here, since every routed read comes this way.
-                conn = route.replica_connection
+            if self._executing and not router.replica_engine_used:
+                # The transaction's replica connection, joined read-only (see
+                # _SessionRouter's docstring): written out here, since every routed read
+                # comes this way.
+                conn = router.replica_connection
                 if conn is not None:
                     return conn
                 if self.join_transaction_mode in _JOINS_ROLLBACK_ONLY:
                     conn = node.engine.connect()
                     conn.begin()  # nothing is sent yet: the driver begins with the first statement
-                    route.replica_connection = conn
+                    router.replica_connection = conn
                     return conn
                 return node.engine
             # Session may connect the engine itself now; it then refuses a second connection
             # to the same engine in this transaction, so the rest of it uses the engine too.
-            route.replica_engine_used = route.replica_connection is None
+            router.replica_engine_used = router.replica_connection is None
         return node.engine
 
     # -- several replica sets (a subclass routing several binds) -----------------------------
@@ -227,13 +240,17 @@ class RoutingSession(Session):
     #: True in a subclass whose :meth:`_route_for` picks a statement's bind.
     _picks_binds: ClassVar[bool] = False
 
-    def _route_for(self, mapper: Any, clause: ClauseElement | None) -> _Route | Engine | Connection:
-        """The route of a statement: this session's one. A subclass routing several binds
+    def _route_for(
+        self, mapper: Any, clause: ClauseElement | None
+    ) -> _SessionRouter | Engine | Connection:
+        """The router of a statement: this session's one. A subclass routing several binds
         (:class:`~sqlalchemy_scale.flask.RoutingFlaskSession`) picks the bind here, and
-        returns its route, or the bind's engine when no replica set routes it."""
-        return self._route
+        returns its router, or the bind's engine when no replica set routes it."""
+        return self.router
 
-    def _add_replica_set(self, replica_set: ReplicaSet, default_role: Role | None = None) -> _Route:
+    def _add_replica_set(
+        self, replica_set: ReplicaSet, default_role: Role | None = None
+    ) -> _SessionRouter:
         """Route statements on another primary (a bind) over ``replica_set`` too: a Router of
         its own in this session's transaction, keyed by its primary engine.
 
@@ -242,7 +259,7 @@ class RoutingSession(Session):
         """
         engine = replica_set.primary.engine
         for route in self._routes.values():
-            if route.primary_engine is engine or (
+            if route.replica_set.primary.engine is engine or (
                 route.replica_set.causal_scope == replica_set.causal_scope
             ):
                 raise ConfigurationError(
@@ -251,14 +268,13 @@ class RoutingSession(Session):
                     f"{route.replica_set.name!r} in one session; give each primary its own "
                     "engine and causal_scope"
                 )
-        router = Router(
+        router = self._routes[engine] = _SessionRouter(
             replica_set,
             default_role=self.default_role if default_role is None else default_role,
             causal_token=self._causal_token,
             owner=self,
         )
-        route = self._routes[engine] = _Route(router)
-        return route
+        return router
 
     def close(self) -> None:
         """Close the session; a server lost while its transaction is being discarded (the
@@ -288,14 +304,14 @@ class RoutingSession(Session):
             )
         finally:
             self._connecting = False
-        route = self._routes.get(conn.engine)
-        if route is not None:
-            route.router.record_connection(conn.engine)
+        router = self._routes.get(conn.engine)
+        if router is not None:
+            router.record_connection(conn.engine)
         return conn
 
     def _end_transaction(self) -> None:
-        for route in self._routes.values():
-            route.end_transaction()
+        for router in self._routes.values():
+            router.end_transaction()
 
     def rollback(self) -> None:
         """Roll back the current transaction (see :meth:`~sqlalchemy.orm.Session.rollback`).
@@ -309,8 +325,8 @@ class RoutingSession(Session):
         """
         # (Not under a savepoint: SQLAlchemy rolls back to it first, on the replica too.)
         if self.get_nested_transaction() is None:
-            for route in self._routes.values():
-                route.roll_back_replica()
+            for router in self._routes.values():
+                router.roll_back_replica()
         super().rollback()
 
     # -- execution: options in, replica failures handled -----------------------------------
@@ -395,12 +411,12 @@ class RoutingSession(Session):
         session (a rollback must lose nothing). Any other error is re-raised untouched.
         """
         route = self._last_route
-        node = None if route is None else route.router.failed_replica(exc)
+        node = None if route is None else route.failed_replica(exc)
         if route is None or node is None:
             raise exc
         drop_kept_connection(self, node, exc)  # the rollback below sends nothing on it
         transaction = self.get_transaction()
-        route.router.check_retry(
+        route.check_retry(
             node,
             exc,
             clean=not (self.new or self.dirty or self.deleted)
@@ -418,9 +434,9 @@ class RoutingSession(Session):
             self.rollback()
 
 
-class _Route:
-    """One replica set's part of a session's transaction: its :class:`Router` and the
-    connections the transaction holds to its primary and its replica.
+class _SessionRouter(Router):
+    """A session's :class:`Router` for one replica set, with the connections its transaction
+    holds to the primary and the replica.
 
     The replica connection (opened by :meth:`RoutingSession.get_bind` for the session's own
     statements, already in a transaction) is one Session joins in "rollback_only" mode: its
@@ -433,25 +449,11 @@ class _Route:
     ``join_transaction_mode``) gets the engine as before.
     """
 
-    __slots__ = (
-        "primary_connection",
-        "primary_engine",
-        "replica_connection",
-        "replica_engine_used",
-        "replica_set",
-        "router",
-    )
-
-    def __init__(self, router: Router) -> None:
-        self.router = router
-        self.replica_set = router.replica_set
-        self.primary_engine = router.replica_set.primary.engine
-        #: The transaction's connection to the primary, once it has one.
-        self.primary_connection: Connection | None = None
-        # The transaction's replica connection, joined to the session in "rollback_only"
-        # mode so that commit() never sends anything on it (see the class docstring).
-        self.replica_connection: Connection | None = None
-        self.replica_engine_used = False
+    # Per-transaction state over class defaults (no __slots__ here: a new router sets none).
+    # The transaction's replica connection, joined to the session in "rollback_only"
+    # mode so that commit() never sends anything on it (see the class docstring).
+    replica_connection: Connection | None = None
+    replica_engine_used = False
 
     def roll_back_replica(self) -> None:
         """Roll back the replica's read-only transaction; a failure is logged, not raised."""
@@ -459,40 +461,44 @@ class _Route:
         if conn is not None and not conn.invalidated:
             roll_back_read_only(conn, self.where())
 
-    def record_commit(self) -> None:
-        """The transaction committed: if it wrote here, later reads must see the primary's
-        position after its commit."""
-        if not self.router.has_written:
+    def record_commit_position(self, primary_connection: Connection | None) -> None:
+        """The transaction committed (on ``primary_connection``): if it wrote here, later
+        reads must see the primary's position after its commit."""
+        if not self.has_written:
             return
-        position = self.replica_set.position_after_commit(self.primary_connection)
+        replica_set = self.replica_set
+        position = replica_set.position_after_commit(primary_connection)
         if position is not None:
-            self.replica_set.note_primary_position(position)
-            self.router.record_commit(position)
+            replica_set.note_primary_position(position)
+            self.record_commit(position)
 
     def end_transaction(self) -> None:
         conn = self.replica_connection
         if conn is not None:
-            self.replica_connection = None
             # A ROLLBACK that fails (the replica's backend was terminated, the server went
             # away) loses nothing: the connection is discarded, the failure logged.
+            self.replica_connection = None
             try:
                 conn.close()  # ROLLBACK, then back to the pool
             except DBAPIError as exc:
                 _read_only_end_failed(conn, self, exc)
-        self.router.end_transaction()
-        self.primary_connection = None
         self.replica_engine_used = False
+        # Router.end_transaction(), without its frame (this runs for every transaction).
+        self.has_written = False
+        self.replica = None
+        self.statements = 0
+        self.last_node = None
 
     def where(self) -> str:
-        node = self.router.replica
+        node = self.replica
         return f"replica {node.name if node is not None else '?'} of {self.replica_set.name!r}"
 
 
-def _others_ran(routes: Iterable[_Route], route: _Route) -> bool:
-    return any(other.router.statements for other in routes if other is not route)
+def _others_ran(routes: Iterable[_SessionRouter], route: _SessionRouter) -> bool:
+    return any(other.statements for other in routes if other is not route)
 
 
-def _read_only_end_failed(conn: Connection, route: _Route, exc: DBAPIError) -> None:
+def _read_only_end_failed(conn: Connection, route: _SessionRouter, exc: DBAPIError) -> None:
     """Ending a replica connection's read-only transaction failed: log it, discard it."""
     _log_read_only_failure(route.where(), exc)
     if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
@@ -537,17 +543,6 @@ def _with_routing_options(bind_arguments: Any, options: Any) -> dict[str, Any]:
 # of the application's primary engine on SQLAlchemy's slower, event-dispatching path.
 
 
-@event.listens_for(RoutingSession, "after_begin")
-def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
-    if not isinstance(session, RoutingSession):
-        return
-    route = session._routes.get(connection.engine)  # noqa: SLF001 (this module's class)
-    if route is not None:
-        route.primary_connection = connection
-        if route.replica_set.read_your_writes != "off":
-            request_commit_position(connection)
-
-
 # before_commit and after_commit also fire when a savepoint is released
 # (begin_nested()); only the outermost commit sends COMMIT.
 
@@ -570,8 +565,10 @@ def _after_commit(session: Session) -> None:
         or session.get_nested_transaction() is not None
     ):
         return
-    for route in session._routes.values():  # noqa: SLF001 (this module's class)
-        route.record_commit()  # each primary written to: its position
+    for router in session._routes.values():  # noqa: SLF001 (this module's class)
+        # Each primary written to: its position (the psycopg 3 connections a ReplicaSet
+        # opens read it with the COMMIT, while this session is consistency's committer).
+        router.record_commit_position(session._primary_connection(router))  # noqa: SLF001
 
 
 # A root transaction is neither a savepoint nor a subtransaction (SessionTransaction
@@ -587,8 +584,8 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         and transaction.origin is not _SUBTRANSACTION
         and isinstance(session, RoutingSession)
     ):
-        for route in session._routes.values():  # noqa: SLF001 (this module's class)
-            route.end_transaction()
+        for router in session._routes.values():  # noqa: SLF001 (this module's class)
+            router.end_transaction()
         committing = session._committing  # noqa: SLF001
         if committing is not None:
             _COMMITTING.reset(committing)
@@ -610,6 +607,32 @@ def routing_sessionmaker(
             f"ReplicaSet {replica_set.name!r} has async engines; use "
             "ss.async_routing_sessionmaker() for it"
         )
-    return sessionmaker(
-        class_=RoutingSession, replica_set=replica_set, default_role=default_role, **kw
-    )
+    if default_role != "replica":  # else RoutingSession's own default: one keyword less per session
+        kw["default_role"] = default_role
+    return _RoutingSessionmaker(class_=RoutingSession, replica_set=replica_set, **kw)
+
+
+class _RoutingSessionmaker(sessionmaker[RoutingSession]):
+    """The sessionmaker :func:`routing_sessionmaker` returns: a session is made as
+    ``sessionmaker`` makes it (its keywords, then the call's), with Session's keywords
+    passed once, to ``Session.__init__``, rather than through ``RoutingSession.__init__``,
+    which takes them all and passes them on (a fresh session's cost that shows in a
+    primary-key lookup). A ``class_`` with an ``__init__`` of its own is called as usual.
+    """
+
+    def __call__(self, **local_kw: Any) -> RoutingSession:
+        cls = self.class_
+        if cls.__init__ is not RoutingSession.__init__:
+            return super().__call__(**local_kw)
+        for key, value in self.kw.items():  # as sessionmaker.__call__ merges them
+            if key == "info" and "info" in local_kw:
+                local_kw["info"] = {**value, **local_kw["info"]}
+            else:
+                local_kw.setdefault(key, value)
+        replica_set = local_kw.pop("replica_set", None)  # _route_over() says what is wrong
+        default_role = local_kw.pop("default_role", "replica")
+        causal_token = local_kw.pop("causal_token", None)
+        session = cls.__new__(cls)
+        Session.__init__(session, **local_kw)
+        session._route_over(replica_set, default_role, causal_token)  # noqa: SLF001 (this module's)
+        return session
