@@ -154,7 +154,7 @@ class RoutingFlaskSession(FlaskSQLAlchemySession, RoutingSession):
         # The bind by Flask-SQLAlchemy's own rules (its engine; a bind key missing from
         # SQLALCHEMY_BINDS raises there), then that bind's route if it has replicas.
         engine = FlaskSQLAlchemySession.get_bind(self, mapper, clause)
-        route = self._routes.get(engine) if isinstance(engine, Engine) else None
+        route = self._router_for(engine) if isinstance(engine, Engine) else None
         return engine if route is None else route
 
 

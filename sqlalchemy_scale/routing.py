@@ -98,12 +98,10 @@ class RoutingSession(Session):
             self._causal_token = causal_token
         #: What this session's transaction has done on ``replica_set``, and where its next
         #: statement goes.
-        self.router = router = _SessionRouter(
-            replica_set, default_role=default_role, causal_token=causal_token, owner=self
-        )
-        # One router per replica set routed over, keyed by its primary engine: the
-        # replica_set's, and any a subclass adds for other binds (_add_replica_set).
-        self._routes: dict[Engine, _SessionRouter] = {replica_set.primary.engine: router}
+        self.router = router = _SessionRouter(replica_set, default_role, causal_token, self)
+        # One router per replica set routed over: the replica_set's, and any a subclass
+        # adds for other binds (_add_replica_set), each with a primary engine of its own.
+        self._routers: tuple[_SessionRouter, ...] = (router,)
 
     # Per-session and per-transaction state, as class defaults: a fresh session sets none.
     _causal_token: str | None = None
@@ -126,25 +124,25 @@ class RoutingSession(Session):
 
     @default_role.setter
     def default_role(self, role: Role) -> None:
-        for router in self._routes.values():
+        for router in self._routers:
             router.default_role = role
 
     @property
     def has_written(self) -> bool:
         """True once the current transaction has sent a write (or lock) to a primary."""
-        if len(self._routes) == 1:
+        if len(self._routers) == 1:
             return self.router.has_written
-        return any(router.has_written for router in self._routes.values())
+        return any(router.has_written for router in self._routers)
 
     @property
     def causal_token(self) -> str | None:
         """The newest causal token this session honours: the one it was given, or the
         primary's WAL position after its latest committed write (one token covering every
         primary the session routes over, each under its replica set's ``causal_scope``)."""
-        if len(self._routes) == 1:
+        if len(self._routers) == 1:
             return self.router.causal_token
         token = None
-        for router in self._routes.values():
+        for router in self._routers:
             token = newer_token(token, router.causal_token)
         return token
 
@@ -163,7 +161,7 @@ class RoutingSession(Session):
         """Whether ``connection`` is this transaction's connection to a primary it routes
         over (the commit-outcome check of :mod:`sqlalchemy_scale.consistency`)."""
         return connection is not None and any(
-            self._primary_connection(router) is connection for router in self._routes.values()
+            self._primary_connection(router) is connection for router in self._routers
         )
 
     def use_primary(self) -> use_primary:
@@ -258,7 +256,7 @@ class RoutingSession(Session):
         its position in the one causal token covering them all.
         """
         engine = replica_set.primary.engine
-        for route in self._routes.values():
+        for route in self._routers:
             if route.replica_set.primary.engine is engine or (
                 route.replica_set.causal_scope == replica_set.causal_scope
             ):
@@ -268,13 +266,21 @@ class RoutingSession(Session):
                     f"{route.replica_set.name!r} in one session; give each primary its own "
                     "engine and causal_scope"
                 )
-        router = self._routes[engine] = _SessionRouter(
+        router = _SessionRouter(
             replica_set,
-            default_role=self.default_role if default_role is None else default_role,
-            causal_token=self._causal_token,
-            owner=self,
+            self.default_role if default_role is None else default_role,
+            self._causal_token,
+            self,
         )
+        self._routers = (*self._routers, router)
         return router
+
+    def _router_for(self, engine: Engine) -> _SessionRouter | None:
+        """The router of the replica set whose primary engine is ``engine``, if any."""
+        for router in self._routers:
+            if router.replica_set.primary.engine is engine:
+                return router
+        return None
 
     def close(self) -> None:
         """Close the session; a server lost while its transaction is being discarded (the
@@ -304,13 +310,13 @@ class RoutingSession(Session):
             )
         finally:
             self._connecting = False
-        router = self._routes.get(conn.engine)
+        router = self._router_for(conn.engine)
         if router is not None:
             router.record_connection(conn.engine)
         return conn
 
     def _end_transaction(self) -> None:
-        for router in self._routes.values():
+        for router in self._routers:
             router.end_transaction()
 
     def rollback(self) -> None:
@@ -325,7 +331,7 @@ class RoutingSession(Session):
         """
         # (Not under a savepoint: SQLAlchemy rolls back to it first, on the replica too.)
         if self.get_nested_transaction() is None:
-            for router in self._routes.values():
+            for router in self._routers:
                 router.roll_back_replica()
         super().rollback()
 
@@ -422,7 +428,7 @@ class RoutingSession(Session):
             clean=not (self.new or self.dirty or self.deleted)
             # With several routes, the failed read must be the transaction's first statement
             # on any of them: rolling back also rolls back the other primaries.
-            and not _others_ran(self._routes.values(), route)
+            and not _others_ran(self._routers, route)
             # Only a transaction the session began by itself may be rolled back and begun
             # again; one opened by `with session.begin():` belongs to the caller's block.
             # (None: the replica's connection failed before the transaction began.)
@@ -448,6 +454,18 @@ class _SessionRouter(Router):
     effects, and a session that would commit joined connections (another
     ``join_transaction_mode``) gets the engine as before.
     """
+
+    def __init__(
+        self,
+        replica_set: ReplicaSet,
+        default_role: Role,
+        causal_token: str | None,
+        owner: RoutingSession,
+    ) -> None:
+        # Positional: a class called with keywords takes CPython's slow path (per session).
+        super().__init__(
+            replica_set, default_role=default_role, causal_token=causal_token, owner=owner
+        )
 
     # Per-transaction state over class defaults (no __slots__ here: a new router sets none).
     # The transaction's replica connection, joined to the session in "rollback_only"
@@ -565,7 +583,7 @@ def _after_commit(session: Session) -> None:
         or session.get_nested_transaction() is not None
     ):
         return
-    for router in session._routes.values():  # noqa: SLF001 (this module's class)
+    for router in session._routers:  # noqa: SLF001 (this module's class)
         # Each primary written to: its position (the psycopg 3 connections a ReplicaSet
         # opens read it with the COMMIT, while this session is consistency's committer).
         router.record_commit_position(session._primary_connection(router))  # noqa: SLF001
@@ -584,7 +602,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         and transaction.origin is not _SUBTRANSACTION
         and isinstance(session, RoutingSession)
     ):
-        for router in session._routes.values():  # noqa: SLF001 (this module's class)
+        for router in session._routers:  # noqa: SLF001 (this module's class)
             router.end_transaction()
         committing = session._committing  # noqa: SLF001
         if committing is not None:
