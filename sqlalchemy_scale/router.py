@@ -229,10 +229,10 @@ class Router:
     def __init__(
         self,
         replica_set: ReplicaSet,
-        *,
         default_role: Role = "replica",
         causal_token: str | None = None,
         owner: object | None = None,
+        *,
         follows_causal_context: bool = True,
     ) -> None:
         self.replica_set = replica_set

@@ -78,26 +78,21 @@ class RoutingSession(Session):
         causal_token: str | None = None,
         **kw: Any,
     ) -> None:
+        _check_routing(replica_set, default_role)
         super().__init__(bind, **kw)
         self._route_over(replica_set, default_role, causal_token)
 
     def _route_over(
         self, replica_set: ReplicaSet, default_role: Role, causal_token: str | None
     ) -> None:
-        """Set up routing over ``replica_set`` (the part of ``__init__`` after Session's)."""
-        if not isinstance(replica_set, ReplicaSet):
-            raise ConfigurationError(
-                f"RoutingSession needs replica_set=ReplicaSet(...), got {type(replica_set).__name__}"
-            )
-        if default_role != "replica" and default_role != "primary":
-            raise ConfigurationError(
-                f"default_role must be 'primary' or 'replica', got {default_role!r}"
-            )
+        """Set up routing over ``replica_set`` (checked by :func:`_check_routing`): the part
+        of ``__init__`` after Session's."""
         self.replica_set = replica_set
         if causal_token is not None:
             self._causal_token = causal_token
         #: What this session's transaction has done on ``replica_set``, and where its next
         #: statement goes.
+        # Positional: a class called with keywords takes CPython's slow path (per session).
         self.router = router = _SessionRouter(replica_set, default_role, causal_token, self)
         # One router per replica set routed over: the replica_set's, and any a subclass
         # adds for other binds (_add_replica_set), each with a primary engine of its own.
@@ -455,18 +450,6 @@ class _SessionRouter(Router):
     ``join_transaction_mode``) gets the engine as before.
     """
 
-    def __init__(
-        self,
-        replica_set: ReplicaSet,
-        default_role: Role,
-        causal_token: str | None,
-        owner: RoutingSession,
-    ) -> None:
-        # Positional: a class called with keywords takes CPython's slow path (per session).
-        super().__init__(
-            replica_set, default_role=default_role, causal_token=causal_token, owner=owner
-        )
-
     # Per-transaction state over class defaults (no __slots__ here: a new router sets none).
     # The transaction's replica connection, joined to the session in "rollback_only"
     # mode so that commit() never sends anything on it (see the class docstring).
@@ -631,26 +614,63 @@ def routing_sessionmaker(
 
 
 class _RoutingSessionmaker(sessionmaker[RoutingSession]):
-    """The sessionmaker :func:`routing_sessionmaker` returns: a session is made as
-    ``sessionmaker`` makes it (its keywords, then the call's), with Session's keywords
-    passed once, to ``Session.__init__``, rather than through ``RoutingSession.__init__``,
-    which takes them all and passes them on (a fresh session's cost that shows in a
-    primary-key lookup). A ``class_`` with an ``__init__`` of its own is called as usual.
+    """The sessionmaker :func:`routing_sessionmaker` returns. A session is made as
+    ``sessionmaker`` makes it (its keywords, then the call's), but without a second pass over
+    Session's keywords through ``RoutingSession.__init__``: they go once to
+    ``Session.__init__``, and the routing ones, checked when the sessionmaker was made (or
+    configured), to the session's routing set-up. A fresh session's cost shows in a
+    primary-key lookup. A ``class_`` with an ``__init__`` of its own is called as usual.
     """
 
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._split()
+
+    def configure(self, **new_kw: Any) -> None:
+        super().configure(**new_kw)
+        self._split()
+
+    def _split(self) -> None:
+        session_kw = dict(self.kw)
+        self._routing = (
+            session_kw.pop("replica_set", None),
+            session_kw.pop("default_role", "replica"),
+            session_kw.pop("causal_token", None),
+        )
+        _check_routing(*self._routing[:2])
+        self._session_kw = session_kw
+        self._plain_init = self.class_.__init__ is RoutingSession.__init__
+
     def __call__(self, **local_kw: Any) -> RoutingSession:
-        cls = self.class_
-        if cls.__init__ is not RoutingSession.__init__:
+        if not self._plain_init:
             return super().__call__(**local_kw)
+        cls = self.class_
+        session = cls.__new__(cls)
+        if not local_kw:  # factory(): the sessionmaker's own keywords, as they are
+            Session.__init__(session, **self._session_kw)
+            session._route_over(*self._routing)  # noqa: SLF001 (this module's class)
+            return session
         for key, value in self.kw.items():  # as sessionmaker.__call__ merges them
             if key == "info" and "info" in local_kw:
                 local_kw["info"] = {**value, **local_kw["info"]}
             else:
                 local_kw.setdefault(key, value)
-        replica_set = local_kw.pop("replica_set", None)  # _route_over() says what is wrong
+        replica_set = local_kw.pop("replica_set", None)
         default_role = local_kw.pop("default_role", "replica")
         causal_token = local_kw.pop("causal_token", None)
-        session = cls.__new__(cls)
+        _check_routing(replica_set, default_role)
         Session.__init__(session, **local_kw)
-        session._route_over(replica_set, default_role, causal_token)  # noqa: SLF001 (this module's)
+        session._route_over(replica_set, default_role, causal_token)  # noqa: SLF001
         return session
+
+
+def _check_routing(replica_set: Any, default_role: Any) -> None:
+    """Refuse what RoutingSession cannot route over, naming it."""
+    if not isinstance(replica_set, ReplicaSet):
+        raise ConfigurationError(
+            f"RoutingSession needs replica_set=ReplicaSet(...), got {type(replica_set).__name__}"
+        )
+    if default_role != "replica" and default_role != "primary":
+        raise ConfigurationError(
+            f"default_role must be 'primary' or 'replica', got {default_role!r}"
+        )
