@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from contextvars import Token
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, cast
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
@@ -608,9 +608,9 @@ def routing_sessionmaker(
             f"ReplicaSet {replica_set.name!r} has async engines; use "
             "ss.async_routing_sessionmaker() for it"
         )
-    if default_role != "replica":  # else RoutingSession's own default: one keyword less per session
-        kw["default_role"] = default_role
-    return _RoutingSessionmaker(class_=RoutingSession, replica_set=replica_set, **kw)
+    return _RoutingSessionmaker(
+        class_=RoutingSession, replica_set=replica_set, default_role=default_role, **kw
+    )
 
 
 class _RoutingSessionmaker(sessionmaker[RoutingSession]):
@@ -624,22 +624,13 @@ class _RoutingSessionmaker(sessionmaker[RoutingSession]):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
-        self._split()
+        self._routing, self._session_kw = _split_keywords(self.kw)
+        self._plain_init = self.class_.__init__ is RoutingSession.__init__
 
     def configure(self, **new_kw: Any) -> None:
+        # Checked before anything changes: a refused configure() leaves the factory as it was.
+        self._routing, self._session_kw = _split_keywords({**self.kw, **new_kw})
         super().configure(**new_kw)
-        self._split()
-
-    def _split(self) -> None:
-        session_kw = dict(self.kw)
-        self._routing = (
-            session_kw.pop("replica_set", None),
-            session_kw.pop("default_role", "replica"),
-            session_kw.pop("causal_token", None),
-        )
-        _check_routing(*self._routing[:2])
-        self._session_kw = session_kw
-        self._plain_init = self.class_.__init__ is RoutingSession.__init__
 
     def __call__(self, **local_kw: Any) -> RoutingSession:
         if not self._plain_init:
@@ -662,6 +653,22 @@ class _RoutingSessionmaker(sessionmaker[RoutingSession]):
         Session.__init__(session, **local_kw)
         session._route_over(replica_set, default_role, causal_token)  # noqa: SLF001
         return session
+
+
+def _split_keywords(
+    kw: dict[str, Any],
+) -> tuple[tuple[ReplicaSet, Role, str | None], dict[str, Any]]:
+    """A routing sessionmaker's keywords, checked: ``(replica_set, default_role,
+    causal_token)`` and Session's own."""
+    replica_set = kw.get("replica_set")
+    default_role = kw.get("default_role", "replica")
+    _check_routing(replica_set, default_role)
+    session_kw = {k: v for k, v in kw.items() if k not in _ROUTING_KEYWORDS}
+    routing = (replica_set, default_role, kw.get("causal_token"))
+    return cast("tuple[ReplicaSet, Role, str | None]", routing), session_kw
+
+
+_ROUTING_KEYWORDS: Final = frozenset({"replica_set", "default_role", "causal_token"})
 
 
 def _check_routing(replica_set: Any, default_role: Any) -> None:

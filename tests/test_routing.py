@@ -105,6 +105,56 @@ def ports(cluster: LocalCluster) -> tuple[int, set[int]]:
     return cluster.primary.port, {r.port for r in cluster.replicas}
 
 
+def test_routing_sessionmaker_makes_sessions_as_sessionmaker_does(
+    cluster: LocalCluster, replicas: ss.ReplicaSet
+) -> None:
+    """routing_sessionmaker() builds its sessions without RoutingSession.__init__'s second
+    pass over Session's keywords; each one is configured exactly as SQLAlchemy's own
+    sessionmaker(class_=RoutingSession, ...) configures it: with the factory's keywords, the
+    call's (info merged), and configure()'s; a bad replica_set or default_role is refused when
+    the factory is made or configured, and a session still reads from a replica."""
+    token = "0/10"
+    ours = ss.routing_sessionmaker(
+        replicas, expire_on_commit=False, autoflush=False, info={"a": 1}, causal_token=token
+    )
+    theirs = sessionmaker(
+        class_=ss.RoutingSession,
+        replica_set=replicas,
+        expire_on_commit=False,
+        autoflush=False,
+        info={"a": 1},
+        causal_token=token,
+    )
+
+    def looks(session: ss.RoutingSession) -> tuple[object, ...]:
+        return (
+            type(session).__mro__[1],
+            session.replica_set,
+            session.default_role,
+            session.causal_token,
+            session.expire_on_commit,
+            session.autoflush,
+            dict(session.info),
+            session.bind,
+        )
+
+    for call in ({}, {"info": {"b": 2}}, {"default_role": "primary", "causal_token": "0/20"}):
+        with ours(**call) as mine, theirs(**call) as sqlalchemys:
+            assert looks(mine) == looks(sqlalchemys)
+    ours.configure(default_role="primary")
+    theirs.configure(default_role="primary")
+    with ours() as mine, theirs() as sqlalchemys:
+        assert looks(mine) == looks(sqlalchemys)
+        assert mine.default_role == "primary"
+    with pytest.raises(ss.ConfigurationError, match="default_role"):
+        ours.configure(default_role="nearest")
+    with pytest.raises(ss.ConfigurationError, match=r"replica_set=ReplicaSet\(\.\.\.\), got str"):
+        ss.routing_sessionmaker(cluster.primary.url())  # type: ignore[arg-type]
+    with ss.routing_sessionmaker(replicas)() as session:
+        port, in_recovery = session.execute(WHERE).one()
+    assert port in {r.port for r in cluster.replicas} and in_recovery
+
+
 # -- reads -----------------------------------------------------------------------------
 
 
