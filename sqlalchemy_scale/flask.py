@@ -154,8 +154,8 @@ class RoutingFlaskSession(FlaskSQLAlchemySession, RoutingSession):
         # The bind by Flask-SQLAlchemy's own rules (its engine; a bind key missing from
         # SQLALCHEMY_BINDS raises there), then that bind's route if it has replicas.
         engine = FlaskSQLAlchemySession.get_bind(self, mapper, clause)
-        route = self._router_for(engine) if isinstance(engine, Engine) else None
-        return engine if route is None else route
+        router = self._router_for(engine) if isinstance(engine, Engine) else None
+        return engine if router is None else router
 
 
 def session_options(**options: Any) -> dict[str, Any]:

@@ -101,7 +101,7 @@ class RoutingSession(Session):
     # Per-session and per-transaction state, as class defaults: a fresh session sets none.
     _causal_token: str | None = None
     # The router of the latest statement (None: a bind the caller chose, or no router).
-    _last_route: _SessionRouter | None = None
+    _last_router: _SessionRouter | None = None
     _committing: Token[Any] | None = None
     # The depth of this session's own execute() calls (only they get a replica
     # connection joined in "rollback_only" mode, see _SessionRouter).
@@ -188,16 +188,16 @@ class RoutingSession(Session):
         go and changes nothing: the next transaction starts unwritten.
         """
         if bind is not None:
-            self._last_route = None  # not ours: a failure on it is not a replica's
+            self._last_router = None  # not ours: a failure on it is not a replica's
             return bind
         if self._picks_binds:
             router = self._route_for(mapper, clause)
             if not isinstance(router, _SessionRouter):  # a bind routed over no replica set
-                self._last_route = None
+                self._last_router = None
                 return router
         else:  # one replica set (no call on this path: it runs for every statement)
             router = self.router
-        self._last_route = router
+        self._last_router = router
         flushing = is_flushing(self)
         if clause is None and not flushing:
             # A bare get_bind() (session.connection(), pandas.read_sql(q, session.get_bind()))
@@ -251,14 +251,14 @@ class RoutingSession(Session):
         its position in the one causal token covering them all.
         """
         engine = replica_set.primary.engine
-        for route in self._routers:
-            if route.replica_set.primary.engine is engine or (
-                route.replica_set.causal_scope == replica_set.causal_scope
+        for other in self._routers:
+            if other.replica_set.primary.engine is engine or (
+                other.replica_set.causal_scope == replica_set.causal_scope
             ):
                 raise ConfigurationError(
                     f"ReplicaSet {replica_set.name!r} shares its primary engine or its "
                     f"causal_scope ({replica_set.causal_scope!r}) with ReplicaSet "
-                    f"{route.replica_set.name!r} in one session; give each primary its own "
+                    f"{other.replica_set.name!r} in one session; give each primary its own "
                     "engine and causal_scope"
                 )
         router = _SessionRouter(
@@ -411,19 +411,19 @@ class RoutingSession(Session):
         transaction's first statement, nothing was written and nothing is pending in the
         session (a rollback must lose nothing). Any other error is re-raised untouched.
         """
-        route = self._last_route
-        node = None if route is None else route.failed_replica(exc)
-        if route is None or node is None:
+        router = self._last_router
+        node = None if router is None else router.failed_replica(exc)
+        if router is None or node is None:
             raise exc
         drop_kept_connection(self, node, exc)  # the rollback below sends nothing on it
         transaction = self.get_transaction()
-        route.check_retry(
+        router.check_retry(
             node,
             exc,
             clean=not (self.new or self.dirty or self.deleted)
             # With several routes, the failed read must be the transaction's first statement
             # on any of them: rolling back also rolls back the other primaries.
-            and not _others_ran(self._routers, route)
+            and not _others_ran(self._routers, router)
             # Only a transaction the session began by itself may be rolled back and begun
             # again; one opened by `with session.begin():` belongs to the caller's block.
             # (None: the replica's connection failed before the transaction began.)
@@ -495,13 +495,13 @@ class _SessionRouter(Router):
         return f"replica {node.name if node is not None else '?'} of {self.replica_set.name!r}"
 
 
-def _others_ran(routes: Iterable[_SessionRouter], route: _SessionRouter) -> bool:
-    return any(other.statements for other in routes if other is not route)
+def _others_ran(routers: Iterable[_SessionRouter], router: _SessionRouter) -> bool:
+    return any(other.statements for other in routers if other is not router)
 
 
-def _read_only_end_failed(conn: Connection, route: _SessionRouter, exc: DBAPIError) -> None:
+def _read_only_end_failed(conn: Connection, router: _SessionRouter, exc: DBAPIError) -> None:
     """Ending a replica connection's read-only transaction failed: log it, discard it."""
-    _log_read_only_failure(route.where(), exc)
+    _log_read_only_failure(router.where(), exc)
     if not conn.closed:  # SQLAlchemy 2.1 closes it even when the ROLLBACK fails
         conn.invalidate()
         conn.close()
