@@ -436,8 +436,9 @@ class RoutingSession(Session):
 
 
 class _SessionRouter(Router):
-    """A session's :class:`Router` for one replica set, with the connections its transaction
-    holds to the primary and the replica.
+    """A session's :class:`Router` for one replica set, with the replica connection its
+    transaction holds (its primary connection is SQLAlchemy's: the session reads it from its
+    transaction when a commit needs it).
 
     The replica connection (opened by :meth:`RoutingSession.get_bind` for the session's own
     statements, already in a transaction) is one Session joins in "rollback_only" mode: its
