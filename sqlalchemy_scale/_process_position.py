@@ -52,7 +52,10 @@ class ProcessPosition:
         # id() of DBAPI connections whose current transaction wrote.
         self._wrote: set[int] = set()
         # Position of the latest commit on a DBAPI connection, for the routing session
-        # whose commit it was (so it does not ask the primary a second time).
+        # whose commit it was (so it does not ask the primary a second time); dropped at
+        # the connection's next commit and when it goes back to the pool, so it is never
+        # taken for another commit (a shard's COMMIT, sent on the driver before this
+        # tracker runs, finds nothing and reads its own).
         self._last: dict[int, int] = {}
 
     def observe(self, position: int) -> None:
@@ -68,10 +71,15 @@ class ProcessPosition:
         self._wrote.add(id(dbapi_connection))
 
     def _forget(self, dbapi_connection: Any) -> None:
-        self._wrote.discard(id(dbapi_connection))
+        key = id(dbapi_connection)
+        self._wrote.discard(key)
+        # A position not taken by the end of its checkout belongs to no later commit.
+        self._last.pop(key, None)
 
     def _after_commit(self, dbapi_connection: Any) -> None:
         key = id(dbapi_connection)
+        # Whatever an earlier commit left is not this one's position.
+        self._last.pop(key, None)
         if key not in self._wrote:
             return
         self._wrote.discard(key)

@@ -714,3 +714,28 @@ def test_get_bind_of_a_write_outside_a_transaction_leaves_the_next_transaction_a
         row_id = _add(session, KEY_C)
         session.commit()
     assert nodes.rows(nodes.c, row_id) == 1
+
+
+def test_a_process_mode_shard_commit_token_is_its_own_commits_position(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet], paused: Callable[[PgNode], None]
+) -> None:
+    """In "process" mode, the second of two commits on shard b over one pooled connection
+    gives a token at its own commit, not at the position the first commit left with the
+    process tracker: a session of another ShardSet given the token (b's replicas paused
+    after replaying the first commit) reads the second row from b's primary."""
+    shard_set = make_shards(
+        max_lag_seconds=None, read_your_writes="process", pool_size=1, max_overflow=0
+    )
+    Session = ss.sharded_sessionmaker(shard_set)
+    with Session() as session:
+        _add(session, KEY_B)
+        session.commit()
+    for replica in nodes.b_replicas:
+        replica.wait_for_replay()
+        paused(replica)
+    with Session() as session:
+        row_id = _add(session, KEY_B)
+        session.commit()
+        token = session.causal_token
+    with ss.sharded_sessionmaker(make_shards(max_lag_seconds=None), causal_token=token)() as other:
+        assert _read(other, KEY_B, row_id) == (nodes.b.port, False, 1)
