@@ -739,3 +739,34 @@ def test_a_process_mode_shard_commit_token_is_its_own_commits_position(
         token = session.causal_token
     with ss.sharded_sessionmaker(make_shards(max_lag_seconds=None), causal_token=token)() as other:
         assert _read(other, KEY_B, row_id) == (nodes.b.port, False, 1)
+
+
+def test_a_two_phase_commit_token_is_not_an_earlier_commits_position(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet], paused: Callable[[PgNode], None]
+) -> None:
+    """A two-phase commit's token for shard b is read after its COMMIT PREPARED, not taken
+    from the pooled connection that sends it, where an earlier read-only transaction's
+    COMMIT left a position (psycopg 3): a session given the token (every replica paused
+    after replaying that earlier commit) reads b's row from b's primary."""
+    shard_set = make_shards("two_phase", max_lag_seconds=None, pool_size=2, max_overflow=0)
+    Session = ss.sharded_sessionmaker(shard_set)
+    with Session() as session, session.use_primary():
+        assert _read(session, KEY_B, 0)[:2] == (nodes.b.port, False)
+        session.commit()  # read-only: the position read with its COMMIT stays untaken
+    nodes.b.execute("SELECT pg_current_xact_id()")  # a later commit: replicas replay past it
+    for replica in nodes.replicas:
+        replica.wait_for_replay()
+        paused(replica)
+    # Hold that connection while the session opens another to b, then give it back: the
+    # COMMIT PREPARED on b goes out on it.
+    held = shard_set.replica_set("b").primary.engine.connect()
+    held.exec_driver_sql("SELECT 1")
+    with Session() as session:
+        _add(session, KEY_A)
+        on_b = _add(session, KEY_B)
+        session.flush()
+        held.close()
+        session.commit()
+        token = session.causal_token
+    with ss.sharded_sessionmaker(make_shards(max_lag_seconds=None), causal_token=token)() as other:
+        assert _read(other, KEY_B, on_b) == (nodes.b.port, False, 1)

@@ -229,10 +229,13 @@ def commit_one(shard_set: ShardSet, shard_id: ShardId, conn: Connection) -> None
     log.debug("shard %s committed", shard_id)
 
 
-def _record_position(session: ShardedSession, shard_id: ShardId, conn: Connection) -> None:
-    """After ``shard_id`` committed on ``conn``: later reads of it must see the commit."""
+def _record_position(
+    session: ShardedSession, shard_id: ShardId, conn: Connection, *, by_driver: bool = True
+) -> None:
+    """After ``shard_id`` committed on ``conn`` (by its driver, or by a ``COMMIT PREPARED``
+    statement): later reads of it must see the commit."""
     replica_set = session.shard_set.replica_set(shard_id)
-    position = replica_set.position_after_commit(conn)
+    position = replica_set.position_after_commit(conn, by_driver=by_driver)
     if position is not None:
         replica_set.note_primary_position(position)
         session.router(shard_id).record_commit(position)
@@ -282,7 +285,10 @@ def _commit_two_phase(
     two_phase.step("decided")
     try:
         two_phase.commit_parts(
-            parts, on_commit=lambda part, conn: _record_position(session, part.shard_id, conn)
+            parts,
+            on_commit=lambda part, conn: _record_position(
+                session, part.shard_id, conn, by_driver=False
+            ),
         )
     except CommitOutcomeUnknown as exc:
         log.error("two-phase commit: %s", exc)
