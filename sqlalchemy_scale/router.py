@@ -456,6 +456,13 @@ class Router:
             node = self.replica_set.choose_replica(self.checked_causal_position())
         return node if node is not None else self.replica_set.primary
 
+    def record_bound_write(self, clause: ClauseElement | None, flushing: bool = False) -> None:
+        """A statement sent through an explicit bind to this set's primary: if it writes (or
+        may: no statement), the rest of the transaction reads from the primary and its
+        commit's position is recorded, as for a write routed here."""
+        if flushing or clause is None or decide_role(clause)[1] in _WRITING_REASONS:
+            self.has_written = True
+
     def record_connection(self, engine: Engine) -> bool:
         """The ``session.connection()`` rule: a connection to the primary may be written
         through, so the rest of the transaction reads from the primary. True if it was."""

@@ -183,12 +183,17 @@ class RoutingSession(Session):
 
         A read routed to a replica stays on the replica that served the transaction's
         first read. With no usable replica, reads go to the primary (logged once).
-        An explicit ``bind`` argument is returned unchanged. Asked for outside any
-        transaction (``session.get_bind(clause=stmt)``), it says where the statement would
-        go and changes nothing: the next transaction starts unwritten.
+        An explicit ``bind`` argument is returned unchanged; when it is a primary routed
+        over and the statement writes, the transaction has written there, as for any write.
+        Asked for outside any transaction (``session.get_bind(clause=stmt)``), it says where
+        the statement would go and changes nothing: the next transaction starts unwritten.
         """
         if bind is not None:
             self._last_router = None  # not ours: a failure on it is not a replica's
+            if self._executing or self._connecting:  # a statement of this transaction
+                bound = self._router_for(bind.engine)
+                if bound is not None:
+                    bound.record_bound_write(clause, is_flushing(self))
             return bind
         if self._picks_binds:
             router = self._route_for(mapper, clause)

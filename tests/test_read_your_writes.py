@@ -218,3 +218,25 @@ def test_position_queries_per_mode(
     commit_at = next(i for i, line in enumerate(logged) if line.startswith("COMMIT"))
     assert positions[commit_at] or positions[commit_at + 1] or not position_queries
     assert token is None
+
+
+def test_a_write_through_an_explicit_primary_bind_is_read_back(
+    cluster: LocalCluster, driver: str, replay_paused: None
+) -> None:
+    """A routing session's INSERT sent with ``bind_arguments={"bind": primary engine}``
+    counts as the transaction's write: the next read in that transaction and the first
+    read after its commit both run on the primary and find the row (replicas paused)."""
+    with (
+        make_set(cluster, driver, "session") as replica_set,
+        ss.routing_sessionmaker(replica_set)() as session,
+    ):
+        row_id = next(_ids)
+        session.execute(
+            text("INSERT INTO ryw_items VALUES (:id)"),
+            {"id": row_id},
+            bind_arguments={"bind": replica_set.primary.engine},
+        )
+        inside = tuple(session.execute(READ, {"id": row_id}).one())
+        session.commit()
+        after = tuple(session.execute(READ, {"id": row_id}).one())
+    assert (inside, after) == ((cluster.primary.port, 1), (cluster.primary.port, 1))
