@@ -15,8 +15,11 @@ on the primary engine marks the connection for INSERT/UPDATE/DELETE, DDL,
 sends to the primary (locking reads, ``nextval()``...). A plain SELECT marks
 nothing, so a read-only transaction's COMMIT costs nothing extra.
 The position is read after the DBAPI commit by wrapping the engine dialect's
-``do_commit`` (SQLAlchemy's ``commit`` event fires *before* COMMIT is sent).
-Two-phase commits (sharding's ``cross_shard_writes="two_phase"``) are not tracked.
+``do_commit`` (SQLAlchemy's ``commit`` event fires *before* COMMIT is sent); a write
+on a connection in driver autocommit (``isolation_level="AUTOCOMMIT"``) committed as
+it ran, and its position is read right after it (``after_cursor_execute``).
+Two-phase commits (sharding's ``cross_shard_writes="two_phase"``) are tracked at their
+``COMMIT PREPARED``, which is sent in autocommit.
 
 When *not* to use it: many processes (each has its own floor; carry causal tokens
 between them), or write-heavy processes whose reads should keep using replicas:
@@ -90,15 +93,26 @@ class ProcessPosition:
             self._last[key] = pipelined
             self.observe(pipelined)
             return
+        position = self._read(dbapi_connection)
+        if position is not None:
+            self._last[key] = position
+
+    def _after_autocommit_write(self, dbapi_connection: Any) -> None:
+        # In driver autocommit the statement committed as it ran; no COMMIT follows, and
+        # a position left on the connection is an earlier commit's: read it afresh.
+        self._wrote.discard(id(dbapi_connection))
+        self._read(dbapi_connection)
+
+    def _read(self, dbapi_connection: Any) -> int | None:
         try:
             position = read_commit_lsn(dbapi_connection)
         except Exception as exc:  # committed; only the position is lost
             log.warning(
                 "could not read the primary's WAL position after commit: %s", type(exc).__name__
             )
-            return
-        self._last[key] = position
+            return None
         self.observe(position)
+        return position
 
 
 def _writes(context: Any, decide_role: Any) -> bool:
@@ -129,6 +143,22 @@ def install_process_position(engine: Engine) -> ProcessPosition:
         if _writes(context, decide_role):
             tracker._mark(conn.connection.dbapi_connection)  # noqa: SLF001 (this module's class)
 
+    def after_cursor_execute(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        # A write on a connection in AUTOCOMMIT (isolation_level="AUTOCOMMIT") committed as
+        # it ran: its position is read now, since no commit() will follow it.
+        dbapi_connection = conn.connection.dbapi_connection
+        if id(dbapi_connection) in tracker._wrote and getattr(  # noqa: SLF001 (this module's class)
+            dbapi_connection, "autocommit", False
+        ):
+            tracker._after_autocommit_write(dbapi_connection)  # noqa: SLF001 (this module's class)
+
     def on_rollback(conn: Connection) -> None:
         if not conn.invalidated:
             tracker._forget(conn.connection.dbapi_connection)  # noqa: SLF001 (this module's class)
@@ -137,6 +167,7 @@ def install_process_position(engine: Engine) -> ProcessPosition:
         tracker._forget(dbapi_connection)  # noqa: SLF001 (this module's class)
 
     event.listen(engine, "before_cursor_execute", before_cursor_execute)
+    event.listen(engine, "after_cursor_execute", after_cursor_execute)
     event.listen(engine, "rollback", on_rollback)
     event.listen(engine.pool, "reset", on_reset)
     # SQLAlchemy has no event after COMMIT; wrap this engine's dialect instance (every

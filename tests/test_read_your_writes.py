@@ -240,3 +240,29 @@ def test_a_write_through_an_explicit_primary_bind_is_read_back(
         session.commit()
         after = tuple(session.execute(READ, {"id": row_id}).one())
     assert (inside, after) == ((cluster.primary.port, 1), (cluster.primary.port, 1))
+
+
+def test_process_mode_reads_a_write_made_in_autocommit(
+    cluster: LocalCluster, driver: str, replay_paused: None
+) -> None:
+    """In "process" mode an INSERT on a primary-engine connection in AUTOCOMMIT (committed
+    as it ran, with no commit() after it) is seen by the next routing-session read, sync
+    and asyncpg, from the primary while the replicas are paused."""
+    with make_set(cluster, driver, "process") as replica_set:
+        row_id = next(_ids)
+        autocommit = replica_set.primary.engine.execution_options(isolation_level="AUTOCOMMIT")
+        with autocommit.connect() as conn:
+            conn.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+        sync_read = routed_read(replica_set, row_id)
+
+    async def main() -> tuple[int, int]:
+        async with make_set(cluster, "asyncpg", "process") as replica_set:
+            row_id = next(_ids)
+            engine = AsyncEngine(replica_set.primary.engine)
+            async with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+                await conn.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+            async with ss.async_routing_sessionmaker(replica_set)() as routed:
+                port, count = (await routed.execute(READ, {"id": row_id})).one()
+            return int(port), int(count)
+
+    assert (sync_read, asyncio.run(main())) == ((cluster.primary.port, 1),) * 2
