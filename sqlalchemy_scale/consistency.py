@@ -359,6 +359,8 @@ class _Committer(Protocol):
 
     def get_transaction(self) -> SessionTransaction | None: ...
 
+    def note_unknown_commit(self, connection: Connection) -> None: ...
+
 
 # The routing session whose outermost commit is in progress in this context: set by its
 # before_commit hook (which fires before the flush that may open the primary connection),
@@ -498,6 +500,10 @@ def install_primary_hooks(
             return None
         if not _connection_lost(context):
             return None
+        committer = _COMMITTING.get()
+        if committer is not None and context.connection is not None:
+            # Its later reads must see this commit if it happened.
+            committer.note_unknown_commit(context.connection)
         orig = context.original_exception
         return CommitOutcomeUnknown(
             f"the connection to primary {node_name!r} of {set_name!r} was lost during COMMIT; "

@@ -43,7 +43,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Select, TableClause
 
 from ._sa import select_head, select_head_of, statement_options
-from .consistency import CausalContext, get_causal_context, parse_token
+from .consistency import CausalContext, get_causal_context, parse_token, read_primary_position
 from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import NodeUnavailableError, ReplicaWriteError, sqlstate
 from .topology import Node, ReplicaSet, Role
@@ -217,6 +217,7 @@ class Router:
         "_causal",
         "_follows_context",
         "_pin_key",
+        "_unknown_commit",
         "default_role",
         "fallback_reason",
         "has_written",
@@ -247,6 +248,8 @@ class Router:
             self._causal = CausalContext()
             if position is not None:
                 self._causal.observe_position(position, replica_set.causal_scope)
+        # True after a commit whose outcome is unknown, until the primary's position is read.
+        self._unknown_commit = False
         #: True once the current transaction has sent a write (or lock) to the primary.
         self.has_written = False
         #: The node serving this transaction's reads (a replica, or the primary as fallback).
@@ -519,6 +522,8 @@ class Router:
     def causal_position(self) -> int | None:
         """The WAL position reads must see: the newest of the router's own, the process's
         (``read_your_writes="process"``) and the causal context's."""
+        if self._unknown_commit:
+            self._read_unknown_commit()
         scope = self._scope
         causal = self._causal
         own = None if causal is None else causal.position_for(scope)
@@ -550,6 +555,21 @@ class Router:
             if ctx is not None:
                 ctx.cap(checked, self._scope)
         return checked
+
+    def note_unknown_commit(self) -> None:
+        """A commit here ended with :class:`~sqlalchemy_scale.CommitOutcomeUnknown`: it may
+        have committed, at a position nobody read. The next read first reads the primary's
+        position (past that commit, if it happened) and needs it, like a commit's."""
+        self._unknown_commit = True
+        if self._causal is None:
+            self._causal = CausalContext()  # takes reads off the no-position fast path
+
+    def _read_unknown_commit(self) -> None:
+        # Raises if the primary cannot answer: a read after an unknown outcome may not guess.
+        position = read_primary_position(self.replica_set.primary.engine)
+        self._unknown_commit = False
+        self.replica_set.note_primary_position(position)
+        self.record_commit(position)
 
     def record_commit(self, position: int) -> None:
         """A transaction that wrote committed at ``position``: later reads must see it."""

@@ -159,6 +159,13 @@ class RoutingSession(Session):
             self._primary_connection(router) is connection for router in self._routers
         )
 
+    def note_unknown_commit(self, connection: Connection) -> None:
+        """The COMMIT on ``connection`` (a primary's) was lost with its outcome unknown: the
+        session's next read there must see whatever the primary has by then."""
+        router = self._router_for(connection.engine)
+        if router is not None:
+            router.note_unknown_commit()
+
     def use_primary(self) -> use_primary:
         """Pin this session's statements to the primary: ``with session.use_primary(): ...``
         (also usable as a decorator)."""
