@@ -157,7 +157,11 @@ def _before_commit(any_session: Session) -> None:
     shard_set = session.shard_set
     if len(shard_ids) == 1:
         shard_id, conn = connections[0]
-        commit_one(shard_set, shard_id, conn)
+        try:
+            commit_one(shard_set, shard_id, conn)
+        except CommitOutcomeUnknown:
+            session.router(shard_id).note_unknown_commit()  # a read-back must see it
+            raise
         _record_position(session, shard_id, conn)
         return
     mode = shard_set.cross_shard_writes
