@@ -463,7 +463,7 @@ class Router:
         """A statement sent through an explicit bind to this set's primary: if it writes (or
         may: no statement), the rest of the transaction reads from the primary and its
         commit's position is recorded, as for a write routed here."""
-        if flushing or clause is None or decide_role(clause)[1] in _WRITING_REASONS:
+        if bound_statement_writes(clause, flushing):
             self.has_written = True
 
     def record_connection(self, engine: Engine) -> bool:
@@ -588,6 +588,12 @@ class Router:
         self.replica = None
         self.statements = 0
         self.last_node = None
+
+
+def bound_statement_writes(clause: ClauseElement | None, flushing: bool = False) -> bool:
+    """Whether a statement sent through an explicit bind to a primary writes (or may: no
+    statement), by the kinds that make a transaction "written" (:func:`decide_role`)."""
+    return flushing or clause is None or decide_role(clause)[1] in _WRITING_REASONS
 
 
 def drop_kept_connection(session: Session, node: Node, exc: BaseException) -> None:

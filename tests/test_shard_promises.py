@@ -770,3 +770,47 @@ def test_a_two_phase_commit_token_is_not_an_earlier_commits_position(
         token = session.causal_token
     with ss.sharded_sessionmaker(make_shards(max_lag_seconds=None), causal_token=token)() as other:
         assert _read(other, KEY_B, on_b) == (nodes.b.port, False, 1)
+
+
+def test_a_write_through_an_explicit_shard_primary_bind_is_a_shard_write(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet], paused: Callable[[PgNode], None]
+) -> None:
+    """A ShardedSession's INSERT sent with ``bind_arguments={"bind": shard b's primary
+    engine}`` counts as a write to b: the next read of b in that transaction and the first
+    after its commit run on b's primary and find the row (b's replicas paused), and the
+    session's token covers b."""
+    shard_set = make_shards(max_lag_seconds=None)
+    for replica in nodes.b_replicas:
+        paused(replica)
+    with ss.sharded_sessionmaker(shard_set)() as session:
+        row_id = next(_ids)
+        session.execute(
+            insert(Note).values(id=row_id, k=KEY_B, slow=False, fail=False),
+            bind_arguments={"bind": shard_set.replica_set("b").primary.engine},
+        )
+        inside = _read(session, KEY_B, row_id)
+        session.commit()
+        token = session.causal_token
+        after = _read(session, KEY_B, row_id)
+    assert (inside, after) == ((nodes.b.port, False, 1),) * 2
+    assert token is not None and "b" in parse_token(token)
+
+
+def test_a_second_shard_written_through_an_explicit_bind_is_refused(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet]
+) -> None:
+    """With cross_shard_writes="refuse", an INSERT sent to shard b's primary through
+    ``bind_arguments={"bind": ...}`` after a write to shard a raises CrossShardWriteError
+    before it is sent, and neither row is committed."""
+    shard_set = make_shards("refuse")
+    with ss.sharded_sessionmaker(shard_set)() as session:
+        on_a = _add(session, KEY_A)
+        session.flush()
+        on_b = next(_ids)
+        with pytest.raises(ss.CrossShardWriteError):
+            session.execute(
+                insert(Note).values(id=on_b, k=KEY_B, slow=False, fail=False),
+                bind_arguments={"bind": shard_set.replica_set("b").primary.engine},
+            )
+        session.rollback()
+    assert (nodes.rows(nodes.a, on_a), nodes.rows(nodes.b, on_b)) == (0, 0)
