@@ -94,6 +94,10 @@ _WRITING_FUNCTIONS: Final = frozenset(
     {"nextval", "setval", "txid_current", "pg_current_xact_id", "pg_notify", "lo_create"}
 )
 
+# A position no replica reaches: causal_position() while a commit's position is unknown
+# and the primary cannot say its own (the read goes to the primary).
+_PRIMARY_ONLY: Final = 1 << 64
+
 # 57P01-57P03: the server is shutting down, crashed, or not accepting connections.
 _DOWN_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
 
@@ -522,8 +526,8 @@ class Router:
     def causal_position(self) -> int | None:
         """The WAL position reads must see: the newest of the router's own, the process's
         (``read_your_writes="process"``) and the causal context's."""
-        if self._unknown_commit:
-            self._read_unknown_commit()
+        if self._unknown_commit and not self._read_unknown_commit():
+            return _PRIMARY_ONLY
         scope = self._scope
         causal = self._causal
         own = None if causal is None else causal.position_for(scope)
@@ -557,19 +561,25 @@ class Router:
         return checked
 
     def note_unknown_commit(self) -> None:
-        """A commit here ended with :class:`~sqlalchemy_scale.CommitOutcomeUnknown`: it may
-        have committed, at a position nobody read. The next read first reads the primary's
-        position (past that commit, if it happened) and needs it, like a commit's."""
+        """A commit here may have committed at a position nobody read (it ended with
+        :class:`~sqlalchemy_scale.CommitOutcomeUnknown`, or the position query after it
+        failed). The next read first reads the primary's position (past that commit, if
+        it happened) and needs it, like a commit's; while the primary cannot tell, reads
+        go to the primary."""
         self._unknown_commit = True
         if self._causal is None:
             self._causal = CausalContext()  # takes reads off the no-position fast path
 
-    def _read_unknown_commit(self) -> None:
-        # Raises if the primary cannot answer: a read after an unknown outcome may not guess.
-        position = read_primary_position(self.replica_set.primary.engine)
+    def _read_unknown_commit(self) -> bool:
+        try:
+            position = read_primary_position(self.replica_set.primary.engine)
+        except Exception as exc:  # no replica can be shown to have it: the primary reads
+            log.debug("%s: cannot read the primary's position: %s", self.replica_set.name, exc)
+            return False
         self._unknown_commit = False
         self.replica_set.note_primary_position(position)
         self.record_commit(position)
+        return True
 
     def record_commit(self, position: int) -> None:
         """A transaction that wrote committed at ``position``: later reads must see it."""

@@ -485,6 +485,8 @@ class _SessionRouter(Router):
         if position is not None:
             replica_set.note_primary_position(position)
             self.record_commit(position)
+        elif replica_set.read_your_writes != "off":
+            self.note_unknown_commit()  # committed, at a position that could not be read
 
     def end_transaction(self) -> None:
         conn = self.replica_connection

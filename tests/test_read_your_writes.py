@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
@@ -266,3 +266,51 @@ def test_process_mode_reads_a_write_made_in_autocommit(
             return int(port), int(count)
 
     assert (sync_read, asyncio.run(main())) == ((cluster.primary.port, 1),) * 2
+
+
+@pytest.fixture
+def limited_role(cluster: LocalCluster) -> Iterator[Callable[[str], str]]:
+    """limited(url): the URL as a role that may insert into ryw_items, while nobody may run
+    pg_current_wal_insert_lsn() (the grant is restored after the test)."""
+    cluster.primary.execute(
+        "DROP ROLE IF EXISTS ryw_limited; CREATE ROLE ryw_limited LOGIN PASSWORD 'limited';"
+        "GRANT SELECT, INSERT ON ryw_items TO ryw_limited;"
+        "REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC"
+    )
+    for replica in cluster.replicas:
+        replica.wait_for_replay()
+
+    def limited(url: str) -> str:
+        limited_url = make_url(url).set(username="ryw_limited", password="limited")
+        return limited_url.render_as_string(hide_password=False)
+
+    try:
+        yield limited
+    finally:
+        cluster.primary.execute(
+            "GRANT EXECUTE ON FUNCTION pg_current_wal_insert_lsn() TO PUBLIC;"
+            "DROP OWNED BY ryw_limited; DROP ROLE ryw_limited"
+        )
+
+
+def test_a_commit_whose_position_cannot_be_read_is_reported_and_read_back(
+    cluster: LocalCluster, driver: str, limited_role: Callable[[str], str], replay_paused: None
+) -> None:
+    """When the primary refuses the WAL position query after a routing session's COMMIT
+    (its role may not run pg_current_wal_insert_lsn()), commit() still returns (the row is
+    committed), and the session's next read runs on the primary and finds the row instead
+    of going to a paused replica."""
+    with (
+        ss.ReplicaSet(
+            primary=limited_role(cluster.primary.url(driver)),
+            replicas=[limited_role(r.url(driver)) for r in cluster.replicas],
+            max_wait=0.02,
+            monitor_interval=0.05,
+        ) as replica_set,
+        ss.routing_sessionmaker(replica_set)() as session,
+    ):
+        row_id = next(_ids)
+        session.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+        session.commit()
+        port, count = session.execute(READ, {"id": row_id}).one()
+    assert (port, count) == (cluster.primary.port, 1)

@@ -243,6 +243,8 @@ def _record_position(
     if position is not None:
         replica_set.note_primary_position(position)
         session.router(shard_id).record_commit(position)
+    elif replica_set.read_your_writes != "off":
+        session.router(shard_id).note_unknown_commit()  # its position could not be read
 
 
 def _commit_two_phase(
