@@ -51,6 +51,9 @@ class ProcessPosition:
     def __init__(self) -> None:
         #: The newest position, or None before the first tracked commit.
         self.position: int | None = None
+        #: True after a commit whose position could not be read, until the primary's own
+        #: position is (routing reads it before the next read, see Router.causal_position).
+        self.unknown = False
         self._lock = threading.Lock()
         # id() of DBAPI connections whose current transaction wrote.
         self._wrote: set[int] = set()
@@ -110,6 +113,7 @@ class ProcessPosition:
             log.warning(
                 "could not read the primary's WAL position after commit: %s", type(exc).__name__
             )
+            self.unknown = True  # reads must see it all the same
             return None
         self.observe(position)
         return position

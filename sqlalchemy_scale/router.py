@@ -532,6 +532,8 @@ class Router:
         causal = self._causal
         own = None if causal is None else causal.position_for(scope)
         process = self.replica_set.process_position
+        if process is not None and process.unknown and not self._read_process_position():
+            return _PRIMARY_ONLY
         if process is not None and process.position is not None:
             own = process.position if own is None else max(own, process.position)
         if not self._follows_context:
@@ -579,6 +581,21 @@ class Router:
         self._unknown_commit = False
         self.replica_set.note_primary_position(position)
         self.record_commit(position)
+        return True
+
+    def _read_process_position(self) -> bool:
+        # A commit of this process whose position was lost: the primary's position now is
+        # past it. (Another thread may do the same at once; both positions are correct.)
+        process = self.replica_set.process_position
+        assert process is not None
+        try:
+            position = read_primary_position(self.replica_set.primary.engine)
+        except Exception as exc:  # no replica can be shown to have it: the primary reads
+            log.debug("%s: cannot read the primary's position: %s", self.replica_set.name, exc)
+            return False
+        process.unknown = False
+        process.observe(position)
+        self.replica_set.note_primary_position(position)
         return True
 
     def record_commit(self, position: int) -> None:

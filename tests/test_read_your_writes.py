@@ -314,3 +314,20 @@ def test_a_commit_whose_position_cannot_be_read_is_reported_and_read_back(
         session.commit()
         port, count = session.execute(READ, {"id": row_id}).one()
     assert (port, count) == (cluster.primary.port, 1)
+
+
+def test_process_mode_sees_a_commit_whose_position_cannot_be_read(
+    cluster: LocalCluster, driver: str, limited_role: Callable[[str], str], replay_paused: None
+) -> None:
+    """In "process" mode, a plain Session's commit after which the primary refuses the WAL
+    position query still holds back the next routed read: it runs on the primary and finds
+    the row instead of going to a paused replica."""
+    with ss.ReplicaSet(
+        primary=limited_role(cluster.primary.url(driver)),
+        replicas=[limited_role(r.url(driver)) for r in cluster.replicas],
+        read_your_writes="process",
+        max_wait=0.02,
+        monitor_interval=0.05,
+    ) as replica_set:
+        port, count = routed_read(replica_set, plain_insert(replica_set))
+    assert (port, count) == (cluster.primary.port, 1)
