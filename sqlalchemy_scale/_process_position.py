@@ -15,8 +15,11 @@ on the primary engine marks the connection for INSERT/UPDATE/DELETE, DDL,
 sends to the primary (locking reads, ``nextval()``...). A plain SELECT marks
 nothing, so a read-only transaction's COMMIT costs nothing extra.
 The position is read after the DBAPI commit by wrapping the engine dialect's
-``do_commit`` (SQLAlchemy's ``commit`` event fires *before* COMMIT is sent).
-Two-phase commits (sharding's ``cross_shard_writes="two_phase"``) are not tracked.
+``do_commit`` (SQLAlchemy's ``commit`` event fires *before* COMMIT is sent); a write
+on a connection in driver autocommit (``isolation_level="AUTOCOMMIT"``) committed as
+it ran, and its position is read right after it (``after_cursor_execute``).
+Two-phase commits (sharding's ``cross_shard_writes="two_phase"``) are tracked at their
+``COMMIT PREPARED``, which is sent in autocommit.
 
 When *not* to use it: many processes (each has its own floor; carry causal tokens
 between them), or write-heavy processes whose reads should keep using replicas:
@@ -48,11 +51,17 @@ class ProcessPosition:
     def __init__(self) -> None:
         #: The newest position, or None before the first tracked commit.
         self.position: int | None = None
+        #: True after a commit whose position could not be read, until the primary's own
+        #: position is (routing reads it before the next read, see Router.causal_position).
+        self.unknown = False
         self._lock = threading.Lock()
         # id() of DBAPI connections whose current transaction wrote.
         self._wrote: set[int] = set()
         # Position of the latest commit on a DBAPI connection, for the routing session
-        # whose commit it was (so it does not ask the primary a second time).
+        # whose commit it was (so it does not ask the primary a second time); dropped at
+        # the connection's next commit and when it goes back to the pool, so it is never
+        # taken for another commit (a shard's COMMIT, sent on the driver before this
+        # tracker runs, finds nothing and reads its own).
         self._last: dict[int, int] = {}
 
     def observe(self, position: int) -> None:
@@ -68,10 +77,15 @@ class ProcessPosition:
         self._wrote.add(id(dbapi_connection))
 
     def _forget(self, dbapi_connection: Any) -> None:
-        self._wrote.discard(id(dbapi_connection))
+        key = id(dbapi_connection)
+        self._wrote.discard(key)
+        # A position not taken by the end of its checkout belongs to no later commit.
+        self._last.pop(key, None)
 
     def _after_commit(self, dbapi_connection: Any) -> None:
         key = id(dbapi_connection)
+        # Whatever an earlier commit left is not this one's position.
+        self._last.pop(key, None)
         if key not in self._wrote:
             return
         self._wrote.discard(key)
@@ -82,15 +96,27 @@ class ProcessPosition:
             self._last[key] = pipelined
             self.observe(pipelined)
             return
+        position = self._read(dbapi_connection)
+        if position is not None:
+            self._last[key] = position
+
+    def _after_autocommit_write(self, dbapi_connection: Any) -> None:
+        # In driver autocommit the statement committed as it ran; no COMMIT follows, and
+        # a position left on the connection is an earlier commit's: read it afresh.
+        self._wrote.discard(id(dbapi_connection))
+        self._read(dbapi_connection)
+
+    def _read(self, dbapi_connection: Any) -> int | None:
         try:
             position = read_commit_lsn(dbapi_connection)
         except Exception as exc:  # committed; only the position is lost
             log.warning(
                 "could not read the primary's WAL position after commit: %s", type(exc).__name__
             )
-            return
-        self._last[key] = position
+            self.unknown = True  # reads must see it all the same
+            return None
         self.observe(position)
+        return position
 
 
 def _writes(context: Any, decide_role: Any) -> bool:
@@ -121,6 +147,22 @@ def install_process_position(engine: Engine) -> ProcessPosition:
         if _writes(context, decide_role):
             tracker._mark(conn.connection.dbapi_connection)  # noqa: SLF001 (this module's class)
 
+    def after_cursor_execute(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        # A write on a connection in AUTOCOMMIT (isolation_level="AUTOCOMMIT") committed as
+        # it ran: its position is read now, since no commit() will follow it.
+        dbapi_connection = conn.connection.dbapi_connection
+        if id(dbapi_connection) in tracker._wrote and getattr(  # noqa: SLF001 (this module's class)
+            dbapi_connection, "autocommit", False
+        ):
+            tracker._after_autocommit_write(dbapi_connection)  # noqa: SLF001 (this module's class)
+
     def on_rollback(conn: Connection) -> None:
         if not conn.invalidated:
             tracker._forget(conn.connection.dbapi_connection)  # noqa: SLF001 (this module's class)
@@ -129,6 +171,7 @@ def install_process_position(engine: Engine) -> ProcessPosition:
         tracker._forget(dbapi_connection)  # noqa: SLF001 (this module's class)
 
     event.listen(engine, "before_cursor_execute", before_cursor_execute)
+    event.listen(engine, "after_cursor_execute", after_cursor_execute)
     event.listen(engine, "rollback", on_rollback)
     event.listen(engine.pool, "reset", on_reset)
     # SQLAlchemy has no event after COMMIT; wrap this engine's dialect instance (every

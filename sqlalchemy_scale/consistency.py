@@ -345,11 +345,11 @@ def read_commit_lsn(dbapi_connection: Any, info: dict[Any, Any] | None = None) -
 #: runs the SELECT, so the position is read past the commit record exactly as when
 #: :data:`WAL_POSITION_SQL` is sent after the COMMIT. A COMMIT that fails stops the
 #: message there. Sent by psycopg 3 connections of primary engines the ReplicaSet built
-#: (see :func:`install_primary_hooks`); psycopg2 keeps a separate round trip, because it
+#: (see :func:`install_primary_hooks`) once the query has answered on the connection (the
+#: first commit sends them apart: a query the server refuses must not make a COMMIT that
+#: succeeded look failed); psycopg2 keeps a separate round trip, because it
 #: tracks the transaction on the client and would send its own COMMIT after ours.
 COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_INSERT_SQL
-# The same, the first time on a connection: with the server's block size.
-_FIRST_COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_POSITION_SQL
 
 
 class _Committer(Protocol):
@@ -358,6 +358,8 @@ class _Committer(Protocol):
     def is_primary_connection(self, connection: Connection | None) -> bool: ...
 
     def get_transaction(self) -> SessionTransaction | None: ...
+
+    def note_unknown_commit(self, connection: Connection) -> None: ...
 
 
 # The routing session whose outermost commit is in progress in this context: set by its
@@ -412,7 +414,7 @@ def _positioned_connection_class() -> type[Any]:
         import psycopg
         from psycopg.pq import ExecStatus, TransactionStatus
 
-        first, later = _FIRST_COMMIT_AND_POSITION_SQL.encode(), COMMIT_AND_POSITION_SQL.encode()
+        first, later = WAL_POSITION_SQL.encode(), COMMIT_AND_POSITION_SQL.encode()
 
         class PositionedConnection(psycopg.Connection[Any]):
             # Set when a sharded session's transaction begins on this connection (a routing
@@ -420,22 +422,36 @@ def _positioned_connection_class() -> type[Any]:
             # left for the session's after_commit hook, and forgotten at the next commit.
             wants_position = False
             position: int | None = None
+            # None until the position query first answered on this connection; 0 if the
+            # server refused it (no EXECUTE on pg_current_wal_insert_lsn()).
             block_size: int | None = None
 
             def commit(self) -> None:
                 wanted = self.wants_position or _COMMITTING.get() is not None
                 self.wants_position = False
                 self.position = None
+                block_size = self.block_size
                 if (
                     not wanted
+                    or block_size == 0
                     or self.closed
                     or self.pgconn.transaction_status != TransactionStatus.INTRANS
                 ):
                     super().commit()
                     return
-                block_size = self.block_size
-                with self.lock:
-                    result = self.pgconn.exec_(first if block_size is None else later)
+                if block_size is None:
+                    # The first time, COMMIT alone and then the query: one that the server
+                    # refuses must not make a COMMIT that succeeded look failed.
+                    super().commit()
+                    with self.lock:
+                        result = self.pgconn.exec_(first)
+                    if result.status != ExecStatus.TUPLES_OK:
+                        self.block_size = 0  # never asked again on this connection
+                        return
+                    block_size = self.block_size = int(result.get_value(0, 1) or 0)
+                else:
+                    with self.lock:
+                        result = self.pgconn.exec_(later)
                 if result.status != ExecStatus.TUPLES_OK:
                     error = psycopg.errors.error_from_result(result, encoding=self.info.encoding)
                     if self.closed and type(error) is psycopg.DatabaseError:
@@ -443,8 +459,6 @@ def _positioned_connection_class() -> type[Any]:
                         # OperationalError here, and so do we.
                         raise psycopg.OperationalError(str(error)) from None
                     raise error
-                if block_size is None:
-                    block_size = self.block_size = int(result.get_value(0, 1) or 0)
                 lsn = result.get_value(0, 0)
                 if lsn is not None and block_size:
                     self.position = reachable_position(lsn.decode(), block_size)
@@ -498,6 +512,10 @@ def install_primary_hooks(
             return None
         if not _connection_lost(context):
             return None
+        committer = _COMMITTING.get()
+        if committer is not None and context.connection is not None:
+            # Its later reads must see this commit if it happened.
+            committer.note_unknown_commit(context.connection)
         orig = context.original_exception
         return CommitOutcomeUnknown(
             f"the connection to primary {node_name!r} of {set_name!r} was lost during COMMIT; "

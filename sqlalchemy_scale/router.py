@@ -43,7 +43,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Select, TableClause
 
 from ._sa import select_head, select_head_of, statement_options
-from .consistency import CausalContext, get_causal_context, parse_token
+from .consistency import CausalContext, get_causal_context, parse_token, read_primary_position
 from .decisions import RoutingDecision, fallback_reason, notify
 from .errors import NodeUnavailableError, ReplicaWriteError, sqlstate
 from .topology import Node, ReplicaSet, Role
@@ -93,6 +93,10 @@ _WRITING_REASONS: Final = frozenset(
 _WRITING_FUNCTIONS: Final = frozenset(
     {"nextval", "setval", "txid_current", "pg_current_xact_id", "pg_notify", "lo_create"}
 )
+
+# A position no replica reaches: causal_position() while a commit's position is unknown
+# and the primary cannot say its own (the read goes to the primary).
+_PRIMARY_ONLY: Final = 1 << 64
 
 # 57P01-57P03: the server is shutting down, crashed, or not accepting connections.
 _DOWN_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03"})
@@ -217,6 +221,7 @@ class Router:
         "_causal",
         "_follows_context",
         "_pin_key",
+        "_unknown_commit",
         "default_role",
         "fallback_reason",
         "has_written",
@@ -247,6 +252,8 @@ class Router:
             self._causal = CausalContext()
             if position is not None:
                 self._causal.observe_position(position, replica_set.causal_scope)
+        # True after a commit whose outcome is unknown, until the primary's position is read.
+        self._unknown_commit = False
         #: True once the current transaction has sent a write (or lock) to the primary.
         self.has_written = False
         #: The node serving this transaction's reads (a replica, or the primary as fallback).
@@ -456,6 +463,13 @@ class Router:
             node = self.replica_set.choose_replica(self.checked_causal_position())
         return node if node is not None else self.replica_set.primary
 
+    def record_bound_write(self, clause: ClauseElement | None, flushing: bool = False) -> None:
+        """A statement sent through an explicit bind to this set's primary: if it writes (or
+        may: no statement), the rest of the transaction reads from the primary and its
+        commit's position is recorded, as for a write routed here."""
+        if bound_statement_writes(clause, flushing):
+            self.has_written = True
+
     def record_connection(self, engine: Engine) -> bool:
         """The ``session.connection()`` rule: a connection to the primary may be written
         through, so the rest of the transaction reads from the primary. True if it was."""
@@ -512,10 +526,14 @@ class Router:
     def causal_position(self) -> int | None:
         """The WAL position reads must see: the newest of the router's own, the process's
         (``read_your_writes="process"``) and the causal context's."""
+        if self._unknown_commit and not self._read_unknown_commit():
+            return _PRIMARY_ONLY
         scope = self._scope
         causal = self._causal
         own = None if causal is None else causal.position_for(scope)
         process = self.replica_set.process_position
+        if process is not None and process.unknown and not self._read_process_position():
+            return _PRIMARY_ONLY
         if process is not None and process.position is not None:
             own = process.position if own is None else max(own, process.position)
         if not self._follows_context:
@@ -544,6 +562,42 @@ class Router:
                 ctx.cap(checked, self._scope)
         return checked
 
+    def note_unknown_commit(self) -> None:
+        """A commit here may have committed at a position nobody read (it ended with
+        :class:`~sqlalchemy_scale.CommitOutcomeUnknown`, or the position query after it
+        failed). The next read first reads the primary's position (past that commit, if
+        it happened) and needs it, like a commit's; while the primary cannot tell, reads
+        go to the primary."""
+        self._unknown_commit = True
+        if self._causal is None:
+            self._causal = CausalContext()  # takes reads off the no-position fast path
+
+    def _read_unknown_commit(self) -> bool:
+        try:
+            position = read_primary_position(self.replica_set.primary.engine)
+        except Exception as exc:  # no replica can be shown to have it: the primary reads
+            log.debug("%s: cannot read the primary's position: %s", self.replica_set.name, exc)
+            return False
+        self._unknown_commit = False
+        self.replica_set.note_primary_position(position)
+        self.record_commit(position)
+        return True
+
+    def _read_process_position(self) -> bool:
+        # A commit of this process whose position was lost: the primary's position now is
+        # past it. (Another thread may do the same at once; both positions are correct.)
+        process = self.replica_set.process_position
+        assert process is not None
+        try:
+            position = read_primary_position(self.replica_set.primary.engine)
+        except Exception as exc:  # no replica can be shown to have it: the primary reads
+            log.debug("%s: cannot read the primary's position: %s", self.replica_set.name, exc)
+            return False
+        process.unknown = False
+        process.observe(position)
+        self.replica_set.note_primary_position(position)
+        return True
+
     def record_commit(self, position: int) -> None:
         """A transaction that wrote committed at ``position``: later reads must see it."""
         if self._causal is None:
@@ -561,6 +615,12 @@ class Router:
         self.replica = None
         self.statements = 0
         self.last_node = None
+
+
+def bound_statement_writes(clause: ClauseElement | None, flushing: bool = False) -> bool:
+    """Whether a statement sent through an explicit bind to a primary writes (or may: no
+    statement), by the kinds that make a transaction "written" (:func:`decide_role`)."""
+    return flushing or clause is None or decide_role(clause)[1] in _WRITING_REASONS
 
 
 def drop_kept_connection(session: Session, node: Node, exc: BaseException) -> None:

@@ -159,6 +159,13 @@ class RoutingSession(Session):
             self._primary_connection(router) is connection for router in self._routers
         )
 
+    def note_unknown_commit(self, connection: Connection) -> None:
+        """The COMMIT on ``connection`` (a primary's) was lost with its outcome unknown: the
+        session's next read there must see whatever the primary has by then."""
+        router = self._router_for(connection.engine)
+        if router is not None:
+            router.note_unknown_commit()
+
     def use_primary(self) -> use_primary:
         """Pin this session's statements to the primary: ``with session.use_primary(): ...``
         (also usable as a decorator)."""
@@ -183,12 +190,17 @@ class RoutingSession(Session):
 
         A read routed to a replica stays on the replica that served the transaction's
         first read. With no usable replica, reads go to the primary (logged once).
-        An explicit ``bind`` argument is returned unchanged. Asked for outside any
-        transaction (``session.get_bind(clause=stmt)``), it says where the statement would
-        go and changes nothing: the next transaction starts unwritten.
+        An explicit ``bind`` argument is returned unchanged; when it is a primary routed
+        over and the statement writes, the transaction has written there, as for any write.
+        Asked for outside any transaction (``session.get_bind(clause=stmt)``), it says where
+        the statement would go and changes nothing: the next transaction starts unwritten.
         """
         if bind is not None:
             self._last_router = None  # not ours: a failure on it is not a replica's
+            if self._executing or self._connecting:  # a statement of this transaction
+                bound = self._router_for(bind.engine)
+                if bound is not None:
+                    bound.record_bound_write(clause, is_flushing(self))
             return bind
         if self._picks_binds:
             router = self._route_for(mapper, clause)
@@ -473,6 +485,8 @@ class _SessionRouter(Router):
         if position is not None:
             replica_set.note_primary_position(position)
             self.record_commit(position)
+        elif replica_set.read_your_writes != "off":
+            self.note_unknown_commit()  # committed, at a position that could not be read
 
     def end_transaction(self) -> None:
         conn = self.replica_connection

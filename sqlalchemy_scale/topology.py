@@ -489,11 +489,20 @@ class ReplicaSet:
                 return None
             pause(min(0.001, max(0.0, deadline - time.monotonic())))
 
-    def position_after_commit(self, connection: Connection | None) -> int | None:
+    def position_after_commit(
+        self, connection: Connection | None, *, by_driver: bool = True
+    ) -> int | None:
         """The primary's WAL position after a routing session's write transaction committed
-        on ``connection``, by this set's ``read_your_writes`` mode (None: not recorded)."""
+        on ``connection``, by this set's ``read_your_writes`` mode (None: not recorded).
+
+        ``by_driver=False`` for a commit sent as a statement (``COMMIT PREPARED`` on an
+        autocommit connection): nothing was read with it, and a position left on the
+        connection by an earlier commit is not its own, so it is read afresh.
+        """
         if self.read_your_writes == "off":
             return None
+        if not by_driver:
+            return commit_position(connection)
         # Read with the COMMIT itself (psycopg 3), else by the process-wide tracker (which
         # keeps it for us, once), else one more round trip. Both are taken, so neither is
         # left behind for a later commit.

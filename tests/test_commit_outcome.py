@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import Boolean, func, select
+from sqlalchemy import Boolean, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -300,3 +300,76 @@ def test_a_replica_reached_through_connection_stays_one_connection(
         session.commit()
     assert first == second
     assert first[1] is True
+
+
+def test_a_read_after_an_unknown_commit_outcome_sees_the_commit(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """After CommitOutcomeUnknown (connection lost while COMMIT waited for a synchronous
+    standby, the commit record written), the session's read-back to reconcile runs on the
+    primary and finds the row, not on its replica that has not replayed it (paused)."""
+    cluster = scale_cluster_factory(replicas=1, shards=0, pgbouncer=False)
+    primary, replica = cluster.primary, cluster.replicas[0]
+    _install(primary)
+    replica.wait_for_replay()
+    replica.pause_replay()
+    # No standby is called "nobody": every COMMIT waits after writing its commit record.
+    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    primary.execute("SELECT pg_reload_conf()")
+    assert wait_until(
+        lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
+    )
+    with ss.ReplicaSet(
+        primary=primary.url(driver), replicas=[replica.url(driver)], max_lag_seconds=None
+    ) as replica_set:
+        row_id = next(_ids)
+        killer = _terminate_when(primary, "SyncRep")
+        with ss.routing_sessionmaker(replica_set)() as session:
+            session.add(Item(id=row_id, slow=False, fail=False))
+            with pytest.raises(ss.CommitOutcomeUnknown):
+                session.commit()
+            killer.join(15)
+            session.rollback()
+            port, found = session.execute(
+                select(func.inet_server_port(), func.count(Item.id)).where(Item.id == row_id)
+            ).one()
+    assert (port, found) == (primary.port, 1)
+
+
+def test_a_shard_read_after_an_unknown_commit_outcome_sees_the_commit(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """The same for a ShardedSession: after CommitOutcomeUnknown on its one written shard,
+    its read-back of that shard runs on the shard's primary and finds the row, not on the
+    shard's paused replica."""
+    cluster = scale_cluster_factory(replicas=1, shards=0, pgbouncer=False)
+    primary, replica = cluster.primary, cluster.replicas[0]
+    _install(primary)
+    replica.wait_for_replay()
+    replica.pause_replay()
+    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    primary.execute("SELECT pg_reload_conf()")
+    assert wait_until(
+        lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
+    )
+    shard = ss.ReplicaSet(
+        primary=primary.url(driver), replicas=[replica.url(driver)], max_lag_seconds=None
+    )
+    with ss.ShardSet({"a": shard}, strategy=ss.RangeSharding([0, 1_000_000])) as shard_set:
+        row_id = next(_ids)
+        killer = _terminate_when(primary, "SyncRep")
+        with ss.sharded_sessionmaker(shard_set)() as session:
+            session.execute(
+                text("INSERT INTO commit_outcome_items VALUES (:id, false, false)"),
+                {"id": row_id},
+                bind_arguments={"shard_id": "a"},
+            )
+            with pytest.raises(ss.CommitOutcomeUnknown):
+                session.commit()
+            killer.join(15)
+            session.rollback()
+            port, found = session.execute(
+                select(func.inet_server_port(), func.count(Item.id)).where(Item.id == row_id),
+                bind_arguments={"shard_id": "a"},
+            ).one()
+    assert (port, found) == (primary.port, 1)

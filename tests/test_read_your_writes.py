@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
@@ -218,3 +218,116 @@ def test_position_queries_per_mode(
     commit_at = next(i for i, line in enumerate(logged) if line.startswith("COMMIT"))
     assert positions[commit_at] or positions[commit_at + 1] or not position_queries
     assert token is None
+
+
+def test_a_write_through_an_explicit_primary_bind_is_read_back(
+    cluster: LocalCluster, driver: str, replay_paused: None
+) -> None:
+    """A routing session's INSERT sent with ``bind_arguments={"bind": primary engine}``
+    counts as the transaction's write: the next read in that transaction and the first
+    read after its commit both run on the primary and find the row (replicas paused)."""
+    with (
+        make_set(cluster, driver, "session") as replica_set,
+        ss.routing_sessionmaker(replica_set)() as session,
+    ):
+        row_id = next(_ids)
+        session.execute(
+            text("INSERT INTO ryw_items VALUES (:id)"),
+            {"id": row_id},
+            bind_arguments={"bind": replica_set.primary.engine},
+        )
+        inside = tuple(session.execute(READ, {"id": row_id}).one())
+        session.commit()
+        after = tuple(session.execute(READ, {"id": row_id}).one())
+    assert (inside, after) == ((cluster.primary.port, 1), (cluster.primary.port, 1))
+
+
+def test_process_mode_reads_a_write_made_in_autocommit(
+    cluster: LocalCluster, driver: str, replay_paused: None
+) -> None:
+    """In "process" mode an INSERT on a primary-engine connection in AUTOCOMMIT (committed
+    as it ran, with no commit() after it) is seen by the next routing-session read, sync
+    and asyncpg, from the primary while the replicas are paused."""
+    with make_set(cluster, driver, "process") as replica_set:
+        row_id = next(_ids)
+        autocommit = replica_set.primary.engine.execution_options(isolation_level="AUTOCOMMIT")
+        with autocommit.connect() as conn:
+            conn.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+        sync_read = routed_read(replica_set, row_id)
+
+    async def main() -> tuple[int, int]:
+        async with make_set(cluster, "asyncpg", "process") as replica_set:
+            row_id = next(_ids)
+            engine = AsyncEngine(replica_set.primary.engine)
+            async with engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+                await conn.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+            async with ss.async_routing_sessionmaker(replica_set)() as routed:
+                port, count = (await routed.execute(READ, {"id": row_id})).one()
+            return int(port), int(count)
+
+    assert (sync_read, asyncio.run(main())) == ((cluster.primary.port, 1),) * 2
+
+
+@pytest.fixture
+def limited_role(cluster: LocalCluster) -> Iterator[Callable[[str], str]]:
+    """limited(url): the URL as a role that may insert into ryw_items, while nobody may run
+    pg_current_wal_insert_lsn() (the grant is restored after the test)."""
+    cluster.primary.execute(
+        "DROP ROLE IF EXISTS ryw_limited; CREATE ROLE ryw_limited LOGIN PASSWORD 'limited';"
+        "GRANT SELECT, INSERT ON ryw_items TO ryw_limited;"
+        "REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC"
+    )
+    for replica in cluster.replicas:
+        replica.wait_for_replay()
+
+    def limited(url: str) -> str:
+        limited_url = make_url(url).set(username="ryw_limited", password="limited")
+        return limited_url.render_as_string(hide_password=False)
+
+    try:
+        yield limited
+    finally:
+        cluster.primary.execute(
+            "GRANT EXECUTE ON FUNCTION pg_current_wal_insert_lsn() TO PUBLIC;"
+            "DROP OWNED BY ryw_limited; DROP ROLE ryw_limited"
+        )
+
+
+def test_a_commit_whose_position_cannot_be_read_is_reported_and_read_back(
+    cluster: LocalCluster, driver: str, limited_role: Callable[[str], str], replay_paused: None
+) -> None:
+    """When the primary refuses the WAL position query after a routing session's COMMIT
+    (its role may not run pg_current_wal_insert_lsn()), commit() still returns (the row is
+    committed), and the session's next read runs on the primary and finds the row instead
+    of going to a paused replica."""
+    with (
+        ss.ReplicaSet(
+            primary=limited_role(cluster.primary.url(driver)),
+            replicas=[limited_role(r.url(driver)) for r in cluster.replicas],
+            max_wait=0.02,
+            monitor_interval=0.05,
+        ) as replica_set,
+        ss.routing_sessionmaker(replica_set)() as session,
+    ):
+        row_id = next(_ids)
+        session.execute(text("INSERT INTO ryw_items VALUES (:id)"), {"id": row_id})
+        session.commit()
+        port, count = session.execute(READ, {"id": row_id}).one()
+    assert (port, count) == (cluster.primary.port, 1)
+
+
+def test_process_mode_sees_a_commit_whose_position_cannot_be_read(
+    cluster: LocalCluster, driver: str, limited_role: Callable[[str], str], replay_paused: None
+) -> None:
+    """In "process" mode, a plain Session's commit after which the primary refuses the WAL
+    position query still holds back the next routed read: it runs on the primary and finds
+    the row instead of going to a paused replica."""
+    with ss.ReplicaSet(
+        primary=limited_role(cluster.primary.url(driver)),
+        replicas=[limited_role(r.url(driver)) for r in cluster.replicas],
+        read_your_writes="process",
+        max_wait=0.02,
+        monitor_interval=0.05,
+    ) as replica_set:
+        port, count = routed_read(replica_set, plain_insert(replica_set))
+    assert (port, count) == (cluster.primary.port, 1)

@@ -714,3 +714,103 @@ def test_get_bind_of_a_write_outside_a_transaction_leaves_the_next_transaction_a
         row_id = _add(session, KEY_C)
         session.commit()
     assert nodes.rows(nodes.c, row_id) == 1
+
+
+def test_a_process_mode_shard_commit_token_is_its_own_commits_position(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet], paused: Callable[[PgNode], None]
+) -> None:
+    """In "process" mode, the second of two commits on shard b over one pooled connection
+    gives a token at its own commit, not at the position the first commit left with the
+    process tracker: a session of another ShardSet given the token (b's replicas paused
+    after replaying the first commit) reads the second row from b's primary."""
+    shard_set = make_shards(
+        max_lag_seconds=None, read_your_writes="process", pool_size=1, max_overflow=0
+    )
+    Session = ss.sharded_sessionmaker(shard_set)
+    with Session() as session:
+        _add(session, KEY_B)
+        session.commit()
+    for replica in nodes.b_replicas:
+        replica.wait_for_replay()
+        paused(replica)
+    with Session() as session:
+        row_id = _add(session, KEY_B)
+        session.commit()
+        token = session.causal_token
+    with ss.sharded_sessionmaker(make_shards(max_lag_seconds=None), causal_token=token)() as other:
+        assert _read(other, KEY_B, row_id) == (nodes.b.port, False, 1)
+
+
+def test_a_two_phase_commit_token_is_not_an_earlier_commits_position(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet], paused: Callable[[PgNode], None]
+) -> None:
+    """A two-phase commit's token for shard b is read after its COMMIT PREPARED, not taken
+    from the pooled connection that sends it, where an earlier read-only transaction's
+    COMMIT left a position (psycopg 3): a session given the token (every replica paused
+    after replaying that earlier commit) reads b's row from b's primary."""
+    shard_set = make_shards("two_phase", max_lag_seconds=None, pool_size=2, max_overflow=0)
+    Session = ss.sharded_sessionmaker(shard_set)
+    with Session() as session, session.use_primary():
+        assert _read(session, KEY_B, 0)[:2] == (nodes.b.port, False)
+        session.commit()  # read-only: the position read with its COMMIT stays untaken
+    nodes.b.execute("SELECT pg_current_xact_id()")  # a later commit: replicas replay past it
+    for replica in nodes.replicas:
+        replica.wait_for_replay()
+        paused(replica)
+    # Hold that connection while the session opens another to b, then give it back: the
+    # COMMIT PREPARED on b goes out on it.
+    held = shard_set.replica_set("b").primary.engine.connect()
+    held.exec_driver_sql("SELECT 1")
+    with Session() as session:
+        _add(session, KEY_A)
+        on_b = _add(session, KEY_B)
+        session.flush()
+        held.close()
+        session.commit()
+        token = session.causal_token
+    with ss.sharded_sessionmaker(make_shards(max_lag_seconds=None), causal_token=token)() as other:
+        assert _read(other, KEY_B, on_b) == (nodes.b.port, False, 1)
+
+
+def test_a_write_through_an_explicit_shard_primary_bind_is_a_shard_write(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet], paused: Callable[[PgNode], None]
+) -> None:
+    """A ShardedSession's INSERT sent with ``bind_arguments={"bind": shard b's primary
+    engine}`` counts as a write to b: the next read of b in that transaction and the first
+    after its commit run on b's primary and find the row (b's replicas paused), and the
+    session's token covers b."""
+    shard_set = make_shards(max_lag_seconds=None)
+    for replica in nodes.b_replicas:
+        paused(replica)
+    with ss.sharded_sessionmaker(shard_set)() as session:
+        row_id = next(_ids)
+        session.execute(
+            insert(Note).values(id=row_id, k=KEY_B, slow=False, fail=False),
+            bind_arguments={"bind": shard_set.replica_set("b").primary.engine},
+        )
+        inside = _read(session, KEY_B, row_id)
+        session.commit()
+        token = session.causal_token
+        after = _read(session, KEY_B, row_id)
+    assert (inside, after) == ((nodes.b.port, False, 1),) * 2
+    assert token is not None and "b" in parse_token(token)
+
+
+def test_a_second_shard_written_through_an_explicit_bind_is_refused(
+    nodes: Nodes, make_shards: Callable[..., ss.ShardSet]
+) -> None:
+    """With cross_shard_writes="refuse", an INSERT sent to shard b's primary through
+    ``bind_arguments={"bind": ...}`` after a write to shard a raises CrossShardWriteError
+    before it is sent, and neither row is committed."""
+    shard_set = make_shards("refuse")
+    with ss.sharded_sessionmaker(shard_set)() as session:
+        on_a = _add(session, KEY_A)
+        session.flush()
+        on_b = next(_ids)
+        with pytest.raises(ss.CrossShardWriteError):
+            session.execute(
+                insert(Note).values(id=on_b, k=KEY_B, slow=False, fail=False),
+                bind_arguments={"bind": shard_set.replica_set("b").primary.engine},
+            )
+        session.rollback()
+    assert (nodes.rows(nodes.a, on_a), nodes.rows(nodes.b, on_b)) == (0, 0)

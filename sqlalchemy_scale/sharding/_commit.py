@@ -157,7 +157,11 @@ def _before_commit(any_session: Session) -> None:
     shard_set = session.shard_set
     if len(shard_ids) == 1:
         shard_id, conn = connections[0]
-        commit_one(shard_set, shard_id, conn)
+        try:
+            commit_one(shard_set, shard_id, conn)
+        except CommitOutcomeUnknown:
+            session.router(shard_id).note_unknown_commit()  # a read-back must see it
+            raise
         _record_position(session, shard_id, conn)
         return
     mode = shard_set.cross_shard_writes
@@ -229,13 +233,18 @@ def commit_one(shard_set: ShardSet, shard_id: ShardId, conn: Connection) -> None
     log.debug("shard %s committed", shard_id)
 
 
-def _record_position(session: ShardedSession, shard_id: ShardId, conn: Connection) -> None:
-    """After ``shard_id`` committed on ``conn``: later reads of it must see the commit."""
+def _record_position(
+    session: ShardedSession, shard_id: ShardId, conn: Connection, *, by_driver: bool = True
+) -> None:
+    """After ``shard_id`` committed on ``conn`` (by its driver, or by a ``COMMIT PREPARED``
+    statement): later reads of it must see the commit."""
     replica_set = session.shard_set.replica_set(shard_id)
-    position = replica_set.position_after_commit(conn)
+    position = replica_set.position_after_commit(conn, by_driver=by_driver)
     if position is not None:
         replica_set.note_primary_position(position)
         session.router(shard_id).record_commit(position)
+    elif replica_set.read_your_writes != "off":
+        session.router(shard_id).note_unknown_commit()  # its position could not be read
 
 
 def _commit_two_phase(
@@ -282,7 +291,10 @@ def _commit_two_phase(
     two_phase.step("decided")
     try:
         two_phase.commit_parts(
-            parts, on_commit=lambda part, conn: _record_position(session, part.shard_id, conn)
+            parts,
+            on_commit=lambda part, conn: _record_position(
+                session, part.shard_id, conn, by_driver=False
+            ),
         )
     except CommitOutcomeUnknown as exc:
         log.error("two-phase commit: %s", exc)

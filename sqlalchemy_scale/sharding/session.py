@@ -81,7 +81,7 @@ from ..errors import (
     NodeUnavailableError,
     render_url,
 )
-from ..router import Router, drop_kept_connection, use_primary
+from ..router import Router, bound_statement_writes, drop_kept_connection, use_primary
 from ..routing import CALL_OPTIONS
 from ..topology import Role
 from . import _commit, _global_tables
@@ -447,6 +447,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
         ShardSet's ``cross_shard_writes`` is ``"refuse"``.
         """
         if bind is not None:
+            if not self.has_user_choosers and (self._executing or self.in_transaction()):
+                self._note_bound_write(bind.engine, clause)
             return bind
         if self.has_user_choosers:  # horizontal_shard's own rule
             return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause)
@@ -483,6 +485,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("[%s] %s", shard_id, render_url(engine.engine))
         return engine
+
+    def _note_bound_write(self, engine: Engine, clause: ClauseElement | None) -> None:
+        """A statement sent through an explicit bind: if the bind is a shard's primary and the
+        statement writes, it is a write to that shard (the cross-shard rule first, nothing
+        sent if it refuses; then the rest of the transaction reads that shard's primary)."""
+        for shard_id in self.shard_set.shard_ids:
+            if self.shard_set.replica_set(shard_id).primary.engine is engine:
+                if bound_statement_writes(clause, is_flushing(self)):
+                    router = self.router(shard_id)
+                    if not router.has_written:
+                        self.shard_writes.note(shard_id, engine)
+                    router.has_written = True
+                return
 
     def connection(self, bind_arguments: Any = None, execution_options: Any = None) -> Connection:
         """The transaction's connection to one shard (``bind_arguments={"shard_id": ...}``).
