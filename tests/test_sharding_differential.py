@@ -651,6 +651,15 @@ REFUSED: dict[str, Query] = {
         select(Order.id, func.array_agg(Order.ratio).label("a")).group_by(Order.id).order_by("a")
     ),
     "non-colocated join": rows(select(Order.id, o2.id).join(o2, o2.id == Order.id)),
+    "update from a non-colocated table": write(
+        update(Order).where(Order.id == Customer.id).values(note="c")
+    ),
+    "update global from sharded": write(
+        update(Country).where(Country.code == Customer.country_code).values(name="n")
+    ),
+    "delete global using sharded": write(
+        delete(Country).where(Country.code == Customer.country_code, Customer.score > 1)
+    ),
     "write global from sharded": write(
         update(Country).where(Country.code.in_(select(Customer.country_code))).values(name="n")
     ),
@@ -687,9 +696,11 @@ COVERAGE: dict[str, list[str]] = {
         "global in sharded",
         "global exists sharded",
         "write global from sharded",
+        "update global from sharded",
+        "delete global using sharded",
     ],
     "global_outer_join": ["global left join sharded"],
-    "non_colocated_join": ["non-colocated join"],
+    "non_colocated_join": ["non-colocated join", "update from a non-colocated table"],
     "pinned_table_join": ["sharded rows with a one-shard table"],
     "derived_table": ["derived table that groups"],
     "distinct_rows": [

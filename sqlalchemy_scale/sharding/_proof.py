@@ -659,6 +659,15 @@ def prove(
                 found.shards = (found.shards or frozenset()) | sub.shards
     else:
         found = prover.scope(top, [])
+        if isinstance(statement, UpdateBase) and found.shards is not None and not found.local:
+            target = deannotated(statement.table)
+            if isinstance(target, Table) and prover.rule(target)[0] == "all":
+                # UPDATE global ... FROM sharded / DELETE ... USING: each shard would change
+                # its copy by its own part of the sharded rows, and the copies would differ.
+                refuse(
+                    "global_reads_sharded",
+                    f"a write of the global table {target.name} joined with sharded rows",
+                )
     return Proof(
         **_final(found, shard_set, writing, rules, exists=exists), functions=prover.functions
     )

@@ -163,7 +163,7 @@ _TABLE: Final = [
     Shape(
         "global_reads_sharded",
         "refused",
-        "a read or write of a global table that depends on sharded rows (`IN`/`EXISTS`/`NOT IN` subquery, a derived table)",
+        "a read or write of a global table that depends on sharded rows (`IN`/`EXISTS`/`NOT IN` subquery, a derived table, `UPDATE ... FROM`/`DELETE ... USING` a sharded table)",
         "the home shard holds only its own part of the sharded rows",
     ),
     Shape(
