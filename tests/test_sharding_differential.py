@@ -380,6 +380,9 @@ grouped = select(Order.customer_id, func.count().label("n")).group_by(Order.cust
 avg_amount = select(func.avg(Order.amount)).scalar_subquery()
 correlated_avg = select(func.avg(o2.ratio)).where(o2.customer_id == Order.customer_id)
 has_big_order = select(Order.id).where(Order.customer_id == Customer.id, Order.amount > 50)
+# data-modifying WITHs: customer 7's orders may live on another shard than customer 3's
+cte_7 = delete(Order).where(Order.customer_id == 7).returning(Order.id).cte("d")
+countries_cte = update(Country).values(name="w").returning(Country.code).cte("u")
 month = func.date_trunc("month", func.make_date(2024, Order.customer_id % 12 + 1, 1))
 
 SAME: dict[str, Query] = {
@@ -651,6 +654,13 @@ REFUSED: dict[str, Query] = {
         select(Order.id, func.array_agg(Order.ratio).label("a")).group_by(Order.id).order_by("a")
     ),
     "non-colocated join": rows(select(Order.id, o2.id).join(o2, o2.id == Order.id)),
+    "delete in a WITH of a pruned select": lambda s: (
+        _bag(_rows_of(s.execute(select(Order.id).where(Order.customer_id == 3).add_cte(cte_7)))),
+        _state(s),
+    ),
+    "update of a global table in a WITH": write(
+        update(Order).where(Order.customer_id == 3).values(note="x").add_cte(countries_cte)
+    ),
     "update from a non-colocated table": write(
         update(Order).where(Order.id == Customer.id).values(note="c")
     ),
@@ -730,7 +740,11 @@ COVERAGE: dict[str, list[str]] = {
     "enum_order": ["order by enum"],
     "collation": ["order ICU column", "order lower(ICU column)", "min ICU column"],
     "not_a_select": ["text statement", "insert with a global max"],
-    "unknown": ["order by an array"],
+    "unknown": [
+        "order by an array",
+        "delete in a WITH of a pruned select",
+        "update of a global table in a WITH",
+    ],
 }
 
 

@@ -42,6 +42,7 @@ from sqlalchemy.sql.elements import (
 )
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import (
+    CTE,
     Alias,
     AliasedReturnsRows,
     CompoundSelect,
@@ -628,6 +629,7 @@ def prove(
         and any(r[0] == "key" for r in rules)
     ):
         refuse("not_a_select", f"INSERT ... SELECT into {statement.table}")
+    _refuse_writing_ctes(statement)
     top = scopes_of(statement)
     if rows_on is not None:
         _confine_insert(prover, top, rows_on)
@@ -671,6 +673,21 @@ def prove(
     return Proof(
         **_final(found, shard_set, writing, rules, exists=exists), functions=prover.functions
     )
+
+
+def _refuse_writing_ctes(statement: Any) -> None:
+    """A data-modifying WITH (``INSERT``/``UPDATE``/``DELETE ... RETURNING`` as a CTE) writes
+    rows the proof does not place: it would run on the shards the rest of the statement
+    needs, wherever its own rows live."""
+    for node in iterate(statement):
+        if isinstance(node, CTE) and isinstance(node.element, UpdateBase):
+            kind = type(node.element).__name__.upper()
+            refuse(
+                "unknown",
+                f"the data-modifying WITH {node.name} ({kind} in a CTE) across shards: it "
+                "would write on the shards the rest of the statement reads, not where its rows "
+                "live",
+            )
 
 
 def key_shard(statement: Any, shard_set: ShardSet, shard_key: Any) -> ShardId | None:
