@@ -661,6 +661,9 @@ REFUSED: dict[str, Query] = {
     "update of a global table in a WITH": write(
         update(Order).where(Order.customer_id == 3).values(note="x").add_cte(countries_cte)
     ),
+    "global write with clock_timestamp()": write(
+        update(Country).where(Country.code < "F").values(name=func.clock_timestamp().cast(String))
+    ),
     "update from a non-colocated table": write(
         update(Order).where(Order.id == Customer.id).values(note="c")
     ),
@@ -744,6 +747,7 @@ COVERAGE: dict[str, list[str]] = {
         "order by an array",
         "delete in a WITH of a pruned select",
         "update of a global table in a WITH",
+        "global write with clock_timestamp()",
     ],
 }
 

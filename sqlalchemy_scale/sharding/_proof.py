@@ -670,9 +670,36 @@ def prove(
                     "global_reads_sharded",
                     f"a write of the global table {target.name} joined with sharded rows",
                 )
-    return Proof(
-        **_final(found, shard_set, writing, rules, exists=exists), functions=prover.functions
-    )
+    final = _final(found, shard_set, writing, rules, exists=exists)
+    if final.get("global_write"):
+        _refuse_differing_copies(statement)
+    return Proof(**final, functions=prover.functions)
+
+
+#: Functions whose result is the same on every shard's copy of a global table (the same
+#: arguments give the same value): a bulk write of a global table may call only these.
+_SAME_ON_EVERY_COPY = (KNOWN_SCALARS | _AGGREGATE_NAMES) - {
+    "now",
+    "inet_server_port",
+    "pg_is_in_recovery",
+}
+
+
+def _refuse_differing_copies(statement: Any) -> None:
+    """A write of a global table runs once per shard: a function whose value differs between
+    the runs (``random()``, ``now()``, ``clock_timestamp()``, ``nextval()``, an unknown one)
+    would leave the copies different."""
+    for node in iterate(statement):
+        if isinstance(node, FunctionElement):
+            name = str(getattr(node, "name", "")).lower()
+            if name not in _SAME_ON_EVERY_COPY:
+                refuse(
+                    "unknown",
+                    f"{name or type(node).__name__}() in a write of the global table "
+                    f"{statement.table.name}: the write runs once per shard, and the function "
+                    "may give each copy a different value",
+                    remedy="compute the value in Python and pass it as a parameter",
+                )
 
 
 def _refuse_writing_ctes(statement: Any) -> None:
