@@ -664,6 +664,9 @@ REFUSED: dict[str, Query] = {
     "global write with clock_timestamp()": write(
         update(Country).where(Country.code < "F").values(name=func.clock_timestamp().cast(String))
     ),
+    "group by a label named like a column": rows(  # PostgreSQL groups by orders.note
+        select(func.lower(Order.note).label("note"), func.count()).group_by("note")
+    ),
     "update from a non-colocated table": write(
         update(Order).where(Order.id == Customer.id).values(note="c")
     ),
@@ -748,6 +751,7 @@ COVERAGE: dict[str, list[str]] = {
         "delete in a WITH of a pruned select",
         "update of a global table in a WITH",
         "global write with clock_timestamp()",
+        "group by a label named like a column",
     ],
 }
 
