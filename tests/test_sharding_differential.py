@@ -785,6 +785,18 @@ def test_shape_is_refused_before_anything_runs(world: World, name: str) -> None:
     assert "nothing was run" in str(got)
 
 
+def test_distinct_ordered_by_an_unselected_column_is_refused_as_postgresql_refuses_it(
+    world: World,
+) -> None:
+    """SELECT DISTINCT ordered by a column it does not select raises on one database, and is
+    refused across shards instead of answered with the column added to each shard's DISTINCT."""
+    stmt = select(Order.note).distinct().order_by(Order.ratio).limit(5)
+    with world.one() as one, pytest.raises(sa_exc.ProgrammingError, match="DISTINCT"):
+        one.execute(stmt)
+    with world.sharded() as sharded, pytest.raises(ss.CrossShardQueryError, match="nothing was"):
+        sharded.execute(stmt)
+
+
 def test_one_shard_table_read_with_a_subquery_pruned_to_its_shard(world: World) -> None:
     """A table placed on s2, filtered by a subquery whose WHERE fixes a key owned by s2, runs
     there and answers as one database; a key owned elsewhere is refused."""

@@ -697,7 +697,12 @@ def _order_term(
                 break
     hidden: int | None = None
     if output is None:
-        if plan is None or plan.has_entities or not isinstance(target, ColumnElement):
+        if (
+            plan is None
+            or plan.has_entities
+            or plan.distinct  # PostgreSQL refuses it; as a hidden column it would be DISTINCT'd
+            or not isinstance(target, ColumnElement)
+        ):
             refuse(
                 "order_unselected",
                 f"ORDER BY {clause} across shards: the expression is not one of the selected "

@@ -238,7 +238,7 @@ _TABLE: Final = [
     Shape(
         "order_unselected",
         "refused",
-        "`ORDER BY` an expression that is not selected, in a statement with ORM entities or in an aggregate query",
+        "`ORDER BY` an expression that is not selected, in a statement with ORM entities, with `SELECT DISTINCT` or in an aggregate query",
         "select it (with a label)",
     ),
     Shape("compound", "refused", "`UNION`, `INTERSECT`, `EXCEPT` across shards", "not merged"),
