@@ -797,6 +797,27 @@ def test_distinct_ordered_by_an_unselected_column_is_refused_as_postgresql_refus
         sharded.execute(stmt)
 
 
+def test_global_write_picking_rows_by_limit_is_refused(world: World) -> None:
+    """A bulk DELETE of a global table whose subquery picks rows with LIMIT is refused before
+    anything runs: each shard's copy, stored in its own physical order, would pick others."""
+    with world.shard_engines["s0"].begin() as conn:  # same rows, another physical order
+        conn.execute(text(f"UPDATE {SCHEMA}.countries SET name = name WHERE code < 'F'"))
+    stmt = delete(Country).where(Country.code.in_(select(Country.code).limit(2)))
+    with world.sharded() as sharded:
+        before = _state(sharded)
+        with pytest.raises(ss.CrossShardQueryError, match="LIMIT"):
+            sharded.execute(stmt)
+        assert _state(sharded) == before
+        copies = {
+            shard_id: sorted(
+                sharded.scalars(select(Country.code).execution_options(shard_id=shard_id))
+            )
+            for shard_id in world.shard_engines
+        }
+        sharded.rollback()
+    assert len({tuple(codes) for codes in copies.values()}) == 1, copies
+
+
 def test_one_shard_table_read_with_a_subquery_pruned_to_its_shard(world: World) -> None:
     """A table placed on s2, filtered by a subquery whose WHERE fixes a key owned by s2, runs
     there and answers as one database; a key owned elsewhere is refused."""

@@ -688,8 +688,24 @@ _SAME_ON_EVERY_COPY = (KNOWN_SCALARS | _AGGREGATE_NAMES) - {
 def _refuse_differing_copies(statement: Any) -> None:
     """A write of a global table runs once per shard: a function whose value differs between
     the runs (``random()``, ``now()``, ``clock_timestamp()``, ``nextval()``, an unknown one)
-    would leave the copies different."""
+    would leave the copies different; so would a subquery that picks rows by LIMIT, OFFSET,
+    FETCH or DISTINCT ON (each copy stores its rows in its own physical order)."""
     for node in iterate(statement):
+        if isinstance(node, Select):
+            parts = select_parts(node)
+            if (
+                parts.limit is not None
+                or parts.offset is not None
+                or parts.fetch is not None
+                or parts.distinct_on
+            ):
+                refuse(
+                    "unknown",
+                    f"a subquery with LIMIT, OFFSET, FETCH or DISTINCT ON in a write of the "
+                    f"global table {statement.table.name}: the write runs once per shard, and "
+                    "each copy may pick other rows",
+                    remedy="select the rows first and write them by key",
+                )
         if isinstance(node, FunctionElement):
             name = str(getattr(node, "name", "")).lower()
             if name not in _SAME_ON_EVERY_COPY:
