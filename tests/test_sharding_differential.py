@@ -818,6 +818,27 @@ def test_global_write_picking_rows_by_limit_is_refused(world: World) -> None:
     assert len({tuple(codes) for codes in copies.values()}) == 1, copies
 
 
+def test_fanout_with_a_global_subquery_picking_rows_by_limit_is_refused(world: World) -> None:
+    """A read of every shard filtered by a subquery over a global table with LIMIT (not ordered
+    by its primary key) is refused: each shard's copy, in its own physical order, would pick
+    other rows; ordered by the primary key it answers as one database."""
+    with world.shard_engines["s0"].begin() as conn:  # same rows, another physical order
+        conn.execute(text(f"UPDATE {SCHEMA}.countries SET name = name WHERE code < 'F'"))
+    picked = select(Country.code).where(Country.code > "D")
+    unordered = select(Customer.id).where(Customer.country_code.in_(picked.limit(2)))
+    with world.sharded() as sharded, pytest.raises(ss.CrossShardQueryError, match="LIMIT"):
+        sharded.execute(unordered)
+    got, want = _outcome(
+        world,
+        rows(
+            select(Customer.id).where(
+                Customer.country_code.in_(picked.order_by(Country.code.desc()).limit(2))
+            )
+        ),
+    )
+    assert got == want
+
+
 def test_one_shard_table_read_with_a_subquery_pruned_to_its_shard(world: World) -> None:
     """A table placed on s2, filtered by a subquery whose WHERE fixes a key owned by s2, runs
     there and answers as one database; a key owned elsewhere is refused."""

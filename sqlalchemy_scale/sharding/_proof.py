@@ -673,7 +673,55 @@ def prove(
     final = _final(found, shard_set, writing, rules, exists=exists)
     if final.get("global_write"):
         _refuse_differing_copies(statement)
+    elif len(final["shards"]) > 1:
+        _refuse_copies_picking_rows(top, prover)
     return Proof(**final, functions=prover.functions)
+
+
+def _refuse_copies_picking_rows(top: Scope, prover: _Prover) -> None:
+    """A subquery over global tables only, run on several shards, must give every shard the
+    same rows: not when it picks them by LIMIT/OFFSET/FETCH/DISTINCT ON in physical order."""
+    pending = list(top.children)
+    while pending:
+        scope = pending.pop()
+        pending.extend(scope.children)
+        tables = statement_tables(scope.statement)
+        if (
+            isinstance(scope.statement, Select)
+            and tables
+            and all(prover.rule(t)[0] == "all" for t in tables)
+            and _picks_by_physical_order(scope.statement)
+        ):
+            refuse(
+                "unknown",
+                "a subquery over global tables with LIMIT, OFFSET, FETCH or DISTINCT ON not "
+                "ordered by the primary key, run on several shards: each shard's copy may "
+                "pick other rows",
+                remedy="order the subquery by the tables' primary keys, or pin the query",
+            )
+
+
+def _picks_by_physical_order(select: Select[Any]) -> bool:
+    """LIMIT, OFFSET, FETCH or DISTINCT ON whose rows are not fixed by an ORDER BY that
+    covers the primary key of every table it reads (which rows then depends on storage)."""
+    parts = select_parts(select)
+    if parts.distinct_on:
+        return True
+    if parts.limit is None and parts.offset is None and parts.fetch is None:
+        return False
+    ordered: set[int] = set()
+    for term in parts.order_by:
+        while isinstance(term, UnaryExpression) and term.modifier is not None:
+            term = term.element
+        if isinstance(term, ColumnClause):
+            ordered.add(id(deannotated(term)))
+    froms = [deannotated(f) for f in select.get_final_froms()]
+    return not all(
+        isinstance(f, Table)
+        and f.primary_key
+        and all(id(c) in ordered for c in f.primary_key.columns)
+        for f in froms
+    )
 
 
 #: Functions whose result is the same on every shard's copy of a global table (the same
@@ -691,21 +739,14 @@ def _refuse_differing_copies(statement: Any) -> None:
     would leave the copies different; so would a subquery that picks rows by LIMIT, OFFSET,
     FETCH or DISTINCT ON (each copy stores its rows in its own physical order)."""
     for node in iterate(statement):
-        if isinstance(node, Select):
-            parts = select_parts(node)
-            if (
-                parts.limit is not None
-                or parts.offset is not None
-                or parts.fetch is not None
-                or parts.distinct_on
-            ):
-                refuse(
-                    "unknown",
-                    f"a subquery with LIMIT, OFFSET, FETCH or DISTINCT ON in a write of the "
-                    f"global table {statement.table.name}: the write runs once per shard, and "
-                    "each copy may pick other rows",
-                    remedy="select the rows first and write them by key",
-                )
+        if isinstance(node, Select) and _picks_by_physical_order(node):
+            refuse(
+                "unknown",
+                f"a subquery with LIMIT, OFFSET, FETCH or DISTINCT ON in a write of the "
+                f"global table {statement.table.name}: the write runs once per shard, and "
+                "each copy may pick other rows",
+                remedy="select the rows first and write them by key",
+            )
         if isinstance(node, FunctionElement):
             name = str(getattr(node, "name", "")).lower()
             if name not in _SAME_ON_EVERY_COPY:
