@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -138,6 +139,16 @@ class Label(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     customer_id: Mapped[int]
     body: Mapped[str]
+
+
+class Stamp(Base):
+    """A global table whose ``token`` has a Python default computed per INSERT."""
+
+    __tablename__ = "stamps"
+    __shard__ = "all"
+
+    code: Mapped[str] = mapped_column(String(8), primary_key=True)
+    token: Mapped[str] = mapped_column(default=lambda: uuid.uuid4().hex)
 
 
 PREMIUM_TABLE: Any = Premium.__table__
@@ -837,6 +848,24 @@ def test_fanout_with_a_global_subquery_picking_rows_by_limit_is_refused(world: W
         ),
     )
     assert got == want
+
+
+def test_global_insert_leaving_a_column_to_a_computed_default_is_refused(world: World) -> None:
+    """A bulk INSERT of a global table that leaves a column to a default computed per run (a
+    Python callable here) is refused before anything runs: each shard's copy would get its
+    own value; given the value, every copy holds the same row."""
+    with world.sharded() as sharded:
+        with pytest.raises(ss.CrossShardQueryError, match="token"):
+            sharded.execute(insert(Stamp).values(code="a"))
+        sharded.execute(insert(Stamp).values(code="b", token="t"))
+        copies = {
+            shard_id: sharded.execute(
+                select(Stamp.code, Stamp.token).execution_options(shard_id=shard_id)
+            ).all()
+            for shard_id in world.shard_engines
+        }
+        sharded.rollback()
+    assert all(rows == [("b", "t")] for rows in copies.values()), copies
 
 
 def test_one_shard_table_read_with_a_subquery_pruned_to_its_shard(world: World) -> None:

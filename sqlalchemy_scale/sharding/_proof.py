@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.dml import Insert, UpdateBase
+from sqlalchemy.sql.dml import Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import (
     BinaryExpression,
     BooleanClauseList,
@@ -58,6 +58,7 @@ from sqlalchemy.sql.selectable import (
 from sqlalchemy.sql.util import find_tables
 from sqlalchemy.sql.visitors import iterate
 
+from .._sa import dml_values
 from ..errors import ConfigurationError
 from ._prune import KeyPlacer, pins
 from ._scopes import Scope, deannotated, same_type_affinity, scopes_of, select_parts
@@ -673,6 +674,7 @@ def prove(
     final = _final(found, shard_set, writing, rules, exists=exists)
     if final.get("global_write"):
         _refuse_differing_copies(statement)
+        _refuse_differing_defaults(statement, params or {})
     elif len(final["shards"]) > 1:
         _refuse_copies_picking_rows(top, prover)
     return Proof(**final, functions=prover.functions)
@@ -757,6 +759,41 @@ def _refuse_differing_copies(statement: Any) -> None:
                     "may give each copy a different value",
                     remedy="compute the value in Python and pass it as a parameter",
                 )
+
+
+def _refuse_differing_defaults(statement: Any, params: Mapping[str, Any]) -> None:
+    """An INSERT (UPDATE) of a global table runs once per shard: a column it leaves to a
+    default (``onupdate``) that is computed per run (a Python callable or SQL expression, a
+    server default that is not a plain literal, a sequence or identity) would give each
+    copy its own value."""
+    table = deannotated(statement.table)
+    if not isinstance(statement, Insert | Update) or not isinstance(table, Table):
+        return
+    values = dml_values(statement) or {}
+    given = {str(getattr(key, "key", key)) for key in values} | set(params)
+    for column in table.columns:
+        if column.key in given or column.name in given:
+            continue
+        if isinstance(statement, Insert):
+            default, server = column.default, column.server_default
+            computed = (
+                (default is not None and not getattr(default, "is_scalar", False))
+                or (server is not None and not isinstance(getattr(server, "arg", None), str))
+                or column is table.autoincrement_column
+            )
+        else:
+            default, server = column.onupdate, column.server_onupdate
+            computed = (default is not None and not getattr(default, "is_scalar", False)) or (
+                server is not None
+            )
+        if computed:
+            refuse(
+                "unknown",
+                f"{type(statement).__name__.upper()} of the global table {table.name} leaves "
+                f"{column.name} to its default: the write runs once per shard, and the default "
+                "may give each copy a different value",
+                remedy=f"give {column.name} a value",
+            )
 
 
 def _refuse_writing_ctes(statement: Any) -> None:
