@@ -853,11 +853,16 @@ def test_fanout_with_a_global_subquery_picking_rows_by_limit_is_refused(world: W
 def test_global_insert_leaving_a_column_to_a_computed_default_is_refused(world: World) -> None:
     """A bulk INSERT of a global table that leaves a column to a default computed per run (a
     Python callable here) is refused before anything runs: each shard's copy would get its
-    own value; given the value, every copy holds the same row."""
+    own value; given the value (in VALUES or by every executemany row), every copy holds the
+    same rows."""
+    table: Any = Stamp.__table__
     with world.sharded() as sharded:
         with pytest.raises(ss.CrossShardQueryError, match="token"):
             sharded.execute(insert(Stamp).values(code="a"))
+        with pytest.raises(ss.CrossShardQueryError, match="token"):
+            sharded.execute(insert(table), [{"code": "a", "token": "t"}, {"code": "z"}])
         sharded.execute(insert(Stamp).values(code="b", token="t"))
+        sharded.execute(insert(table), [{"code": "c", "token": "u"}, {"code": "d", "token": "v"}])
         copies = {
             shard_id: sharded.execute(
                 select(Stamp.code, Stamp.token).execution_options(shard_id=shard_id)
@@ -865,7 +870,8 @@ def test_global_insert_leaving_a_column_to_a_computed_default_is_refused(world: 
             for shard_id in world.shard_engines
         }
         sharded.rollback()
-    assert all(rows == [("b", "t")] for rows in copies.values()), copies
+    want = [("b", "t"), ("c", "u"), ("d", "v")]
+    assert all(sorted(rows) == want for rows in copies.values()), copies
 
 
 def test_one_shard_table_read_with_a_subquery_pruned_to_its_shard(world: World) -> None:

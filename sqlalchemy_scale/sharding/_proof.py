@@ -25,7 +25,7 @@ decided afterwards by :mod:`.planner`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -604,6 +604,7 @@ def prove(
     *,
     shard_key: Any = _UNKNOWN,
     rows_on: list[ShardId] | None = None,
+    given: Collection[str] = (),
 ) -> Proof:
     """The shards ``statement`` must run on, in ShardSet order, and how its answer is made.
 
@@ -613,6 +614,7 @@ def prove(
     tables only (global and pinned tables keep their rule) and is trusted as given.
     ``rows_on`` is, for an INSERT of sharded rows, the shard its rows were placed on by
     their keys: its subqueries (in VALUES, ON CONFLICT) must read only that shard.
+    ``given`` names the columns every parameter set of an executemany gives a value.
     """
     if not isinstance(statement, Select | CompoundSelect | UpdateBase):
         refuse("not_a_select", f"a {type(statement).__name__} names no table the planner can place")
@@ -674,7 +676,7 @@ def prove(
     final = _final(found, shard_set, writing, rules, exists=exists)
     if final.get("global_write"):
         _refuse_differing_copies(statement)
-        _refuse_differing_defaults(statement, params or {})
+        _refuse_differing_defaults(statement, {*(params or {}), *given})
     elif len(final["shards"]) > 1:
         _refuse_copies_picking_rows(top, prover)
     return Proof(**final, functions=prover.functions)
@@ -761,7 +763,7 @@ def _refuse_differing_copies(statement: Any) -> None:
                 )
 
 
-def _refuse_differing_defaults(statement: Any, params: Mapping[str, Any]) -> None:
+def _refuse_differing_defaults(statement: Any, params: Collection[str]) -> None:
     """An INSERT (UPDATE) of a global table runs once per shard: a column it leaves to a
     default (``onupdate``) that is computed per run (a Python callable or SQL expression, a
     server default that is not a plain literal, a sequence or identity) would give each
