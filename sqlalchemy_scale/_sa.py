@@ -39,6 +39,7 @@ __all__ = [
     "committing_connections",
     "compile_state_cls",
     "deannotate",
+    "dml_froms",
     "dml_values",
     "exclude_from_commit",
     "extra_froms",
@@ -147,6 +148,13 @@ def is_orm_statement(statement: Any) -> bool:
 def extra_froms(statement: Any) -> tuple[Any, ...]:
     """The tables an UPDATE or DELETE names besides its own (``UPDATE ... FROM``)."""
     return tuple(getattr(statement, "_extra_froms", ()))
+
+
+def dml_froms(compiler: Any) -> tuple[Any, ...]:
+    """The tables the UPDATE or DELETE ``compiler`` compiled reads besides its own: explicit
+    ``USING``/``FROM`` and those its WHERE and SET name (``UPDATE ... FROM`` made implicitly),
+    as the compiler decided them."""
+    return tuple(getattr(compiler.compile_state, "_extra_froms", ()))
 
 
 def dml_values(statement: Any) -> Mapping[Any, Any] | None:

@@ -184,6 +184,17 @@ def check_extra_froms(engine: Engine) -> None:
     assert _sa.extra_froms(update(t).values(v=1)) == ()
 
 
+def check_dml_froms(engine: Engine) -> None:
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    stmt = update(t).where(t.c.id == u.c.id).values(v=1)
+    assert _sa.dml_froms(stmt.compile(dialect=dialect)) == (u,)
+    orm = delete(Item).where(Item.id == u.c.id)
+    assert _sa.dml_froms(orm.compile(dialect=dialect)) == (u,)
+    assert _sa.dml_froms(update(t).values(v=1).compile(dialect=dialect)) == ()
+
+
 def check_dml_values(engine: Engine) -> None:
     values = _sa.dml_values(update(t).values(v=1))
     assert values is not None and [getattr(k, "key", k) for k in values] == ["v"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -138,6 +139,16 @@ class Label(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     customer_id: Mapped[int]
     body: Mapped[str]
+
+
+class Stamp(Base):
+    """A global table whose ``token`` has a Python default computed per INSERT."""
+
+    __tablename__ = "stamps"
+    __shard__ = "all"
+
+    code: Mapped[str] = mapped_column(String(8), primary_key=True)
+    token: Mapped[str] = mapped_column(default=lambda: uuid.uuid4().hex)
 
 
 PREMIUM_TABLE: Any = Premium.__table__
@@ -380,6 +391,9 @@ grouped = select(Order.customer_id, func.count().label("n")).group_by(Order.cust
 avg_amount = select(func.avg(Order.amount)).scalar_subquery()
 correlated_avg = select(func.avg(o2.ratio)).where(o2.customer_id == Order.customer_id)
 has_big_order = select(Order.id).where(Order.customer_id == Customer.id, Order.amount > 50)
+# data-modifying WITHs: customer 7's orders may live on another shard than customer 3's
+cte_7 = delete(Order).where(Order.customer_id == 7).returning(Order.id).cte("d")
+countries_cte = update(Country).values(name="w").returning(Country.code).cte("u")
 month = func.date_trunc("month", func.make_date(2024, Order.customer_id % 12 + 1, 1))
 
 SAME: dict[str, Query] = {
@@ -651,6 +665,28 @@ REFUSED: dict[str, Query] = {
         select(Order.id, func.array_agg(Order.ratio).label("a")).group_by(Order.id).order_by("a")
     ),
     "non-colocated join": rows(select(Order.id, o2.id).join(o2, o2.id == Order.id)),
+    "delete in a WITH of a pruned select": lambda s: (
+        _bag(_rows_of(s.execute(select(Order.id).where(Order.customer_id == 3).add_cte(cte_7)))),
+        _state(s),
+    ),
+    "update of a global table in a WITH": write(
+        update(Order).where(Order.customer_id == 3).values(note="x").add_cte(countries_cte)
+    ),
+    "global write with clock_timestamp()": write(
+        update(Country).where(Country.code < "F").values(name=func.clock_timestamp().cast(String))
+    ),
+    "group by a label named like a column": rows(  # PostgreSQL groups by orders.note
+        select(func.lower(Order.note).label("note"), func.count()).group_by("note")
+    ),
+    "update from a non-colocated table": write(
+        update(Order).where(Order.id == Customer.id).values(note="c")
+    ),
+    "update global from sharded": write(
+        update(Country).where(Country.code == Customer.country_code).values(name="n")
+    ),
+    "delete global using sharded": write(
+        delete(Country).where(Country.code == Customer.country_code, Customer.score > 1)
+    ),
     "write global from sharded": write(
         update(Country).where(Country.code.in_(select(Customer.country_code))).values(name="n")
     ),
@@ -687,9 +723,11 @@ COVERAGE: dict[str, list[str]] = {
         "global in sharded",
         "global exists sharded",
         "write global from sharded",
+        "update global from sharded",
+        "delete global using sharded",
     ],
     "global_outer_join": ["global left join sharded"],
-    "non_colocated_join": ["non-colocated join"],
+    "non_colocated_join": ["non-colocated join", "update from a non-colocated table"],
     "pinned_table_join": ["sharded rows with a one-shard table"],
     "derived_table": ["derived table that groups"],
     "distinct_rows": [
@@ -719,7 +757,13 @@ COVERAGE: dict[str, list[str]] = {
     "enum_order": ["order by enum"],
     "collation": ["order ICU column", "order lower(ICU column)", "min ICU column"],
     "not_a_select": ["text statement", "insert with a global max"],
-    "unknown": ["order by an array"],
+    "unknown": [
+        "order by an array",
+        "delete in a WITH of a pruned select",
+        "update of a global table in a WITH",
+        "global write with clock_timestamp()",
+        "group by a label named like a column",
+    ],
 }
 
 
@@ -750,6 +794,84 @@ def test_shape_is_refused_before_anything_runs(world: World, name: str) -> None:
         f"{world.name}: answered {got!r}, one db {want!r}"
     )
     assert "nothing was run" in str(got)
+
+
+def test_distinct_ordered_by_an_unselected_column_is_refused_as_postgresql_refuses_it(
+    world: World,
+) -> None:
+    """SELECT DISTINCT ordered by a column it does not select raises on one database, and is
+    refused across shards instead of answered with the column added to each shard's DISTINCT."""
+    stmt = select(Order.note).distinct().order_by(Order.ratio).limit(5)
+    with world.one() as one, pytest.raises(sa_exc.ProgrammingError, match="DISTINCT"):
+        one.execute(stmt)
+    with world.sharded() as sharded, pytest.raises(ss.CrossShardQueryError, match="nothing was"):
+        sharded.execute(stmt)
+
+
+def test_global_write_picking_rows_by_limit_is_refused(world: World) -> None:
+    """A bulk DELETE of a global table whose subquery picks rows with LIMIT is refused before
+    anything runs: each shard's copy, stored in its own physical order, would pick others."""
+    with world.shard_engines["s0"].begin() as conn:  # same rows, another physical order
+        conn.execute(text(f"UPDATE {SCHEMA}.countries SET name = name WHERE code < 'F'"))
+    stmt = delete(Country).where(Country.code.in_(select(Country.code).limit(2)))
+    with world.sharded() as sharded:
+        before = _state(sharded)
+        with pytest.raises(ss.CrossShardQueryError, match="LIMIT"):
+            sharded.execute(stmt)
+        assert _state(sharded) == before
+        copies = {
+            shard_id: sorted(
+                sharded.scalars(select(Country.code).execution_options(shard_id=shard_id))
+            )
+            for shard_id in world.shard_engines
+        }
+        sharded.rollback()
+    assert len({tuple(codes) for codes in copies.values()}) == 1, copies
+
+
+def test_fanout_with_a_global_subquery_picking_rows_by_limit_is_refused(world: World) -> None:
+    """A read of every shard filtered by a subquery over a global table with LIMIT (not ordered
+    by its primary key) is refused: each shard's copy, in its own physical order, would pick
+    other rows; ordered by the primary key it answers as one database."""
+    with world.shard_engines["s0"].begin() as conn:  # same rows, another physical order
+        conn.execute(text(f"UPDATE {SCHEMA}.countries SET name = name WHERE code < 'F'"))
+    picked = select(Country.code).where(Country.code > "D")
+    unordered = select(Customer.id).where(Customer.country_code.in_(picked.limit(2)))
+    with world.sharded() as sharded, pytest.raises(ss.CrossShardQueryError, match="LIMIT"):
+        sharded.execute(unordered)
+    got, want = _outcome(
+        world,
+        rows(
+            select(Customer.id).where(
+                Customer.country_code.in_(picked.order_by(Country.code.desc()).limit(2))
+            )
+        ),
+    )
+    assert got == want
+
+
+def test_global_insert_leaving_a_column_to_a_computed_default_is_refused(world: World) -> None:
+    """A bulk INSERT of a global table that leaves a column to a default computed per run (a
+    Python callable here) is refused before anything runs: each shard's copy would get its
+    own value; given the value (in VALUES or by every executemany row), every copy holds the
+    same rows."""
+    table: Any = Stamp.__table__
+    with world.sharded() as sharded:
+        with pytest.raises(ss.CrossShardQueryError, match="token"):
+            sharded.execute(insert(Stamp).values(code="a"))
+        with pytest.raises(ss.CrossShardQueryError, match="token"):
+            sharded.execute(insert(table), [{"code": "a", "token": "t"}, {"code": "z"}])
+        sharded.execute(insert(Stamp).values(code="b", token="t"))
+        sharded.execute(insert(table), [{"code": "c", "token": "u"}, {"code": "d", "token": "v"}])
+        copies = {
+            shard_id: sharded.execute(
+                select(Stamp.code, Stamp.token).execution_options(shard_id=shard_id)
+            ).all()
+            for shard_id in world.shard_engines
+        }
+        sharded.rollback()
+    want = [("b", "t"), ("c", "u"), ("d", "v")]
+    assert all(sorted(rows) == want for rows in copies.values()), copies
 
 
 def test_one_shard_table_read_with_a_subquery_pruned_to_its_shard(world: World) -> None:

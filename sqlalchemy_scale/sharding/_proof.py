@@ -25,13 +25,13 @@ decided afterwards by :mod:`.planner`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Table
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.dml import Insert, UpdateBase
+from sqlalchemy.sql.dml import Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import (
     BinaryExpression,
     BooleanClauseList,
@@ -42,6 +42,7 @@ from sqlalchemy.sql.elements import (
 )
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import (
+    CTE,
     Alias,
     AliasedReturnsRows,
     CompoundSelect,
@@ -57,6 +58,7 @@ from sqlalchemy.sql.selectable import (
 from sqlalchemy.sql.util import find_tables
 from sqlalchemy.sql.visitors import iterate
 
+from .._sa import dml_values
 from ..errors import ConfigurationError
 from ._prune import KeyPlacer, pins
 from ._scopes import Scope, deannotated, same_type_affinity, scopes_of, select_parts
@@ -602,6 +604,7 @@ def prove(
     *,
     shard_key: Any = _UNKNOWN,
     rows_on: list[ShardId] | None = None,
+    given: Collection[str] = (),
 ) -> Proof:
     """The shards ``statement`` must run on, in ShardSet order, and how its answer is made.
 
@@ -611,6 +614,7 @@ def prove(
     tables only (global and pinned tables keep their rule) and is trusted as given.
     ``rows_on`` is, for an INSERT of sharded rows, the shard its rows were placed on by
     their keys: its subqueries (in VALUES, ON CONFLICT) must read only that shard.
+    ``given`` names the columns every parameter set of an executemany gives a value.
     """
     if not isinstance(statement, Select | CompoundSelect | UpdateBase):
         refuse("not_a_select", f"a {type(statement).__name__} names no table the planner can place")
@@ -628,6 +632,7 @@ def prove(
         and any(r[0] == "key" for r in rules)
     ):
         refuse("not_a_select", f"INSERT ... SELECT into {statement.table}")
+    _refuse_writing_ctes(statement)
     top = scopes_of(statement)
     if rows_on is not None:
         _confine_insert(prover, top, rows_on)
@@ -659,9 +664,153 @@ def prove(
                 found.shards = (found.shards or frozenset()) | sub.shards
     else:
         found = prover.scope(top, [])
-    return Proof(
-        **_final(found, shard_set, writing, rules, exists=exists), functions=prover.functions
+        if isinstance(statement, UpdateBase) and found.shards is not None and not found.local:
+            target = deannotated(statement.table)
+            if isinstance(target, Table) and prover.rule(target)[0] == "all":
+                # UPDATE global ... FROM sharded / DELETE ... USING: each shard would change
+                # its copy by its own part of the sharded rows, and the copies would differ.
+                refuse(
+                    "global_reads_sharded",
+                    f"a write of the global table {target.name} joined with sharded rows",
+                )
+    final = _final(found, shard_set, writing, rules, exists=exists)
+    if final.get("global_write"):
+        _refuse_differing_copies(statement)
+        _refuse_differing_defaults(statement, {*(params or {}), *given})
+    elif len(final["shards"]) > 1:
+        _refuse_copies_picking_rows(top, prover)
+    return Proof(**final, functions=prover.functions)
+
+
+def _refuse_copies_picking_rows(top: Scope, prover: _Prover) -> None:
+    """A subquery over global tables only, run on several shards, must give every shard the
+    same rows: not when it picks them by LIMIT/OFFSET/FETCH/DISTINCT ON in physical order."""
+    pending = list(top.children)
+    while pending:
+        scope = pending.pop()
+        pending.extend(scope.children)
+        tables = statement_tables(scope.statement)
+        if (
+            isinstance(scope.statement, Select)
+            and tables
+            and all(prover.rule(t)[0] == "all" for t in tables)
+            and _picks_by_physical_order(scope.statement)
+        ):
+            refuse(
+                "unknown",
+                "a subquery over global tables with LIMIT, OFFSET, FETCH or DISTINCT ON not "
+                "ordered by the primary key, run on several shards: each shard's copy may "
+                "pick other rows",
+                remedy="order the subquery by the tables' primary keys, or pin the query",
+            )
+
+
+def _picks_by_physical_order(select: Select[Any]) -> bool:
+    """LIMIT, OFFSET, FETCH or DISTINCT ON whose rows are not fixed by an ORDER BY that
+    covers the primary key of every table it reads (which rows then depends on storage)."""
+    parts = select_parts(select)
+    if parts.distinct_on:
+        return True
+    if parts.limit is None and parts.offset is None and parts.fetch is None:
+        return False
+    ordered: set[int] = set()
+    for term in parts.order_by:
+        while isinstance(term, UnaryExpression) and term.modifier is not None:
+            term = term.element
+        if isinstance(term, ColumnClause):
+            ordered.add(id(deannotated(term)))
+    froms = [deannotated(f) for f in select.get_final_froms()]
+    return not all(
+        isinstance(f, Table)
+        and f.primary_key
+        and all(id(c) in ordered for c in f.primary_key.columns)
+        for f in froms
     )
+
+
+#: Functions whose result is the same on every shard's copy of a global table (the same
+#: arguments give the same value): a bulk write of a global table may call only these.
+_SAME_ON_EVERY_COPY = (KNOWN_SCALARS | _AGGREGATE_NAMES) - {
+    "now",
+    "inet_server_port",
+    "pg_is_in_recovery",
+}
+
+
+def _refuse_differing_copies(statement: Any) -> None:
+    """A write of a global table runs once per shard: a function whose value differs between
+    the runs (``random()``, ``now()``, ``clock_timestamp()``, ``nextval()``, an unknown one)
+    would leave the copies different; so would a subquery that picks rows by LIMIT, OFFSET,
+    FETCH or DISTINCT ON (each copy stores its rows in its own physical order)."""
+    for node in iterate(statement):
+        if isinstance(node, Select) and _picks_by_physical_order(node):
+            refuse(
+                "unknown",
+                f"a subquery with LIMIT, OFFSET, FETCH or DISTINCT ON in a write of the "
+                f"global table {statement.table.name}: the write runs once per shard, and "
+                "each copy may pick other rows",
+                remedy="select the rows first and write them by key",
+            )
+        if isinstance(node, FunctionElement):
+            name = str(getattr(node, "name", "")).lower()
+            if name not in _SAME_ON_EVERY_COPY:
+                refuse(
+                    "unknown",
+                    f"{name or type(node).__name__}() in a write of the global table "
+                    f"{statement.table.name}: the write runs once per shard, and the function "
+                    "may give each copy a different value",
+                    remedy="compute the value in Python and pass it as a parameter",
+                )
+
+
+def _refuse_differing_defaults(statement: Any, params: Collection[str]) -> None:
+    """An INSERT (UPDATE) of a global table runs once per shard: a column it leaves to a
+    default (``onupdate``) that is computed per run (a Python callable or SQL expression, a
+    server default that is not a plain literal, a sequence or identity) would give each
+    copy its own value."""
+    table = deannotated(statement.table)
+    if not isinstance(statement, Insert | Update) or not isinstance(table, Table):
+        return
+    values = dml_values(statement) or {}
+    given = {str(getattr(key, "key", key)) for key in values} | set(params)
+    for column in table.columns:
+        if column.key in given or column.name in given:
+            continue
+        if isinstance(statement, Insert):
+            default, server = column.default, column.server_default
+            computed = (
+                (default is not None and not getattr(default, "is_scalar", False))
+                or (server is not None and not isinstance(getattr(server, "arg", None), str))
+                or column is table.autoincrement_column
+            )
+        else:
+            default, server = column.onupdate, column.server_onupdate
+            computed = (default is not None and not getattr(default, "is_scalar", False)) or (
+                server is not None
+            )
+        if computed:
+            refuse(
+                "unknown",
+                f"{type(statement).__name__.upper()} of the global table {table.name} leaves "
+                f"{column.name} to its default: the write runs once per shard, and the default "
+                "may give each copy a different value",
+                remedy=f"give {column.name} a value",
+            )
+
+
+def _refuse_writing_ctes(statement: Any) -> None:
+    """A data-modifying WITH (``INSERT``/``UPDATE``/``DELETE ... RETURNING`` as a CTE) writes
+    rows the proof does not place: it would run on the shards the rest of the statement
+    needs, wherever its own rows live."""
+    for node in iterate(statement):
+        if isinstance(node, CTE) and isinstance(node.element, UpdateBase):
+            kind = type(node.element).__name__.upper()
+            refuse(
+                "unknown",
+                f"the data-modifying WITH {node.name} ({kind} in a CTE) across shards: it "
+                "would write on the shards the rest of the statement reads, not where its rows "
+                "live",
+            )
 
 
 def key_shard(statement: Any, shard_set: ShardSet, shard_key: Any) -> ShardId | None:

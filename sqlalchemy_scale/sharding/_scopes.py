@@ -33,6 +33,7 @@ from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Select
 
 from .._sa import (
     deannotate,
+    dml_froms,
     extra_froms,
     is_orm_statement,
     limit_offset,
@@ -138,10 +139,15 @@ def scopes_of(statement: Any) -> Scope:
     """The top scope of ``statement`` with every nested SELECT as a child scope."""
     compiler = _RecordingCompiler(_DIALECT, statement)
     roots = [s for s in compiler.scopes if s.parent is None]
-    if isinstance(statement, UpdateBase) and not roots:
-        # DML without subqueries records nothing; with them, _parent_scope made the top scope.
-        froms = [statement.table, *extra_froms(statement)]
-        roots = [Scope(statement, statement, froms, None)]
+    if isinstance(statement, UpdateBase):
+        # The tables an UPDATE/DELETE names in its WHERE or SET become FROM/USING items when
+        # compiled (not stored on the statement): read them from the compiler.
+        froms = [statement.table, *dml_froms(compiler)]
+        if not roots:
+            # DML without subqueries records nothing; with them, _parent_scope made the top.
+            roots = [Scope(statement, statement, froms, None)]
+        else:
+            roots[0].froms = froms
     if not roots:
         raise AssertionError(f"no SELECT was compiled for {type(statement).__name__}")
     return roots[0]

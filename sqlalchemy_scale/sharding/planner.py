@@ -379,11 +379,34 @@ def _group_term(stmt: Select[Any], term: Any) -> ColumnElement[Any]:
         name = str(term.element)
         for key, column in zip(stmt.selected_columns.keys(), stmt.selected_columns, strict=True):
             if key == name:
-                return column.element if isinstance(column, Label) else column
+                inner = column.element if isinstance(column, Label) else column
+                _refuse_input_column_name(stmt, name, inner)
+                return inner
         refuse("unknown", f"GROUP BY {name!r}, which names no selected column")
     if isinstance(term, Label):
         term = term.element
     return term  # type: ignore[no-any-return]
+
+
+def _refuse_input_column_name(stmt: Select[Any], name: str, selected: Any) -> None:
+    """PostgreSQL reads a bare name in GROUP BY as a column of the FROM items before a
+    selected label: ``SELECT x % 3 AS id ... GROUP BY id`` groups by the table's ``id``."""
+    columns = [c for f in stmt.get_final_froms() for c in f.c if c.name == name]
+    if not columns:
+        return
+    if (
+        len(columns) == 1
+        and isinstance(selected, ColumnClause)
+        and selected.name == name
+        and _same(selected, columns[0])
+    ):
+        return  # the label names the column itself
+    refuse(
+        "unknown",
+        f"GROUP BY {name!r}, which is both a selected label and a column of the FROM tables: "
+        "PostgreSQL groups by the column",
+        remedy="group by the expression itself, or give the label another name",
+    )
 
 
 def _aggregate_plan(
@@ -674,7 +697,12 @@ def _order_term(
                 break
     hidden: int | None = None
     if output is None:
-        if plan is None or plan.has_entities or not isinstance(target, ColumnElement):
+        if (
+            plan is None
+            or plan.has_entities
+            or plan.distinct  # PostgreSQL refuses it; as a hidden column it would be DISTINCT'd
+            or not isinstance(target, ColumnElement)
+        ):
             refuse(
                 "order_unselected",
                 f"ORDER BY {clause} across shards: the expression is not one of the selected "

@@ -363,12 +363,21 @@ class ShardedSession(horizontal_shard.ShardedSession):
         :func:`~sqlalchemy_scale.sharding._proof.prove`); raises CrossShardQueryError
         before anything runs when the answer over those shards is not exact."""
         options = orm_context.execution_options
-        params = orm_context.parameters if isinstance(orm_context.parameters, Mapping) else None
+        raw = orm_context.parameters
+        params = raw if isinstance(raw, Mapping) else None
+        # executemany: the columns every parameter set gives (a global INSERT's defaults)
+        given: set[str] = set()
+        if isinstance(raw, list | tuple) and raw and all(isinstance(p, Mapping) for p in raw):
+            given = set.intersection(*(set(p) for p in raw))
         if "shard_key" in options:
             return prove(
-                orm_context.statement, self.shard_set, params, shard_key=options["shard_key"]
+                orm_context.statement,
+                self.shard_set,
+                params,
+                shard_key=options["shard_key"],
+                given=given,
             )
-        return prove(orm_context.statement, self.shard_set, params)
+        return prove(orm_context.statement, self.shard_set, params, given=given)
 
     # -- explicit routing ---------------------------------------------------------------------
 

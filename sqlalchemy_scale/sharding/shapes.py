@@ -163,7 +163,7 @@ _TABLE: Final = [
     Shape(
         "global_reads_sharded",
         "refused",
-        "a read or write of a global table that depends on sharded rows (`IN`/`EXISTS`/`NOT IN` subquery, a derived table)",
+        "a read or write of a global table that depends on sharded rows (`IN`/`EXISTS`/`NOT IN` subquery, a derived table, `UPDATE ... FROM`/`DELETE ... USING` a sharded table)",
         "the home shard holds only its own part of the sharded rows",
     ),
     Shape(
@@ -238,7 +238,7 @@ _TABLE: Final = [
     Shape(
         "order_unselected",
         "refused",
-        "`ORDER BY` an expression that is not selected, in a statement with ORM entities or in an aggregate query",
+        "`ORDER BY` an expression that is not selected, in a statement with ORM entities, with `SELECT DISTINCT` or in an aggregate query",
         "select it (with a label)",
     ),
     Shape("compound", "refused", "`UNION`, `INTERSECT`, `EXCEPT` across shards", "not merged"),
