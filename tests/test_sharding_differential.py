@@ -678,6 +678,11 @@ REFUSED: dict[str, Query] = {
     "group by a label named like a column": rows(  # PostgreSQL groups by orders.note
         select(func.lower(Order.note).label("note"), func.count()).group_by("note")
     ),
+    "a read of every shard picking global rows by LIMIT": rows(
+        select(Customer.id).where(
+            Customer.country_code.in_(select(Country.code).where(Country.code > "D").limit(2))
+        )
+    ),
     "update from a non-colocated table": write(
         update(Order).where(Order.id == Customer.id).values(note="c")
     ),
@@ -759,11 +764,11 @@ COVERAGE: dict[str, list[str]] = {
     "not_a_select": ["text statement", "insert with a global max"],
     "unknown": [
         "order by an array",
-        "delete in a WITH of a pruned select",
-        "update of a global table in a WITH",
-        "global write with clock_timestamp()",
-        "group by a label named like a column",
     ],
+    "global_write_per_run": ["global write with clock_timestamp()"],
+    "global_rows_by_limit": ["a read of every shard picking global rows by LIMIT"],
+    "writing_cte": ["delete in a WITH of a pruned select", "update of a global table in a WITH"],
+    "group_by_label_named_like_column": ["group by a label named like a column"],
 }
 
 

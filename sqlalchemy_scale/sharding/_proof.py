@@ -697,10 +697,9 @@ def _refuse_copies_picking_rows(top: Scope, prover: _Prover) -> None:
             and _picks_by_physical_order(scope.statement)
         ):
             refuse(
-                "unknown",
+                "global_rows_by_limit",
                 "a subquery over global tables with LIMIT, OFFSET, FETCH or DISTINCT ON not "
-                "ordered by the primary key, run on several shards: each shard's copy may "
-                "pick other rows",
+                "ordered by the primary key, run on several shards",
                 remedy="order the subquery by the tables' primary keys, or pin the query",
             )
 
@@ -745,20 +744,18 @@ def _refuse_differing_copies(statement: Any) -> None:
     for node in iterate(statement):
         if isinstance(node, Select) and _picks_by_physical_order(node):
             refuse(
-                "unknown",
+                "global_write_per_run",
                 f"a subquery with LIMIT, OFFSET, FETCH or DISTINCT ON in a write of the "
-                f"global table {statement.table.name}: the write runs once per shard, and "
-                "each copy may pick other rows",
+                f"global table {statement.table.name}",
                 remedy="select the rows first and write them by key",
             )
         if isinstance(node, FunctionElement):
             name = str(getattr(node, "name", "")).lower()
             if name not in _SAME_ON_EVERY_COPY:
                 refuse(
-                    "unknown",
+                    "global_write_per_run",
                     f"{name or type(node).__name__}() in a write of the global table "
-                    f"{statement.table.name}: the write runs once per shard, and the function "
-                    "may give each copy a different value",
+                    f"{statement.table.name}, which may give each run a different value",
                     remedy="compute the value in Python and pass it as a parameter",
                 )
 
@@ -790,10 +787,9 @@ def _refuse_differing_defaults(statement: Any, params: Collection[str]) -> None:
             )
         if computed:
             refuse(
-                "unknown",
+                "global_write_per_run",
                 f"{type(statement).__name__.upper()} of the global table {table.name} leaves "
-                f"{column.name} to its default: the write runs once per shard, and the default "
-                "may give each copy a different value",
+                f"{column.name} to its default, which may give each run a different value",
                 remedy=f"give {column.name} a value",
             )
 
@@ -805,12 +801,7 @@ def _refuse_writing_ctes(statement: Any) -> None:
     for node in iterate(statement):
         if isinstance(node, CTE) and isinstance(node.element, UpdateBase):
             kind = type(node.element).__name__.upper()
-            refuse(
-                "unknown",
-                f"the data-modifying WITH {node.name} ({kind} in a CTE) across shards: it "
-                "would write on the shards the rest of the statement reads, not where its rows "
-                "live",
-            )
+            refuse("writing_cte", f"the data-modifying WITH {node.name} ({kind} in a CTE)")
 
 
 def key_shard(statement: Any, shard_set: ShardSet, shard_key: Any) -> ShardId | None:

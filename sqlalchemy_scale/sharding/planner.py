@@ -402,9 +402,8 @@ def _refuse_input_column_name(stmt: Select[Any], name: str, selected: Any) -> No
     ):
         return  # the label names the column itself
     refuse(
-        "unknown",
-        f"GROUP BY {name!r}, which is both a selected label and a column of the FROM tables: "
-        "PostgreSQL groups by the column",
+        "group_by_label_named_like_column",
+        f"GROUP BY {name!r}, which is both a selected label and a column of the FROM tables",
         remedy="group by the expression itself, or give the label another name",
     )
 

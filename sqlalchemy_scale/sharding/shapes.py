@@ -167,6 +167,24 @@ _TABLE: Final = [
         "the home shard holds only its own part of the sharded rows",
     ),
     Shape(
+        "global_write_per_run",
+        "refused",
+        "a write of a global table that calls a function whose value may differ per run (`now()`, `random()`, `nextval()`, a function the planner does not know), leaves a column to a default computed per run (a Python callable or SQL expression, a sequence or identity), or picks its rows by `LIMIT`/`OFFSET`/`FETCH`/`DISTINCT ON`",
+        "it runs once per shard, and the copies would end up different",
+    ),
+    Shape(
+        "global_rows_by_limit",
+        "refused",
+        "a subquery over global tables that picks rows by `LIMIT`/`OFFSET`/`FETCH`/`DISTINCT ON` not ordered by their primary keys, in a statement run on several shards",
+        "each shard's copy may pick other rows",
+    ),
+    Shape(
+        "writing_cte",
+        "refused",
+        "a data-modifying `WITH` (`INSERT`/`UPDATE`/`DELETE ... RETURNING` as a CTE)",
+        "it would write on the shards the rest of the statement reads, not where its rows live",
+    ),
+    Shape(
         "global_outer_join",
         "refused",
         "an outer join that keeps the global side (`Country LEFT JOIN Customer`), or a FULL join with a global table",
@@ -253,6 +271,12 @@ _TABLE: Final = [
         "refused",
         "`ORDER BY`, `min()`, `max()` of a PostgreSQL enum",
         "PostgreSQL sorts it by declaration order",
+    ),
+    Shape(
+        "group_by_label_named_like_column",
+        "refused",
+        "`GROUP BY` a name that is both a selected label and a column of the FROM tables",
+        "PostgreSQL groups by the column, not by the label's expression",
     ),
     Shape(
         "collation",
