@@ -661,12 +661,9 @@ class _RoutingSessionmaker(sessionmaker[RoutingSession]):
                 local_kw["info"] = {**value, **local_kw["info"]}
             else:
                 local_kw.setdefault(key, value)
-        replica_set = local_kw.pop("replica_set", None)
-        default_role = local_kw.pop("default_role", "replica")
-        causal_token = local_kw.pop("causal_token", None)
-        _check_routing(replica_set, default_role)
-        Session.__init__(session, **local_kw)
-        session._route_over(replica_set, default_role, causal_token)  # noqa: SLF001
+        routing, session_kw = _split_keywords(local_kw)
+        Session.__init__(session, **session_kw)
+        session._route_over(*routing)  # noqa: SLF001 (this module's class)
         return session
 
 
