@@ -573,13 +573,10 @@ class Router:
             self._causal = CausalContext()  # takes reads off the no-position fast path
 
     def _read_unknown_commit(self) -> bool:
-        try:
-            position = read_primary_position(self.replica_set.primary.engine)
-        except Exception as exc:  # no replica can be shown to have it: the primary reads
-            log.debug("%s: cannot read the primary's position: %s", self.replica_set.name, exc)
+        position = self._primary_position_now()
+        if position is None:
             return False
         self._unknown_commit = False
-        self.replica_set.note_primary_position(position)
         self.record_commit(position)
         return True
 
@@ -588,15 +585,24 @@ class Router:
         # past it. (Another thread may do the same at once; both positions are correct.)
         process = self.replica_set.process_position
         assert process is not None
-        try:
-            position = read_primary_position(self.replica_set.primary.engine)
-        except Exception as exc:  # no replica can be shown to have it: the primary reads
-            log.debug("%s: cannot read the primary's position: %s", self.replica_set.name, exc)
+        position = self._primary_position_now()
+        if position is None:
             return False
         process.unknown = False
         process.observe(position)
-        self.replica_set.note_primary_position(position)
         return True
+
+    def _primary_position_now(self) -> int | None:
+        """The primary's WAL position read now (and noted), past any commit it has made;
+        None if it cannot answer (no replica can then be shown to have a lost commit: the
+        read goes to the primary)."""
+        try:
+            position = read_primary_position(self.replica_set.primary.engine)
+        except Exception as exc:
+            log.debug("%s: cannot read the primary's position: %s", self.replica_set.name, exc)
+            return None
+        self.replica_set.note_primary_position(position)
+        return position
 
     def record_commit(self, position: int) -> None:
         """A transaction that wrote committed at ``position``: later reads must see it."""
