@@ -3,10 +3,12 @@
 :class:`~sqlalchemy_scale.ReplicaSet` (:mod:`sqlalchemy_scale.topology`) decides which
 nodes exist; this module makes each replica's engine safe to route reads to:
 
-* every transaction on a replica begins ``READ ONLY``, by the driver's own flag (psycopg2
-  ``readonly``, psycopg ``read_only``), which the driver sends inside ``BEGIN``: no round
-  trip, and it survives transaction pooling. It is set once per DB-API connection, by a
-  pool ``connect`` event, so nothing runs per checkout or per statement;
+* every transaction on a replica is read-only: a hot standby refuses writes itself, and on
+  any other server (a writable URL named as a replica, a standby seen promoted) it begins
+  ``READ ONLY`` by the driver's own flag (psycopg2 ``readonly``, psycopg ``read_only``),
+  which the driver sends inside ``BEGIN``: no round trip, and it survives transaction
+  pooling. The flag is set once per DB-API connection, by a pool ``connect`` event, so
+  nothing runs per checkout or per statement (:func:`make_read_only`);
 * a user's own replica engine is not changed: the ReplicaSet reads through a view of it
   (:func:`read_only_view`) with the user's dialect, settings and engine events, over a pool
   of its own made like the user's (``Pool.recreate()``);
@@ -47,6 +49,7 @@ __all__ = [
     "read_only_view",
     "refuse_transaction_control",
     "replica_write_error",
+    "reports_hot_standby",
     "track_connections",
     "transaction_control",
     "with_installed_driver",
@@ -56,16 +59,62 @@ __all__ = [
 READ_ONLY_SQLSTATE = "25006"
 
 
-def make_read_only(engine: Engine) -> None:
-    """Make every connection of an engine whose pool we own begin its transactions
-    ``READ ONLY``: the driver's flag, set once per new DB-API connection by a pool
-    ``connect`` event (nothing per checkout or per statement)."""
+def reports_hot_standby(driver_connection: Any) -> bool:
+    """Whether the server said, when this connection was made, that it is a hot standby.
+
+    PostgreSQL 14 and newer report ``in_hot_standby`` with the connection's other
+    parameters (no round trip), and report it again when a promotion changes it. psycopg2
+    and psycopg 3 read it from ``connection.info``, asyncpg from its settings; a server or
+    pooler that does not report it is not taken for a standby.
+    """
+    info = getattr(driver_connection, "info", None)  # psycopg2 and psycopg 3
+    parameter_status = getattr(info, "parameter_status", None)
+    if parameter_status is not None:
+        return bool(parameter_status("in_hot_standby") == "on")
+    get_settings = getattr(driver_connection, "get_settings", None)  # asyncpg
+    if get_settings is not None:
+        return getattr(get_settings(), "in_hot_standby", None) == "on"
+    return False
+
+
+# record.info key: this pooled connection was made without the read-only flag (its server
+# said it was a hot standby), so it gets the flag if that server is later seen writable.
+_STANDBY_ONLY = "sqlalchemy_scale.standby_only"
+
+
+def make_read_only(engine: Engine, node: Node) -> None:
+    """Make every replica transaction of an engine whose pool we own ``READ ONLY``.
+
+    The driver's flag, set once per new DB-API connection by a pool ``connect`` event
+    (nothing per checkout or per statement), on every connection except one to a server
+    that says it is a hot standby (:func:`reports_hot_standby`): a standby refuses every
+    write itself, with the same error (SQLSTATE 25006), while ``BEGIN READ ONLY`` costs
+    PostgreSQL before 16 a walk over all its settings at the end of every transaction
+    (about 1.4% of a fresh session's primary-key get here).
+
+    Once the health monitor sees the node's server accept writes (a promoted standby,
+    :meth:`Node.note_writable`), every connection gets the flag: new ones at connect
+    (whatever a pooler's cached parameters say), and ones made while it was a standby at
+    their next checkout (a pool ``checkout`` listener, added only then).
+    """
     dialect: Any = engine.dialect  # PGDialect: set_readonly() is PostgreSQL-specific
 
     def on_connect(dbapi_connection: Any, record: Any) -> None:
+        if not node.seen_writable and reports_hot_standby(record.driver_connection):
+            record.info[_STANDBY_ONLY] = True
+            return
+        record.info.pop(_STANDBY_ONLY, None)
         dialect.set_readonly(dbapi_connection, True)
 
+    def on_checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if record.info.pop(_STANDBY_ONLY, None):
+            dialect.set_readonly(dbapi_connection, True)
+
+    def flag_every_connection() -> None:
+        event.listen(engine.pool, "checkout", on_checkout)
+
     event.listen(engine.pool, "connect", on_connect)
+    node.when_writable(flag_every_connection)
 
 
 class ReadOnlyView(Engine):
@@ -91,9 +140,9 @@ def read_only_view(engine: Engine) -> ReadOnlyView:
     Like ``engine.execution_options()`` (an ``OptionEngine``: the user's dialect, settings
     and engine event listeners, including ones added later), but over a pool of its own,
     made by the user's pool's ``recreate()`` (same creator, size, overflow, timeouts and the
-    pool event listeners it has now), whose connections begin every transaction ``READ
-    ONLY`` (:func:`make_read_only`). The user's own engine and its pool are left as they
-    were: its connections never carry the read-only flag.
+    pool event listeners it has now), which the ReplicaSet then makes read-only
+    (:func:`make_read_only`). The user's own engine and its pool are left as they were: its
+    connections never carry the read-only flag.
 
     .. versionchanged:: 0.3 a pool of its own. The view used to share the user's pool and
        set the flag at each checkout (and reset it at checkin), which cost a fresh
@@ -109,7 +158,6 @@ def read_only_view(engine: Engine) -> ReadOnlyView:
     pool = engine.pool.recreate()
     view = make(engine, {})
     view.pool = pool
-    make_read_only(view)
     dispose_at_fork(view)
     return view
 

@@ -413,6 +413,7 @@ class HealthMonitor:
         # for a replica unless the application said it may.
         was = probe.server_role
         probe.server_role = "primary"
+        node.note_writable()  # its connections made while it was a standby get READ ONLY
         probe.lsn = answer.lsn
         probe.lag_bytes = probe.lag_seconds = None
         self._recover(probe, "writable", now)

@@ -79,6 +79,10 @@ class Node:
         # The DB-API connections opened to this node (its pool's and the monitor's), weakly,
         # so that abort_connections() can free the threads a frozen server holds.
         self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: True once the health monitor has seen this replica's server accept writes
+        #: (promoted, or a URL naming a primary); see :meth:`note_writable`.
+        self.seen_writable = False
+        self._when_writable: list[Callable[[], None]] = []
         self._retries = 0
         self._breaker_openings = 0
         _NODES.add(self)
@@ -120,6 +124,21 @@ class Node:
             if shutdown_socket(dbapi_connection):
                 aborted += 1
         return aborted
+
+    def when_writable(self, action: Callable[[], None]) -> None:
+        """Run ``action`` (once) when the monitor first sees this node's server accept writes."""
+        self._when_writable.append(action)
+
+    def note_writable(self) -> None:
+        """The monitor saw this node's server accept writes: run the :meth:`when_writable`
+        actions, the first time only."""
+        with self._lock:
+            if self.seen_writable:
+                return
+            self.seen_writable = True
+            actions, self._when_writable = self._when_writable, []
+        for action in actions:
+            action()
 
     def count(self, *, fallback: bool = False) -> None:
         """A statement was routed here (``fallback``: a read no replica could serve)."""

@@ -9,13 +9,13 @@ this module only holds the nodes and answers "which replicas are usable now".
 A node itself (name, engine, counters, connections) is :mod:`sqlalchemy_scale.node`;
 the configuration file format is :mod:`sqlalchemy_scale._config`.
 
-Replica engines run every transaction as ``BEGIN READ ONLY`` (the driver's
-read-only flag, sent inside BEGIN so it costs no round trip and survives
-transaction pooling; how, and for a user's own engine, is
-:mod:`sqlalchemy_scale._engines`). A URL that wrongly names a
-writable server as a replica therefore still cannot be written through, and a
-write that reaches a replica raises :class:`~sqlalchemy_scale.errors.ReplicaWriteError`
-naming the node.
+A replica transaction is read-only: on a hot standby by the server itself, on any other
+server by ``BEGIN READ ONLY`` (the driver's read-only flag, sent inside BEGIN so it costs no
+round trip and survives transaction pooling; how, and for a user's own engine, is
+:mod:`sqlalchemy_scale._engines`). A URL that wrongly names a writable server as a replica,
+or a standby promoted under its pooled connections, therefore still cannot be written
+through, and a write that reaches a replica raises
+:class:`~sqlalchemy_scale.errors.ReplicaWriteError` naming the node.
 """
 
 from __future__ import annotations
@@ -347,11 +347,10 @@ class ReplicaSet:
                 commit_positions=self.read_your_writes != "off",
             )
             return Node(node_name, engine, role=role, owns_engine=owns)
-        if owns:
-            make_read_only(engine)
-        else:
+        if not owns:
             engine = read_only_view(engine)  # the user's engine and pool stay as they were
         node = Node(node_name, engine, role=role, owns_engine=owns, owns_pool=True)
+        make_read_only(engine, node)
         # handle_error is a dialect event: the handler checks it is our engine that failed.
         event.listen(engine, "handle_error", replica_write_error(engine, self.name, node_name))
         track_connections(node)

@@ -246,6 +246,51 @@ def test_after_promotion_the_promoted_replica_is_writable_and_the_orphan_leaves(
     assert len(errors) == 1 and errors[0].levelno == logging.ERROR
 
 
+def test_a_promoted_replica_is_not_written_through_connections_made_before(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """A connection made while its replica was a hot standby (which refuses writes itself, so
+    the connection carries no READ ONLY flag) gets the flag once the monitor sees the promoted
+    server accept writes: with allow_writable_replicas=True the same pooled connection (same
+    backend) then runs READ ONLY and a text() marked use_replica that writes is refused."""
+    cluster = scale_cluster_factory(replicas=1, shards=0, pgbouncer=False)
+    primary, replica = cluster.primary, cluster.replicas[0]
+    primary.execute("CREATE TABLE promoted_writes (id int)")
+    replica.wait_for_replay()
+    backend = text(
+        "SELECT pg_backend_pid(), current_setting('transaction_read_only'), pg_is_in_recovery()"
+    ).execution_options(use_replica=True)
+    with ss.ReplicaSet(
+        primary=primary.url(driver),
+        replicas={"promoted": replica.url(driver)},
+        allow_writable_replicas=True,
+        monitor_interval=0.05,
+        pool_size=1,
+        max_overflow=0,
+    ) as replica_set:
+        Session = ss.routing_sessionmaker(replica_set)
+        with Session() as session:
+            before = tuple(session.execute(backend).one())
+        replica.promote()
+        writable = wait_until(
+            lambda: replica_set.health(refresh=False)[1].state == "writable", timeout=30
+        )
+        with Session() as session:
+            after = tuple(session.execute(backend).one())
+        with Session() as session, pytest.raises(ss.ReplicaWriteError) as caught:
+            session.execute(
+                text("INSERT INTO promoted_writes VALUES (1)").execution_options(use_replica=True)
+            )
+            session.commit()
+    rows = replica.execute("SELECT count(*) FROM promoted_writes")
+    print(f"\nbefore promotion {before}, after {after}: {caught.value}; rows {rows}")
+    assert before[1:] == ("on", True)  # a standby: read-only by itself
+    assert writable
+    assert after == (before[0], "on", False)  # the same backend, now READ ONLY by the flag
+    assert caught.value.node == "promoted"
+    assert rows == [(0,)]
+
+
 def test_idle_streaming_replicas_stay_in_rotation(
     scale_cluster: LocalCluster, replicas: ss.ReplicaSet
 ) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import (
@@ -38,6 +39,7 @@ from sqlalchemy.orm import (
     mapped_column,
     sessionmaker,
 )
+from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.schema import CreateTable, DropTable
 
 import sqlalchemy_scale as ss
@@ -63,6 +65,8 @@ notes = Table("routing_notes", MetaData(), Column("id", Integer, primary_key=Tru
 
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
+# A statement in the server log: simple protocol ("statement: ...") or extended ("execute x: ...").
+LOGGED_SQL = re.compile(r"LOG:  (?:statement|execute [^:]*): (.*)")
 
 
 @pytest.fixture(scope="module")
@@ -466,6 +470,49 @@ def test_use_replica_on_a_write_is_refused_before_sending(
             insert(User).values(id=107, name="lost"), execution_options={"use_replica": True}
         )
     assert cluster.primary.execute("SELECT count(*) FROM routing_users WHERE id = 107") == [(0,)]
+
+
+def test_a_routed_get_sends_a_standby_what_a_plain_session_sends(
+    cluster: LocalCluster, driver: str
+) -> None:
+    """A primary-key get through RoutingSession sends a hot standby the same statements as a
+    plain Session on that server does (read in the server's statement log): no READ ONLY in
+    its BEGIN, since the standby refuses writes itself, and no extra round trip."""
+    replica = cluster.replicas[0]
+    logged = {"options": "-c log_statement=all"}
+
+    def statements(lookup: Callable[[], None]) -> list[str]:
+        start = replica.log_file.stat().st_size
+        lookup()
+        with replica.log_file.open() as fh:
+            fh.seek(start)
+            found = [LOGGED_SQL.search(line) for line in fh]
+        return [m.group(1).strip() for m in found if m]
+
+    def routed() -> None:
+        with ss.ReplicaSet(
+            primary=cluster.primary.url(driver),
+            replicas=[replica.url(driver)],
+            monitor=False,
+            connect_args=logged,
+        ) as replica_set:
+            for _ in range(2):  # the second get runs on a warm connection
+                with ss.routing_sessionmaker(replica_set)() as session:
+                    assert session.get(User, 1) is not None
+
+    def plain() -> None:
+        engine = create_engine(replica.url(driver), connect_args=logged)
+        for _ in range(2):
+            with PlainSession(engine) as session:
+                assert session.get(User, 1) is not None
+        engine.dispose()
+
+    # The two gets: each BEGIN, SELECT, ROLLBACK (before them, each engine's first connect
+    # and the ReplicaSet's check of the replica's role at first use).
+    routed_statements, plain_statements = statements(routed)[-6:], statements(plain)[-6:]
+    print(f"\nrouted: {routed_statements}\nplain: {plain_statements}")
+    assert routed_statements == plain_statements
+    assert routed_statements[::3] == ["BEGIN", "BEGIN"]
 
 
 def test_a_writable_server_named_as_replica_is_still_read_only(
