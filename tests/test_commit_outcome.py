@@ -373,3 +373,38 @@ def test_a_shard_read_after_an_unknown_commit_outcome_sees_the_commit(
                 bind_arguments={"shard_id": "a"},
             ).one()
     assert (port, found) == (primary.port, 1)
+
+
+def test_a_commit_whose_position_query_fails_is_reported_as_committed(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """A COMMIT that succeeds while the WAL position query after it fails (its role lost
+    EXECUTE on pg_current_wal_insert_lsn() after the connection's first commit; psycopg 3
+    sends the two in one message) is reported as committed, and the session's read-back
+    runs on the primary and finds the row, not on its replica that has not replayed it."""
+    cluster = scale_cluster_factory(replicas=1, shards=0, pgbouncer=False)
+    primary, replica = cluster.primary, cluster.replicas[0]
+    _install(primary)
+    # Privileges bind a role that is not a superuser (a superuser has every privilege).
+    password = cluster.password.replace("'", "''")
+    primary.execute(f"CREATE ROLE commit_outcome_app LOGIN PASSWORD '{password}'")
+    primary.execute("GRANT SELECT, INSERT ON commit_outcome_items TO commit_outcome_app")
+    replica.wait_for_replay()
+    replica.pause_replay()
+    primary_url, replica_url = (
+        node.sa_url(driver).set(username="commit_outcome_app").render_as_string(hide_password=False)
+        for node in (primary, replica)
+    )
+    with ss.ReplicaSet(primary=primary_url, replicas=[replica_url], monitor=False) as replica_set:
+        first, second = next(_ids), next(_ids)
+        with ss.routing_sessionmaker(replica_set)() as session:
+            session.add(Item(id=first, slow=False, fail=False))
+            session.commit()  # the connection's first commit reads the position after it
+            primary.execute("REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC")
+            session.add(Item(id=second, slow=False, fail=False))
+            session.commit()
+            port, found = session.execute(
+                select(func.inet_server_port(), func.count(Item.id)).where(Item.id == second)
+            ).one()
+    assert _rows(primary, second) == 1
+    assert (port, found) == (primary.port, 1)
