@@ -408,3 +408,77 @@ def test_a_commit_whose_position_query_fails_is_reported_as_committed(
             ).one()
     assert _rows(primary, second) == 1
     assert (port, found) == (primary.port, 1)
+
+
+def _hold_commits(primary: PgNode) -> None:
+    """Make every COMMIT on ``primary`` wait, after its commit record, for a synchronous
+    standby that does not exist ("nobody")."""
+    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    primary.execute("SELECT pg_reload_conf()")
+    assert wait_until(
+        lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
+    )
+
+
+def _two_shards(cluster: LocalCluster, driver: str, mode: ss.CrossShardWrites) -> ss.ShardSet:
+    """Shard a on the cluster's shard server (no replica), shard b on its primary and
+    replica, both holding the items table and the replica paused."""
+    a, b, b_replica = cluster.shards[0], cluster.primary, cluster.replicas[0]
+    for node in (a, b):
+        _install(node)
+    b_replica.wait_for_replay()
+    b_replica.pause_replay()
+    return ss.ShardSet(
+        {
+            "a": a.url(driver),
+            "b": ss.ReplicaSet(
+                primary=b.url(driver), replicas=[b_replica.url(driver)], max_lag_seconds=None
+            ),
+        },
+        strategy=ss.RangeSharding([0, 1_000_000, 2_000_000]),
+        cross_shard_writes=mode,
+    )
+
+
+def _insert_on(session: ss.ShardedSession, shard_id: str) -> int:
+    row_id = next(_ids)
+    session.execute(
+        text("INSERT INTO commit_outcome_items VALUES (:id, false, false)"),
+        {"id": row_id},
+        bind_arguments={"shard_id": shard_id},
+    )
+    return row_id
+
+
+def _read_back(session: ss.ShardedSession, shard_id: str, row_id: int) -> tuple[int, int]:
+    """Where a read of ``row_id`` on ``shard_id`` ran, and whether it found the row (0 or 1)."""
+    port, found = session.execute(
+        select(func.inet_server_port(), func.count(Item.id)).where(Item.id == row_id),
+        bind_arguments={"shard_id": shard_id},
+    ).one()
+    return int(port), int(found)
+
+
+def test_a_best_effort_read_after_a_shard_commit_outcome_unknown_sees_the_commit(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """After a best-effort commit of shards a and b stopped with PartialCommitError because
+    b's connection was lost during COMMIT (after its commit record: outcome unknown), the
+    session's read-back of b runs on b's primary and finds the row, not on b's replica that
+    has not replayed it (paused)."""
+    cluster = scale_cluster_factory(replicas=1, shards=1, pgbouncer=False)
+    primary = cluster.primary
+    with _two_shards(cluster, driver, "best_effort") as shard_set:
+        _hold_commits(primary)
+        killer = _terminate_when(primary, "SyncRep")
+        with ss.sharded_sessionmaker(shard_set)() as session:
+            _insert_on(session, "a")
+            on_b = _insert_on(session, "b")
+            with pytest.raises(ss.PartialCommitError) as caught:
+                session.commit()
+            killer.join(15)
+            session.rollback()
+            where = _read_back(session, "b", on_b)
+    assert (caught.value.committed, caught.value.unknown) == (["a"], ["b"])
+    assert where == (primary.port, 1)
+
