@@ -23,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.local import LocalCluster, PgNode
+from sqlalchemy_scale.sharding import _two_phase
 from sqlalchemy_scale.testing import wait_until
 
 pytestmark = pytest.mark.fault
@@ -482,3 +483,35 @@ def test_a_best_effort_read_after_a_shard_commit_outcome_unknown_sees_the_commit
     assert (caught.value.committed, caught.value.unknown) == (["a"], ["b"])
     assert where == (primary.port, 1)
 
+
+def test_a_two_phase_read_after_commit_prepared_outcome_unknown_sees_the_commit(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """After a two-phase commit of shards a and b raised CommitOutcomeUnknown because b's
+    connection was lost during COMMIT PREPARED (after its commit record), the session's
+    read-back of b runs on b's primary and finds the row, not on b's paused replica."""
+    cluster = scale_cluster_factory(replicas=1, shards=1, pgbouncer=False)
+    primary = cluster.primary
+    killers: list[threading.Thread] = []
+
+    def at_step(step: str) -> None:
+        if step == "decided":  # every part is prepared: only COMMIT PREPARED waits now
+            _hold_commits(primary)
+            killers.append(_terminate_when(primary, "SyncRep"))
+
+    with _two_shards(cluster, driver, "two_phase") as shard_set:
+        _two_phase._step_hook = at_step
+        try:
+            with ss.sharded_sessionmaker(shard_set)() as session:
+                _insert_on(session, "a")
+                on_b = _insert_on(session, "b")
+                with pytest.raises(ss.CommitOutcomeUnknown) as caught:
+                    session.commit()
+                for killer in killers:
+                    killer.join(15)
+                session.rollback()
+                where = _read_back(session, "b", on_b)
+        finally:
+            _two_phase._step_hook = None
+    assert caught.value.shard == "b"
+    assert where == (primary.port, 1)

@@ -299,16 +299,23 @@ def _commit_two_phase(
     # Any other error (CommitOutcomeUnknown, an interrupt) leaves the parts prepared: recovery
     # commits them if the 'commit' record exists and rolls them back if it does not.
     two_phase.step("decided")
+    recorded: set[ShardId] = set()
+
+    def on_commit(part: two_phase.Part, conn: Connection) -> None:
+        _record_position(session, part.shard_id, conn, by_driver=False)
+        recorded.add(part.shard_id)
+
     try:
-        two_phase.commit_parts(
-            parts,
-            on_commit=lambda part, conn: _record_position(
-                session, part.shard_id, conn, by_driver=False
-            ),
-        )
+        two_phase.commit_parts(parts, on_commit=on_commit)
     except CommitOutcomeUnknown as exc:
         log.error("two-phase commit: %s", exc)
         raise
+    finally:
+        for part in parts:
+            if part.shard_id not in recorded:
+                # Its COMMIT PREPARED was lost (outcome unknown), or recovery committed it:
+                # a read-back must see it if it committed.
+                session.router(part.shard_id).note_unknown_commit()
     two_phase.forget_commit(coordinator, txid)
 
 
