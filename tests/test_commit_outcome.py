@@ -386,22 +386,15 @@ def test_a_commit_whose_position_query_fails_is_reported_as_committed(
     cluster = scale_cluster_factory(replicas=1, shards=0, pgbouncer=False)
     primary, replica = cluster.primary, cluster.replicas[0]
     _install(primary)
-    # Privileges bind a role that is not a superuser (a superuser has every privilege).
-    password = cluster.password.replace("'", "''")
-    primary.execute(f"CREATE ROLE commit_outcome_app LOGIN PASSWORD '{password}'")
-    primary.execute("GRANT SELECT, INSERT ON commit_outcome_items TO commit_outcome_app")
+    primary_url, replica_url = _app_role_urls(cluster, driver)
     replica.wait_for_replay()
     replica.pause_replay()
-    primary_url, replica_url = (
-        node.sa_url(driver).set(username="commit_outcome_app").render_as_string(hide_password=False)
-        for node in (primary, replica)
-    )
     with ss.ReplicaSet(primary=primary_url, replicas=[replica_url], monitor=False) as replica_set:
         first, second = next(_ids), next(_ids)
         with ss.routing_sessionmaker(replica_set)() as session:
             session.add(Item(id=first, slow=False, fail=False))
             session.commit()  # the connection's first commit reads the position after it
-            primary.execute("REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC")
+            _revoke_position_query(primary)
             session.add(Item(id=second, slow=False, fail=False))
             session.commit()
             port, found = session.execute(
@@ -409,6 +402,28 @@ def test_a_commit_whose_position_query_fails_is_reported_as_committed(
             ).one()
     assert _rows(primary, second) == 1
     assert (port, found) == (primary.port, 1)
+
+
+_APP_ROLE = "commit_outcome_app"
+
+
+def _app_role_urls(cluster: LocalCluster, driver: str) -> tuple[str, str]:
+    """URLs of the primary and the first replica for a role that may read and add items but
+    is not a superuser (a superuser has every privilege, so none can be taken from it)."""
+    password = cluster.password.replace("'", "''")
+    cluster.primary.execute(f"CREATE ROLE {_APP_ROLE} LOGIN PASSWORD '{password}'")
+    cluster.primary.execute(f"GRANT SELECT, INSERT ON commit_outcome_items TO {_APP_ROLE}")
+    primary_url, replica_url = (
+        node.sa_url(driver).set(username=_APP_ROLE).render_as_string(hide_password=False)
+        for node in (cluster.primary, cluster.replicas[0])
+    )
+    return primary_url, replica_url
+
+
+def _revoke_position_query(primary: PgNode) -> None:
+    """Take EXECUTE on pg_current_wal_insert_lsn() (the position query) from every role but
+    superusers."""
+    primary.execute("REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC")
 
 
 def _hold_commits(primary: PgNode) -> None:
@@ -421,19 +436,23 @@ def _hold_commits(primary: PgNode) -> None:
     )
 
 
-def _two_shards(cluster: LocalCluster, driver: str, mode: ss.CrossShardWrites) -> ss.ShardSet:
+def _two_shards(
+    cluster: LocalCluster, driver: str, mode: ss.CrossShardWrites, *, app_role: bool = False
+) -> ss.ShardSet:
     """Shard a on the cluster's shard server (no replica), shard b on its primary and
-    replica, both holding the items table and the replica paused."""
+    replica (as the app role if ``app_role``), both holding the items table and the replica
+    paused."""
     a, b, b_replica = cluster.shards[0], cluster.primary, cluster.replicas[0]
     for node in (a, b):
         _install(node)
+    b_urls = _app_role_urls(cluster, driver) if app_role else (b.url(driver), b_replica.url(driver))
     b_replica.wait_for_replay()
     b_replica.pause_replay()
     return ss.ShardSet(
         {
             "a": a.url(driver),
             "b": ss.ReplicaSet(
-                primary=b.url(driver), replicas=[b_replica.url(driver)], max_lag_seconds=None
+                primary=b_urls[0], replicas=[b_urls[1]], monitor=False, max_lag_seconds=None
             ),
         },
         strategy=ss.RangeSharding([0, 1_000_000, 2_000_000]),
@@ -514,4 +533,25 @@ def test_a_two_phase_read_after_commit_prepared_outcome_unknown_sees_the_commit(
         finally:
             _two_phase._step_hook = None
     assert caught.value.shard == "b"
+    assert where == (primary.port, 1)
+
+
+def test_a_shard_commit_whose_position_query_fails_is_reported_as_committed(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """A best-effort commit of shards a and b whose COMMIT on b succeeds while the position
+    query after it fails (b's role lost EXECUTE on pg_current_wal_insert_lsn() after the
+    connection's first commit) commits, with no PartialCommitError, and the session's
+    read-back of b runs on b's primary and finds the row, not on b's paused replica."""
+    cluster = scale_cluster_factory(replicas=1, shards=1, pgbouncer=False)
+    primary = cluster.primary
+    shard_set = _two_shards(cluster, driver, "best_effort", app_role=True)
+    with shard_set, ss.sharded_sessionmaker(shard_set)() as session:
+        _insert_on(session, "b")
+        session.commit()  # the connection's first commit reads the position after it
+        _revoke_position_query(primary)
+        on_a, on_b = _insert_on(session, "a"), _insert_on(session, "b")
+        session.commit()
+        where = _read_back(session, "b", on_b)
+    assert (_rows(cluster.shards[0], on_a), _rows(primary, on_b)) == (1, 1)
     assert where == (primary.port, 1)
