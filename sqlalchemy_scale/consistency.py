@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 from urllib.parse import quote, unquote
 
 from sqlalchemy import event
@@ -344,10 +344,11 @@ def read_commit_lsn(dbapi_connection: Any, info: dict[Any, Any] | None = None) -
 #: COMMIT (commit record written and flushed, synchronous standbys waited for) before it
 #: runs the SELECT, so the position is read past the commit record exactly as when
 #: :data:`WAL_POSITION_SQL` is sent after the COMMIT. A COMMIT that fails stops the
-#: message there. Sent by psycopg 3 connections of primary engines the ReplicaSet built
-#: (see :func:`install_primary_hooks`) once the query has answered on the connection (the
-#: first commit sends them apart: a query the server refuses must not make a COMMIT that
-#: succeeded look failed); psycopg2 keeps a separate round trip, because it
+#: message there; a query that fails after a COMMIT that succeeded only loses the position
+#: (each statement's result is read on its own). Sent by psycopg 3 connections of primary
+#: engines the ReplicaSet built (see :func:`install_primary_hooks`) once the query has
+#: answered on the connection (the first commit sends them apart, and a query the server
+#: refuses then is not sent again); psycopg2 keeps a separate round trip, because it
 #: tracks the transaction on the client and would send its own COMMIT after ours.
 COMMIT_AND_POSITION_SQL: Final = "COMMIT; " + WAL_INSERT_SQL
 
@@ -402,17 +403,24 @@ def _in_commit(context: ExceptionContext) -> bool:
 def _positioned_connection_class() -> type[Any]:
     """A psycopg 3 connection whose commit() also reads the WAL position, when asked to.
 
-    The COMMIT and the position query go out as one simple-query message through libpq's
-    own ``PQexec`` (:meth:`psycopg.pq.PGconn.exec_`), which returns the last result: the
-    SELECT's row, or the error that stopped the message. Errors are raised as psycopg
-    raises them (:func:`psycopg.errors.error_from_result`), so SQLAlchemy wraps them,
-    calls handle_error and invalidates a lost connection as for the driver's own commit().
-    psycopg's later commit() finds the connection idle and sends nothing.
+    The COMMIT and the position query go out as one simple-query message, sent and
+    answered as psycopg sends its own COMMIT (:meth:`psycopg.Connection.wait` on psycopg's
+    ``send``/``fetch`` generators: other threads run while the server works). Each
+    statement's result is read in turn, so the COMMIT's own answer decides the outcome:
+    a COMMIT that failed is raised as psycopg raises it
+    (:func:`psycopg.errors.error_from_result`), so SQLAlchemy wraps it, calls handle_error
+    and invalidates a lost connection as for the driver's own commit(); a COMMIT that
+    succeeded is reported as committed whatever happens to the query after it (refused,
+    cancelled, its connection lost), with no position: the session then reads the
+    primary's own before its next read (Router.note_unknown_commit). psycopg's later
+    commit() finds the connection idle and sends nothing.
     """
     global _POSITIONED
     if _POSITIONED is None:
         import psycopg
+        from psycopg import generators
         from psycopg.pq import ExecStatus, TransactionStatus
+        from psycopg.pq.abc import PGresult
 
         first, later = WAL_POSITION_SQL.encode(), COMMIT_AND_POSITION_SQL.encode()
 
@@ -443,25 +451,60 @@ def _positioned_connection_class() -> type[Any]:
                     # The first time, COMMIT alone and then the query: one that the server
                     # refuses must not make a COMMIT that succeeded look failed.
                     super().commit()
-                    with self.lock:
-                        result = self.pgconn.exec_(first)
-                    if result.status != ExecStatus.TUPLES_OK:
+                    results, _ = self._results(first)
+                    if not results or results[0].status != ExecStatus.TUPLES_OK:
                         self.block_size = 0  # never asked again on this connection
                         return
-                    block_size = self.block_size = int(result.get_value(0, 1) or 0)
+                    row = results[0]
+                    block_size = self.block_size = int(row.get_value(0, 1) or 0)
                 else:
-                    with self.lock:
-                        result = self.pgconn.exec_(later)
-                if result.status != ExecStatus.TUPLES_OK:
-                    error = psycopg.errors.error_from_result(result, encoding=self.info.encoding)
-                    if self.closed and type(error) is psycopg.DatabaseError:
-                        # No SQLSTATE and the connection gone: psycopg's own commit() says
-                        # OperationalError here, and so do we.
-                        raise psycopg.OperationalError(str(error)) from None
-                    raise error
-                lsn = result.get_value(0, 0)
+                    results, failure = self._results(later)
+                    if not results or results[0].status != ExecStatus.COMMAND_OK:
+                        self._raise_commit_failure(results, failure)
+                    if len(results) < 2 or results[1].status != ExecStatus.TUPLES_OK:
+                        # Committed: only the position is lost (the session reads the
+                        # primary's own before its next read).
+                        log.warning(
+                            "could not read the primary's WAL position with COMMIT: %s",
+                            _describe_result(results[1:], failure),
+                        )
+                        return
+                    row = results[1]
+                lsn = row.get_value(0, 0)
                 if lsn is not None and block_size:
                     self.position = reachable_position(lsn.decode(), block_size)
+
+            def _results(self, command: bytes) -> tuple[list[PGresult], Exception | None]:
+                """Send ``command`` (one simple-query message) and read each statement's
+                result in turn until the last: those received, and the error that ended
+                the reading early (the connection lost), if one did."""
+                results: list[PGresult] = []
+                try:
+                    with self.lock:
+                        self.pgconn.send_query(command)
+                        self.wait(generators.send(self.pgconn))
+                        while (result := self.wait(generators.fetch(self.pgconn))) is not None:
+                            results.append(result)
+                except psycopg.Error as exc:
+                    return results, exc
+                return results, None
+
+            def _raise_commit_failure(
+                self, results: list[PGresult], failure: Exception | None
+            ) -> NoReturn:
+                error: Exception
+                if results:
+                    error = psycopg.errors.error_from_result(
+                        results[0], encoding=self.info.encoding
+                    )
+                else:
+                    assert failure is not None
+                    error = failure
+                if type(error) is psycopg.DatabaseError and (self.closed or not results):
+                    # No SQLSTATE and the connection gone: psycopg's own commit() says
+                    # OperationalError here, and so do we.
+                    raise psycopg.OperationalError(str(error)) from None
+                raise error
 
             def rollback(self) -> None:
                 self.wants_position = False
@@ -469,6 +512,17 @@ def _positioned_connection_class() -> type[Any]:
 
         _POSITIONED = PositionedConnection
     return _POSITIONED
+
+
+def _describe_result(results: list[Any], failure: BaseException | None) -> str:
+    """Why a position query got no row: its error's SQLSTATE, or the driver error's type."""
+    from psycopg.pq import DiagnosticField
+
+    for result in results:
+        code = result.error_field(DiagnosticField.SQLSTATE)
+        if code:
+            return f"SQLSTATE {code.decode()}"
+    return type(failure).__name__ if failure is not None else "no answer"
 
 
 _POSITIONED: type[Any] | None = None

@@ -23,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_scale as ss
 from sqlalchemy_scale.local import LocalCluster, PgNode
+from sqlalchemy_scale.sharding import _two_phase
 from sqlalchemy_scale.testing import wait_until
 
 pytestmark = pytest.mark.fault
@@ -373,3 +374,184 @@ def test_a_shard_read_after_an_unknown_commit_outcome_sees_the_commit(
                 bind_arguments={"shard_id": "a"},
             ).one()
     assert (port, found) == (primary.port, 1)
+
+
+def test_a_commit_whose_position_query_fails_is_reported_as_committed(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """A COMMIT that succeeds while the WAL position query after it fails (its role lost
+    EXECUTE on pg_current_wal_insert_lsn() after the connection's first commit; psycopg 3
+    sends the two in one message) is reported as committed, and the session's read-back
+    runs on the primary and finds the row, not on its replica that has not replayed it."""
+    cluster = scale_cluster_factory(replicas=1, shards=0, pgbouncer=False)
+    primary, replica = cluster.primary, cluster.replicas[0]
+    _install(primary)
+    primary_url, replica_url = _app_role_urls(cluster, driver)
+    replica.wait_for_replay()
+    replica.pause_replay()
+    with ss.ReplicaSet(primary=primary_url, replicas=[replica_url], monitor=False) as replica_set:
+        first, second = next(_ids), next(_ids)
+        with ss.routing_sessionmaker(replica_set)() as session:
+            session.add(Item(id=first, slow=False, fail=False))
+            session.commit()  # the connection's first commit reads the position after it
+            _revoke_position_query(primary)
+            session.add(Item(id=second, slow=False, fail=False))
+            session.commit()
+            port, found = session.execute(
+                select(func.inet_server_port(), func.count(Item.id)).where(Item.id == second)
+            ).one()
+    assert _rows(primary, second) == 1
+    assert (port, found) == (primary.port, 1)
+
+
+_APP_ROLE = "commit_outcome_app"
+
+
+def _app_role_urls(cluster: LocalCluster, driver: str) -> tuple[str, str]:
+    """URLs of the primary and the first replica for a role that may read and add items but
+    is not a superuser (a superuser has every privilege, so none can be taken from it)."""
+    password = cluster.password.replace("'", "''")
+    cluster.primary.execute(f"CREATE ROLE {_APP_ROLE} LOGIN PASSWORD '{password}'")
+    cluster.primary.execute(f"GRANT SELECT, INSERT ON commit_outcome_items TO {_APP_ROLE}")
+    primary_url, replica_url = (
+        node.sa_url(driver).set(username=_APP_ROLE).render_as_string(hide_password=False)
+        for node in (cluster.primary, cluster.replicas[0])
+    )
+    return primary_url, replica_url
+
+
+def _revoke_position_query(primary: PgNode) -> None:
+    """Take EXECUTE on pg_current_wal_insert_lsn() (the position query) from every role but
+    superusers."""
+    primary.execute("REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC")
+
+
+def _hold_commits(primary: PgNode) -> None:
+    """Make every COMMIT on ``primary`` wait, after its commit record, for a synchronous
+    standby that does not exist ("nobody")."""
+    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    primary.execute("SELECT pg_reload_conf()")
+    assert wait_until(
+        lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
+    )
+
+
+def _two_shards(
+    cluster: LocalCluster, driver: str, mode: ss.CrossShardWrites, *, app_role: bool = False
+) -> ss.ShardSet:
+    """Shard a on the cluster's shard server (no replica), shard b on its primary and
+    replica (as the app role if ``app_role``), both holding the items table and the replica
+    paused."""
+    a, b, b_replica = cluster.shards[0], cluster.primary, cluster.replicas[0]
+    for node in (a, b):
+        _install(node)
+    b_urls = _app_role_urls(cluster, driver) if app_role else (b.url(driver), b_replica.url(driver))
+    b_replica.wait_for_replay()
+    b_replica.pause_replay()
+    return ss.ShardSet(
+        {
+            "a": a.url(driver),
+            "b": ss.ReplicaSet(
+                primary=b_urls[0], replicas=[b_urls[1]], monitor=False, max_lag_seconds=None
+            ),
+        },
+        strategy=ss.RangeSharding([0, 1_000_000, 2_000_000]),
+        cross_shard_writes=mode,
+    )
+
+
+def _insert_on(session: ss.ShardedSession, shard_id: str) -> int:
+    row_id = next(_ids)
+    session.execute(
+        text("INSERT INTO commit_outcome_items VALUES (:id, false, false)"),
+        {"id": row_id},
+        bind_arguments={"shard_id": shard_id},
+    )
+    return row_id
+
+
+def _read_back(session: ss.ShardedSession, shard_id: str, row_id: int) -> tuple[int, int]:
+    """Where a read of ``row_id`` on ``shard_id`` ran, and whether it found the row (0 or 1)."""
+    port, found = session.execute(
+        select(func.inet_server_port(), func.count(Item.id)).where(Item.id == row_id),
+        bind_arguments={"shard_id": shard_id},
+    ).one()
+    return int(port), int(found)
+
+
+def test_a_best_effort_read_after_a_shard_commit_outcome_unknown_sees_the_commit(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """After a best-effort commit of shards a and b stopped with PartialCommitError because
+    b's connection was lost during COMMIT (after its commit record: outcome unknown), the
+    session's read-back of b runs on b's primary and finds the row, not on b's replica that
+    has not replayed it (paused)."""
+    cluster = scale_cluster_factory(replicas=1, shards=1, pgbouncer=False)
+    primary = cluster.primary
+    with _two_shards(cluster, driver, "best_effort") as shard_set:
+        _hold_commits(primary)
+        killer = _terminate_when(primary, "SyncRep")
+        with ss.sharded_sessionmaker(shard_set)() as session:
+            _insert_on(session, "a")
+            on_b = _insert_on(session, "b")
+            with pytest.raises(ss.PartialCommitError) as caught:
+                session.commit()
+            killer.join(15)
+            session.rollback()
+            where = _read_back(session, "b", on_b)
+    assert (caught.value.committed, caught.value.unknown) == (["a"], ["b"])
+    assert where == (primary.port, 1)
+
+
+def test_a_two_phase_read_after_commit_prepared_outcome_unknown_sees_the_commit(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """After a two-phase commit of shards a and b raised CommitOutcomeUnknown because b's
+    connection was lost during COMMIT PREPARED (after its commit record), the session's
+    read-back of b runs on b's primary and finds the row, not on b's paused replica."""
+    cluster = scale_cluster_factory(replicas=1, shards=1, pgbouncer=False)
+    primary = cluster.primary
+    killers: list[threading.Thread] = []
+
+    def at_step(step: str) -> None:
+        if step == "decided":  # every part is prepared: only COMMIT PREPARED waits now
+            _hold_commits(primary)
+            killers.append(_terminate_when(primary, "SyncRep"))
+
+    with _two_shards(cluster, driver, "two_phase") as shard_set:
+        _two_phase._step_hook = at_step
+        try:
+            with ss.sharded_sessionmaker(shard_set)() as session:
+                _insert_on(session, "a")
+                on_b = _insert_on(session, "b")
+                with pytest.raises(ss.CommitOutcomeUnknown) as caught:
+                    session.commit()
+                for killer in killers:
+                    killer.join(15)
+                session.rollback()
+                where = _read_back(session, "b", on_b)
+        finally:
+            _two_phase._step_hook = None
+    assert caught.value.shard == "b"
+    assert where == (primary.port, 1)
+
+
+def test_a_shard_commit_whose_position_query_fails_is_reported_as_committed(
+    scale_cluster_factory: Callable[..., LocalCluster], driver: str
+) -> None:
+    """A best-effort commit of shards a and b whose COMMIT on b succeeds while the position
+    query after it fails (b's role lost EXECUTE on pg_current_wal_insert_lsn() after the
+    connection's first commit) commits, with no PartialCommitError, and the session's
+    read-back of b runs on b's primary and finds the row, not on b's paused replica."""
+    cluster = scale_cluster_factory(replicas=1, shards=1, pgbouncer=False)
+    primary = cluster.primary
+    shard_set = _two_shards(cluster, driver, "best_effort", app_role=True)
+    with shard_set, ss.sharded_sessionmaker(shard_set)() as session:
+        _insert_on(session, "b")
+        session.commit()  # the connection's first commit reads the position after it
+        _revoke_position_query(primary)
+        on_a, on_b = _insert_on(session, "a"), _insert_on(session, "b")
+        session.commit()
+        where = _read_back(session, "b", on_b)
+    assert (_rows(cluster.shards[0], on_a), _rows(primary, on_b)) == (1, 1)
+    assert where == (primary.port, 1)

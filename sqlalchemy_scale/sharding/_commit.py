@@ -12,7 +12,11 @@ commit into SQLAlchemy's session events; at ``before_commit``, once the last flu
   ``COMMIT PREPARED`` to each (:mod:`._two_phase`);
 * after each shard's commit its primary's WAL position is recorded in that shard's
   :class:`~sqlalchemy_scale.Router` (and the :func:`~sqlalchemy_scale.causal_context` in
-  force), under the shard's scope: the session's ``causal_token`` covers every shard written.
+  force), under the shard's scope: the session's ``causal_token`` covers every shard written;
+* a shard whose COMMIT (or ``COMMIT PREPARED``) was lost with its outcome unknown, or whose
+  position could not be read, is noted instead (:meth:`Router.note_unknown_commit
+  <sqlalchemy_scale.Router.note_unknown_commit>`): the session's next read of it first asks
+  its primary for its position then, so a read-back sees the commit if it happened.
 
 The COMMITs are sent through the driver connection: SQLAlchemy's own COMMIT of these
 connections afterwards finds the driver idle and sends nothing (psycopg2 and psycopg 3).
@@ -37,6 +41,7 @@ from ..errors import (
     CommitOutcomeUnknown,
     CrossShardWriteError,
     NodeUnavailableError,
+    PartialCommitError,
     render_url,
 )
 from ..routing import roll_back_read_only
@@ -167,9 +172,14 @@ def _before_commit(any_session: Session) -> None:
     mode = shard_set.cross_shard_writes
     if mode == "best_effort":
         writes.partial = transaction
-        best_effort.commit_shards(
-            connections, on_commit=lambda s, c: _record_position(session, s, c)
-        )
+        try:
+            best_effort.commit_shards(
+                connections, on_commit=lambda s, c: _record_position(session, s, c)
+            )
+        except PartialCommitError as exc:
+            for shard_id in exc.unknown:  # its COMMIT was lost: it may have committed
+                session.router(shard_id).note_unknown_commit()  # a read-back must see it
+            raise
         writes.partial = None
         return
     if mode != "two_phase":  # get_bind refuses earlier; this is the safety net
@@ -289,16 +299,23 @@ def _commit_two_phase(
     # Any other error (CommitOutcomeUnknown, an interrupt) leaves the parts prepared: recovery
     # commits them if the 'commit' record exists and rolls them back if it does not.
     two_phase.step("decided")
+    recorded: set[ShardId] = set()
+
+    def on_commit(part: two_phase.Part, conn: Connection) -> None:
+        _record_position(session, part.shard_id, conn, by_driver=False)
+        recorded.add(part.shard_id)
+
     try:
-        two_phase.commit_parts(
-            parts,
-            on_commit=lambda part, conn: _record_position(
-                session, part.shard_id, conn, by_driver=False
-            ),
-        )
+        two_phase.commit_parts(parts, on_commit=on_commit)
     except CommitOutcomeUnknown as exc:
         log.error("two-phase commit: %s", exc)
         raise
+    finally:
+        for part in parts:
+            if part.shard_id not in recorded:
+                # Its COMMIT PREPARED was lost (outcome unknown), or recovery committed it:
+                # a read-back must see it if it committed.
+                session.router(part.shard_id).note_unknown_commit()
     two_phase.forget_commit(coordinator, txid)
 
 
