@@ -23,6 +23,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
 from .._sa import (
+    dml_multi_values,
     dml_values,
     identity_token_option,
     non_compile_orm_options,
@@ -32,6 +33,7 @@ from .._sa import (
 from ..errors import CrossShardQueryError, CrossShardWriteError, ShardKeyError
 from ..router import ROUTING_OPTIONS
 from ..routing import CALL_OPTIONS
+from ._bulk import execute_bulk, is_bulk
 from ._keys import key_attr
 from ._precedence import NOT_GIVEN, choose_shards
 from ._proof import Proof, key_shard, prove
@@ -62,6 +64,14 @@ def execute_statement(orm_context: ORMExecuteState) -> Result[Any] | None:
             key_owner = owner
     shard_key = options.get("shard_key")
     explicit = explicit_shard(orm_context)
+    if is_bulk(orm_context):  # rows given as parameters: each placed on its shard
+        return execute_bulk(
+            orm_context,
+            explicit=explicit,
+            key_owner=key_owner,
+            shard_key=shard_key,
+            bind_arguments_for=functools.partial(bind_arguments, orm_context),
+        )
     if explicit is not None:
         choice = choose_shards(
             shard_set.shard_ids, explicit=explicit, key_owner=key_owner, shard_key=shard_key
@@ -238,11 +248,14 @@ def _inserted_rows_shard(session: ShardedSession, orm_context: ORMExecuteState) 
         [params] if isinstance(params, Mapping) and params else list(params or [])  # type: ignore[arg-type]
     )
     if not rows:  # insert(...).values(...): the values are in the statement
-        values = {
-            str(getattr(key, "key", key)): getattr(value, "effective_value", value)
-            for key, value in (dml_values(stmt) or {}).items()
-        }
-        rows = [values]
+        written = dml_multi_values(stmt) or [dml_values(stmt) or {}]  # one row, or VALUES rows
+        rows = [
+            {
+                str(getattr(key, "key", key)): getattr(value, "effective_value", value)
+                for key, value in values.items()
+            }
+            for values in written
+        ]
     shards = set()
     for row in rows:
         mapper = orm_context.bind_mapper
@@ -257,8 +270,10 @@ def _inserted_rows_shard(session: ShardedSession, orm_context: ORMExecuteState) 
             )
         )
     if len(shards) != 1:
-        raise CrossShardQueryError(
-            f"a bulk INSERT into {table.name} with rows for shards {sorted(shards)}: add the "
-            "objects with session.add_all(), or insert each shard's rows separately"
+        refuse(
+            "values_of_several_shards",
+            f"an INSERT into {table.name} whose VALUES hold rows of shards {sorted(shards)}",
+            remedy="pass the rows as parameters, session.execute(insert(Model), [{...}, ...]), "
+            "or add the objects with session.add_all()",
         )
     return shards.pop()

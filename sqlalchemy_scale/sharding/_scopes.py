@@ -32,6 +32,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Select
 
 from .._sa import (
+    compilable_alone,
     deannotate,
     dml_froms,
     extra_froms,
@@ -137,7 +138,7 @@ _DIALECT: Any = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 def scopes_of(statement: Any) -> Scope:
     """The top scope of ``statement`` with every nested SELECT as a child scope."""
-    compiler = _RecordingCompiler(_DIALECT, statement)
+    compiler = _RecordingCompiler(_DIALECT, compilable_alone(statement))
     roots = [s for s in compiler.scopes if s.parent is None]
     if isinstance(statement, UpdateBase):
         # The tables an UPDATE/DELETE names in its WHERE or SET become FROM/USING items when
