@@ -421,6 +421,16 @@ def _stamps(session: Session) -> list[tuple[Any, ...]]:
     return _bag(_rows_of(session.execute(select(Stamp.code, Stamp.token))))
 
 
+BULK_PREMIUM = [
+    {"id": 100 + k, "customer_id": k, "kind": "premium", "level": k / 2} for k in (3, 38, 17, 0, 22)
+]
+
+
+def _premium(session: Session) -> list[tuple[Any, ...]]:
+    columns = (Premium.id, Premium.customer_id, Premium.kind, Premium.level)
+    return _bag(_rows_of(session.execute(select(*columns))))
+
+
 def _customers(session: Session) -> list[tuple[Any, ...]]:
     return _bag(_rows_of(session.execute(select(Customer.id, Customer.name))))
 
@@ -661,6 +671,14 @@ SAME: dict[str, Query] = {
     ),
     "orm bulk insert returning entities": _returned_entities,
     "orm bulk insert of one row": bulk(insert(Order), BULK_ORDERS[:1]),
+    "orm bulk insert with VALUES for every row": bulk(
+        insert(Order).values(note="v"), [{"id": 990 + k, "customer_id": k} for k in (4, 33, 12)]
+    ),
+    "orm bulk insert of a joined-inheritance subclass returning": bulk(
+        insert(Premium).returning(Premium.id, Premium.level, sort_by_parameter_order=True),
+        BULK_PREMIUM,
+        _premium,
+    ),
     "orm bulk upsert of rows of every shard": bulk(upsert_orders, BULK_UPSERT),
     "orm bulk upsert returning in parameter order": bulk(
         upsert_orders.returning(Order.id, Order.note, sort_by_parameter_order=True), BULK_UPSERT
@@ -835,6 +853,8 @@ COVERAGE: dict[str, list[str]] = {
         "orm bulk insert of rows of every shard",
         "orm bulk insert returning in parameter order",
         "orm bulk insert returning entities",
+        "orm bulk insert with VALUES for every row",
+        "orm bulk insert of a joined-inheritance subclass returning",
         "orm bulk upsert returning in parameter order",
         "orm bulk update by a primary key holding the shard key",
     ],

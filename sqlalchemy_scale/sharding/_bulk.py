@@ -193,7 +193,13 @@ def _place_rows(
         groups.setdefault(choice.shards[0], []).append(index)
     for shard_id in groups:
         # Its subqueries (VALUES, ON CONFLICT ... WHERE) must read only the rows' shard.
-        prove(statement, shard_set, None, rows_on=[shard_id] if orm_context.is_insert else None)
+        prove(
+            statement,
+            shard_set,
+            None,
+            rows_on=[shard_id] if orm_context.is_insert else None,
+            given=set.intersection(*(set(row) for row in rows)),
+        )
     return groups
 
 

@@ -34,7 +34,7 @@ from ..errors import CrossShardQueryError, CrossShardWriteError, ShardKeyError
 from ..router import ROUTING_OPTIONS
 from ..routing import CALL_OPTIONS
 from ._bulk import execute_bulk, is_bulk
-from ._keys import key_attr
+from ._keys import key_attr, key_column
 from ._precedence import NOT_GIVEN, choose_shards
 from ._proof import Proof, key_shard, prove
 from .fanout import execute_exists, execute_fanout
@@ -208,8 +208,9 @@ def refuse_shard_key_change(session: ShardedSession, orm_context: ORMExecuteStat
     rule = session.shard_set.rule_for(table) if table is not None else None
     if rule is None or rule[0] != "key":
         return
-    column = table.c[rule[1]]
     mapper = orm_context.bind_mapper
+    # A joined-inheritance subclass's table has no key column: the key is its base's.
+    column = key_column(mapper) if mapper is not None else table.c[rule[1]]
     names = {column.name, column.key}
     if mapper is not None:
         names.add(key_attr(mapper))
@@ -257,16 +258,18 @@ def _inserted_rows_shard(session: ShardedSession, orm_context: ORMExecuteState) 
             for values in written
         ]
     shards = set()
+    mapper = orm_context.bind_mapper
+    name = mapper.class_.__name__ if mapper is not None else table.name
+    attr = key_attr(mapper) if mapper is not None else str(column)
+    # A joined-inheritance subclass's table has no key column: the key is its base's.
+    placing = key_column(mapper) if mapper is not None else table.c[column]
     for row in rows:
-        mapper = orm_context.bind_mapper
-        name = mapper.class_.__name__ if mapper is not None else table.name
-        attr = key_attr(mapper) if mapper is not None else str(column)
         shards.add(
             session.shard_set.shard_for(
                 row.get(attr, row.get(str(column))),
                 model=name,
                 column=attr,
-                key_column=table.c[column],
+                key_column=placing,
             )
         )
     if len(shards) != 1:

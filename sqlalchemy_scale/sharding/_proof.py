@@ -633,7 +633,7 @@ def prove(
     ):
         refuse("not_a_select", f"INSERT ... SELECT into {statement.table}")
     _refuse_writing_ctes(statement)
-    top = scopes_of(statement)
+    top = scopes_of(statement, sorted({*(params or {}), *given}) if writing else None)
     if rows_on is not None:
         _confine_insert(prover, top, rows_on)
         return Proof(rows_on)
