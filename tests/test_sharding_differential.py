@@ -1055,7 +1055,8 @@ def test_orm_bulk_insert_of_a_global_table_writes_every_copy(world: World) -> No
 
 def test_orm_bulk_insert_places_each_row_on_its_own_shard(world: World) -> None:
     """Each row of an ORM bulk INSERT with rows of several shards is on the server of its own
-    shard key's shard, and on no other (asked of the servers)."""
+    shard key's shard, and on no other (asked of the servers), inside the session's
+    transaction: after its rollback no server has them."""
     with world.sharded() as sharded:
         sharded.execute(insert(Order), BULK_ORDERS)
         found = [
@@ -1073,6 +1074,9 @@ def test_orm_bulk_insert_places_each_row_on_its_own_shard(world: World) -> None:
         for row in BULK_ORDERS
     ]
     assert sorted(found) == sorted(want)
+    for engine in world.shard_engines.values():
+        with engine.connect() as conn:
+            assert conn.scalar(select(func.count()).where(Order.id >= 900)) == 0
 
 
 def test_orm_bulk_rows_without_a_shard_key_or_changing_it_are_refused(world: World) -> None:
