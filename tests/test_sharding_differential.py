@@ -671,6 +671,7 @@ SAME: dict[str, Query] = {
     ),
     "orm bulk insert returning entities": _returned_entities,
     "orm bulk insert of one row": bulk(insert(Order), BULK_ORDERS[:1]),
+    "orm bulk update of no rows": bulk(update(Order), []),
     "orm bulk insert with VALUES for every row": bulk(
         insert(Order).values(note="v"), [{"id": 990 + k, "customer_id": k} for k in (4, 33, 12)]
     ),

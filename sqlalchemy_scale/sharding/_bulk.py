@@ -98,6 +98,8 @@ def execute_bulk(
         groups = {shard_id: everywhere for shard_id in proof.shards}
     else:
         groups = _place_rows(orm_context, session, rows, key_owner, shard_key)
+    if not groups:  # no rows (an UPDATE given []): SQLAlchemy's answer from one shard
+        groups = {shard_set.home_shard: everywhere}
     if len(groups) > 1 and shard_set.cross_shard_writes == "refuse":
         raise CrossShardWriteError(
             f"a bulk {type(statement).__name__} of {mapper.class_.__name__} on shards "
@@ -156,6 +158,8 @@ def _place_rows(
     shard_key: Any,
 ) -> dict[ShardId, list[int]]:
     """The shards of a sharded table's bulk rows: each row's own shard key decides."""
+    if not rows:
+        return {}
     shard_set = session.shard_set
     statement: Any = orm_context.statement
     mapper = orm_context.bind_mapper
