@@ -670,6 +670,9 @@ SAME: dict[str, Query] = {
         BULK_ORDERS,
     ),
     "orm bulk insert returning entities": _returned_entities,
+    "orm bulk insert returning without sort_by_parameter_order": bulk(
+        insert(Order).returning(Order.id), BULK_ORDERS
+    ),
     "orm bulk insert of one row": bulk(insert(Order), BULK_ORDERS[:1]),
     "orm bulk update of no rows": bulk(update(Order), []),
     "orm bulk insert with VALUES for every row": bulk(
@@ -1197,6 +1200,29 @@ def _filters(draw: st.DrawFn) -> list[Any]:
 
 
 @st.composite
+def _bulk_statements(draw: st.DrawFn) -> Query:
+    """An ORM bulk INSERT, upsert (existing orders with their own keys, and new ones) or
+    UPDATE by primary key, with rows of random shards (or of a key no shard owns)."""
+    keys = draw(st.lists(_keys, min_size=1, max_size=6))
+    new = [{"id": 2000 + i, "customer_id": k, "note": f"h{i}"} for i, k in enumerate(keys)]
+    kind = draw(st.sampled_from(["insert", "upsert", "update"]))
+    if kind == "update":
+        ids = draw(st.lists(st.sampled_from(list(KEYS)), min_size=1, max_size=5, unique=True))
+        return bulk(update(Customer), [{"id": k, "name": f"u{k}"} for k in ids], _customers)
+    if kind == "insert":
+        stmt: Any = insert(Order)
+        params = new
+    else:
+        old = draw(st.lists(st.sampled_from(ROWS[Order][:40]), max_size=4, unique_by=id))
+        params = [{"id": o["id"], "customer_id": o["customer_id"], "note": "up"} for o in old]
+        params = draw(st.permutations([*params, *new]))
+        stmt = upsert_orders
+    if draw(st.booleans()):
+        stmt = stmt.returning(Order.id, Order.note, sort_by_parameter_order=True)
+    return bulk(stmt, params)
+
+
+@st.composite
 def _queries(draw: st.DrawFn) -> Query:
     where = draw(_filters())
     shape = draw(
@@ -1215,6 +1241,7 @@ def _queries(draw: st.DrawFn) -> Query:
                 "text",
                 "update",
                 "delete",
+                "bulk",
             ]
         )
     )
@@ -1304,6 +1331,8 @@ def _queries(draw: st.DrawFn) -> Query:
         if draw(st.booleans()):
             inner = inner.order_by(Order.id).limit(draw(st.integers(0, 30)))
         return rows(select(func.count()).select_from(inner.subquery()))
+    if shape == "bulk":
+        return draw(_bulk_statements())
     if shape == "update":
         return write(update(Order).where(*where).values(note=literal("u")))
     return write(delete(Order).where(*where))
