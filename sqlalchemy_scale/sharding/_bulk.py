@@ -32,7 +32,7 @@ each of them (two-phase commit); group rows by shard when that matters.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.dialects.postgresql.dml import OnConflictDoNothing, OnConflictDoUpdate
@@ -71,7 +71,7 @@ def execute_bulk(
     explicit: ShardId | None,
     key_owner: Any,
     shard_key: Any,
-    bind_arguments_for: Any,
+    bind_arguments_for: Callable[[ShardId], dict[str, Any]],
 ) -> Result[Any]:
     """Place the rows of an ORM bulk statement, then run each shard's rows there (see the
     module docstring); raise before anything runs when the answer would not be one

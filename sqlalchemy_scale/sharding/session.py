@@ -42,7 +42,8 @@ so applications write none. What it adds to horizontal_shard:
 
 Where each part lives: this module is the session (choosers, ``get_bind``,
 ``connection()``, the per-shard routers, retries); :mod:`._precedence` decides the
-shards of a statement, :mod:`._execute` runs it there, :mod:`._commit` ends the
+shards of a statement, :mod:`._execute` runs it there (an ORM bulk INSERT/UPDATE, rows
+given as parameters, row by row on their shards: :mod:`._bulk`), :mod:`._commit` ends the
 transaction.
 
 Fan-out reads inside a session transaction run on the session's own
