@@ -19,8 +19,9 @@ or anything with a public spelling.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 import sqlalchemy
@@ -28,6 +29,7 @@ from sqlalchemy.engine import Connection, CursorResult, Engine, Result, TwoPhase
 from sqlalchemy.engine.result import IteratorResult
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, registry
 from sqlalchemy.orm import mapperlib as _mapperlib
+from sqlalchemy.orm.context import QueryContext as _QueryContext
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import _label_reference, _textual_label_reference
 from sqlalchemy.util import concurrency as _concurrency
@@ -36,10 +38,13 @@ __all__ = [
     "SQLALCHEMY_VERSION",
     "autoflush",
     "await_",
+    "bulk_strategy",
     "committing_connections",
+    "compilable_alone",
     "compile_state_cls",
     "deannotate",
     "dml_froms",
+    "dml_multi_values",
     "dml_values",
     "exclude_from_commit",
     "extra_froms",
@@ -58,6 +63,7 @@ __all__ = [
     "on_conflict_set_keys",
     "orm_rows",
     "proxied_events_flag",
+    "returning_identity_token",
     "rewind",
     "row_getter",
     "select_clauses",
@@ -70,6 +76,7 @@ __all__ = [
     "type_affinity",
     "update_set_keys",
     "with_identity_token",
+    "without_connection_callable",
 ]
 
 # -- statements -------------------------------------------------------------------------------
@@ -164,6 +171,41 @@ def dml_values(statement: Any) -> Mapping[Any, Any] | None:
     return values or None
 
 
+def dml_multi_values(statement: Any) -> list[Mapping[Any, Any]]:
+    """The rows of a multi-row ``INSERT ... VALUES`` (``insert().values([{...}, {...}])``),
+    each a mapping of column (or name) to value; empty for any other statement."""
+    rows: list[Mapping[Any, Any]] = []
+    for group in getattr(statement, "_multi_values", None) or ():
+        for row in group:  # a mapping, or a tuple in the table's column order
+            rows.append(
+                row if isinstance(row, Mapping) else dict(zip(statement.table.c, row, strict=False))
+            )
+    return rows
+
+
+def bulk_strategy(orm_context: ORMExecuteState) -> bool:
+    """Whether the ORM runs an execution (seen inside ``do_orm_execute``) as an ORM bulk
+    INSERT or UPDATE: ``session.execute(insert(Model), [{...}, ...])`` or
+    ``session.execute(update(Model), [{...}, ...])``, parameters given apart from the
+    statement, executed by SQLAlchemy's bulk persistence."""
+    if orm_context.is_insert:
+        options = orm_context.execution_options.get("_sa_orm_insert_options")
+    elif orm_context.is_update:
+        options = orm_context.update_delete_options
+    else:
+        return False
+    return getattr(options, "_dml_strategy", None) == "bulk"
+
+
+def compilable_alone(statement: Any) -> Any:
+    """``statement`` in a form the compiler accepts on its own: an ORM bulk INSERT (as the
+    ORM marks it for its bulk persistence, which compiles it one table at a time) is given
+    the plain ORM strategy (same tables, columns and clauses)."""
+    if getattr(statement, "_annotations", {}).get("dml_strategy") == "bulk":
+        return statement._annotate({"dml_strategy": "orm"})
+    return statement
+
+
 def on_conflict_clause(statement: Any) -> Any:
     """An INSERT's ``ON CONFLICT`` clause (PostgreSQL), or None."""
     return getattr(statement, "_post_values_clause", None)
@@ -198,6 +240,13 @@ def with_identity_token(
     """Execution options that load the execution's entities with identity token ``token``."""
     load_options = orm_context.load_options + {"_identity_token": token}
     return options.union({"_sa_orm_load_options": load_options})  # type: ignore[attr-defined,no-any-return]
+
+
+def returning_identity_token(options: Mapping[str, Any], token: str) -> dict[str, Any]:
+    """Execution options under which an INSERT/UPDATE's ``RETURNING`` of entities loads them
+    with identity token ``token`` (a DML statement has no load options of its own)."""
+    load_options = _QueryContext.default_load_options + {"_identity_token": token}
+    return {**options, "_sa_orm_load_options": load_options}
 
 
 def compile_state_cls(orm_context: ORMExecuteState) -> Any:
@@ -244,6 +293,25 @@ def committing_connections(transaction: SessionTransaction) -> list[Connection]:
         if should_commit and trans.is_active:
             seen.setdefault(id(conn), conn)
     return list(seen.values())
+
+
+@contextlib.contextmanager
+def without_connection_callable(session: Session) -> Iterator[None]:
+    """For the duration, ``session`` has no ``connection_callable`` (horizontal_shard's
+    per-instance connection hook, which makes the ORM refuse bulk INSERT/UPDATE with
+    NotImplementedError): the ORM's bulk persistence then takes its connection from
+    ``session.get_bind(mapper)``. Flushes must not run meanwhile (they would place every
+    object by that bind)."""
+    had = "connection_callable" in vars(session)
+    saved = vars(session).get("connection_callable")
+    session.connection_callable = None
+    try:
+        yield
+    finally:
+        if had:
+            session.connection_callable = saved
+        else:
+            del session.connection_callable
 
 
 def mapped_registries() -> list[registry]:

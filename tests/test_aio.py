@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, literal_column, select, text
+from sqlalchemy import func, insert, literal_column, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
@@ -295,10 +295,11 @@ def async_shards(cluster: LocalCluster, async_driver: str) -> Iterator[Callable[
             "CREATE TABLE aio_events (id int PRIMARY KEY, tenant int NOT NULL)"
         )
 
-    def make() -> ss.ShardSet:
+    def make(**kw: Any) -> ss.ShardSet:
         return ss.ShardSet(
             {f"s{i}": shard.url(async_driver) for i, shard in enumerate(cluster.shards)},
             strategy=ss.HashSharding(),
+            **kw,
         )
 
     yield make
@@ -339,6 +340,37 @@ def test_async_fan_out_merges_every_shard(
     assert tenant == 12 % 7
     assert sum(per_shard) == 40
     assert sum(1 for n in per_shard if n) > 1
+
+
+def test_async_orm_bulk_insert_places_each_row_and_commits_every_shard(
+    cluster: LocalCluster, async_shards: Callable[..., ss.ShardSet]
+) -> None:
+    """An ORM bulk INSERT through an AsyncShardedSession puts each row on its own tenant's
+    shard, returns the ids in parameter order, and commits on every shard (two-phase)."""
+    rows = [{"id": i, "tenant": (i * 5) % 11} for i in range(1, 13)]
+
+    async def main() -> tuple[list[int], dict[int, str]]:
+        shard_set = async_shards(cross_shard_writes="two_phase")
+        try:
+            Session = ss.async_sharded_sessionmaker(shard_set)
+            async with Session() as session:
+                stmt = insert(Event).returning(Event.id, sort_by_parameter_order=True)
+                ids = list((await session.scalars(stmt, rows)).all())
+                await session.commit()
+            owners = {row["id"]: shard_set.shard_for(row["tenant"]) for row in rows}
+        finally:
+            await shard_set.adispose()
+        return ids, owners
+
+    ids, owners = asyncio.run(main())
+    stored = {
+        int(row[0]): f"s{i}"
+        for i, shard in enumerate(cluster.shards)
+        for row in shard.execute("SELECT id FROM aio_events")
+    }
+    assert ids == [row["id"] for row in rows]
+    assert stored == owners
+    assert len(set(owners.values())) > 1
 
 
 def test_async_fan_out_runs_on_all_shards_at_once(

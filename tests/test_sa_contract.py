@@ -376,6 +376,84 @@ def check_proxied_events_flag(engine: Engine) -> None:
     proxied.dispose()
 
 
+def _bulk_context(engine: Engine, statement: Any, params: Any) -> dict[str, Any]:
+    """Run ``statement`` with ``params`` in a Session (rolled back) and read, inside
+    do_orm_execute, what _sa reads there about ORM bulk statements."""
+    seen: dict[str, Any] = {}
+    with Session(engine) as session:
+
+        def listen(orm_context: ORMExecuteState) -> None:
+            seen["bulk"] = _sa.bulk_strategy(orm_context)
+            seen["statement"] = orm_context.statement
+
+        event.listen(session, "do_orm_execute", listen)
+        session.execute(statement, params)
+        session.rollback()
+    return seen
+
+
+def check_bulk_strategy(engine: Engine) -> None:
+    assert _bulk_context(engine, insert(Item), [{"id": 10, "name": "x"}])["bulk"] is True
+    assert _bulk_context(engine, insert(Item), {"id": 10, "name": "x"})["bulk"] is True
+    assert _bulk_context(engine, update(Item), [{"id": 1, "name": "x"}])["bulk"] is True
+    assert _bulk_context(engine, insert(Item).values(id=10, name="x"), None)["bulk"] is False
+    assert (
+        _bulk_context(engine, update(Item).where(Item.id == 1).values(name="x"), None)["bulk"]
+        is False
+    )
+    assert _bulk_context(engine, select(Item), None)["bulk"] is False
+
+
+def check_compilable_alone(engine: Engine) -> None:
+    statement = _bulk_context(engine, insert(Item), [{"id": 10, "name": "x"}])["statement"]
+    with pytest.raises(KeyError):  # SQLAlchemy compiles it only inside its bulk persistence
+        statement.compile(dialect=engine.dialect)
+    sql = str(_sa.compilable_alone(statement).compile(dialect=engine.dialect))
+    assert sql.startswith("INSERT INTO sa_contract_items")
+    plain = insert(Item).values(id=1, name="a")
+    assert _sa.compilable_alone(plain) is plain
+
+
+def check_dml_multi_values(engine: Engine) -> None:
+    rows = _sa.dml_multi_values(insert(t).values([{"id": 1, "v": 2}, {"id": 2, "v": 3}]))
+    assert [{getattr(k, "key", k): v for k, v in row.items()} for row in rows] == [
+        {"id": 1, "v": 2},
+        {"id": 2, "v": 3},
+    ]
+    assert _sa.dml_multi_values(insert(t).values([(1, 2)])) == [{t.c.id: 1, t.c.v: 2}]
+    assert _sa.dml_multi_values(insert(t).values(id=1)) == []
+    assert _sa.dml_multi_values(update(t).values(v=1)) == []
+
+
+def check_returning_identity_token(engine: Engine) -> None:
+    with Session(engine) as session:
+        options = _sa.returning_identity_token({"autoflush": False}, "s9")
+        item = session.scalars(
+            insert(Item).returning(Item), [{"id": 12, "name": "z"}], execution_options=options
+        ).one()
+        assert sqlalchemy.inspect(item).identity_token == "s9"
+        session.rollback()
+
+
+def check_without_connection_callable(engine: Engine) -> None:
+    from sqlalchemy.ext.horizontal_shard import ShardedSession
+
+    session = ShardedSession(
+        shards={"a": engine},
+        shard_chooser=lambda mapper, instance, **kw: "a",
+        identity_chooser=lambda *args, **kw: ["a"],
+        execute_chooser=lambda orm_context: ["a"],
+    )
+    with session:
+        with pytest.raises(NotImplementedError, match="connection_callable"):
+            session.execute(insert(Item), [{"id": 13, "name": "w"}])
+        with _sa.without_connection_callable(session):
+            session.execute(insert(Item), [{"id": 13, "name": "w"}])
+        assert session.connection_callable is not None  # the class's method again
+        assert session.scalar(select(Item.name).where(Item.id == 13)) == "w"
+        session.rollback()
+
+
 # -- where SQLAlchemy 2.0 and 2.1 differ (tests/test_compat.py covers them further) ---------
 
 

@@ -215,6 +215,25 @@ def test_global_table_is_written_to_every_shard_and_read_from_one(
         assert ran_on() == {shards.home_shard}
 
 
+def test_orm_bulk_insert_writes_each_row_on_its_shards_primary(
+    scale_cluster: LocalCluster, make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
+) -> None:
+    """session.execute(insert(Order).returning(Order), rows) writes each row on its own
+    shard's primary (s0 is a ReplicaSet): each returned row was written by that primary's
+    server, in parameter order, and the committed rows are counted on each shard."""
+    shards = make_shards(two_phase=True)
+    rows = [{"id": i, "customer_id": (i * 7) % 30, "v": i} for i in range(20)]
+    with sharded_sessionmaker(shards)() as session:
+        stmt = insert(Order).returning(Order, sort_by_parameter_order=True)
+        returned = [(o.id, o.served_by, o.in_recovery) for o in session.scalars(stmt, rows)]
+        session.commit()
+    ports = {f"s{i}": node.port for i, node in enumerate(scale_cluster.shards)}
+    owners = [shards.shard_for(row["customer_id"]) for row in rows]
+    assert returned == [(row["id"], ports[s], False) for row, s in zip(rows, owners, strict=True)]
+    assert count_rows(primaries, "shtest_orders") == {s: owners.count(s) for s in SHARD_IDS}
+    assert set(owners) == set(SHARD_IDS)  # s0, the ReplicaSet, among them
+
+
 def test_table_pinned_to_one_shard(
     make_shards: Callable[..., ShardSet], primaries: dict[str, Engine]
 ) -> None:

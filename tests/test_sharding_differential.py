@@ -48,6 +48,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 import sqlalchemy_scale as ss
@@ -396,6 +397,66 @@ cte_7 = delete(Order).where(Order.customer_id == 7).returning(Order.id).cte("d")
 countries_cte = update(Country).values(name="w").returning(Country.code).cte("u")
 month = func.date_trunc("month", func.make_date(2024, Order.customer_id % 12 + 1, 1))
 
+# ORM bulk statements: rows given as parameters (SQLAlchemy's bulk persistence)
+BULK_ORDERS = [  # keys of every shard under each strategy, out of order
+    {"id": 900 + i, "customer_id": k, "note": f"b{i}", "ratio": 0.5 * i}
+    for i, k in enumerate([13, 2, 38, 7, 21, 0, 30, 5, 17, 26, 11, 34])
+]
+BULK_STAMPS = [{"code": c, "token": f"t{c}"} for c in ("m", "b", "x", "d")]
+BULK_UPSERT = [  # existing orders (their own keys) and new ones, on several shards
+    *({"id": o["id"], "customer_id": o["customer_id"], "note": "up"} for o in ROWS[Order][:6]),
+    *({"id": 950 + k, "customer_id": k, "note": "new"} for k in (3, 19, 27, 36)),
+]
+_upsert = pg_insert(Order)
+upsert_orders = _upsert.on_conflict_do_update(
+    index_elements=[Order.id], set_={"note": _upsert.excluded.note}
+)
+_upsert_global = pg_insert(Country)
+upsert_countries = _upsert_global.on_conflict_do_update(
+    index_elements=[Country.code], set_={"name": _upsert_global.excluded.name}
+)
+
+
+def _stamps(session: Session) -> list[tuple[Any, ...]]:
+    return _bag(_rows_of(session.execute(select(Stamp.code, Stamp.token))))
+
+
+BULK_PREMIUM = [
+    {"id": 100 + k, "customer_id": k, "kind": "premium", "level": k / 2} for k in (3, 38, 17, 0, 22)
+]
+
+
+def _premium(session: Session) -> list[tuple[Any, ...]]:
+    columns = (Premium.id, Premium.customer_id, Premium.kind, Premium.level)
+    return _bag(_rows_of(session.execute(select(*columns))))
+
+
+def _customers(session: Session) -> list[tuple[Any, ...]]:
+    return _bag(_rows_of(session.execute(select(Customer.id, Customer.name))))
+
+
+def bulk(stmt: Any, params: list[dict[str, Any]], state: Query = _state, **options: Any) -> Query:
+    """An ORM bulk statement: its result rows (in their order) and the data afterwards."""
+
+    def run(session: Session) -> Any:
+        result = session.execute(stmt, params, execution_options=options)
+        try:
+            rows: Any = _rows_of(result)
+        except sa_exc.ResourceClosedError:  # no RETURNING: a result without rows
+            rows = "no rows"
+        return (rows, state(session))
+
+    return run
+
+
+def _returned_entities(session: Session) -> Any:
+    """RETURNING of entities: their values in order, and that they are the session's
+    identity-mapped objects (a later get() of the same row gives the same object)."""
+    objects = session.scalars(insert(Order).returning(Order), BULK_ORDERS).all()
+    same = [session.get(Order, o.id) is o for o in objects]
+    return [(o.id, o.customer_id, o.note) for o in objects], same, _state(session)
+
+
 SAME: dict[str, Query] = {
     # rows, order, limit
     "rows": rows(select(Order.id, Order.amount, Order.ratio, Order.note)),
@@ -581,9 +642,77 @@ SAME: dict[str, Query] = {
     ),
     "update global rowcount": write(update(Country).where(Country.code < "F").values(name="n")),
     "delete global": write(delete(Country).where(Country.code == "GR")),
+    # ORM bulk statements (rolled back)
+    "orm bulk insert of a global table": bulk(insert(Stamp), BULK_STAMPS, _stamps),
+    "orm bulk insert of a global table returning": bulk(
+        insert(Stamp).returning(Stamp.code, Stamp.token, sort_by_parameter_order=True),
+        BULK_STAMPS,
+        _stamps,
+    ),
+    "orm bulk insert of a global table returning entities": lambda s: (
+        [(x.code, x.token) for x in s.scalars(insert(Stamp).returning(Stamp), BULK_STAMPS)],
+        _stamps(s),
+    ),
+    "multi-row VALUES of a global table giving every value": lambda s: (
+        s.execute(insert(Stamp).values(BULK_STAMPS)).rowcount,  # type: ignore[attr-defined]
+        _stamps(s),
+    ),
+    "orm bulk upsert of a global table": bulk(
+        upsert_countries.returning(Country.code, Country.name, sort_by_parameter_order=True),
+        [{"code": "DE", "name": "de"}, {"code": "ZZ", "name": "zz"}],
+    ),
+    "orm bulk update of a global table by primary key": bulk(
+        update(Country), [{"code": "DE", "name": "de"}, {"code": "FR", "name": "fr"}]
+    ),
+    "orm bulk insert of rows of every shard": bulk(insert(Order), BULK_ORDERS),
+    "orm bulk insert returning in parameter order": bulk(
+        insert(Order).returning(Order.id, Order.customer_id, sort_by_parameter_order=True),
+        BULK_ORDERS,
+    ),
+    "orm bulk insert returning entities": _returned_entities,
+    "orm bulk insert returning without sort_by_parameter_order": bulk(
+        insert(Order).returning(Order.id), BULK_ORDERS
+    ),
+    "orm bulk insert of one row": bulk(insert(Order), BULK_ORDERS[:1]),
+    "orm bulk update of no rows": bulk(update(Order), []),
+    "orm bulk insert with VALUES for every row": bulk(
+        insert(Order).values(note="v"), [{"id": 990 + k, "customer_id": k} for k in (4, 33, 12)]
+    ),
+    "orm bulk insert of a joined-inheritance subclass returning": bulk(
+        insert(Premium).returning(Premium.id, Premium.level, sort_by_parameter_order=True),
+        BULK_PREMIUM,
+        _premium,
+    ),
+    "orm bulk upsert of rows of every shard": bulk(upsert_orders, BULK_UPSERT),
+    "orm bulk upsert returning in parameter order": bulk(
+        upsert_orders.returning(Order.id, Order.note, sort_by_parameter_order=True), BULK_UPSERT
+    ),
+    "orm bulk update by a primary key holding the shard key": bulk(
+        update(Customer),
+        [{"id": k, "name": f"n{k}"} for k in (31, 4, 17, 22, 9, 0)],
+        _customers,
+    ),
+    "orm bulk update by primary key with WHERE criteria": bulk(
+        update(Order).where(Order.ratio > 0),
+        [{"id": o["id"], "note": "w"} for o in ROWS[Order][:20]],
+        synchronize_session=False,
+    ),
 }
 
 REFUSED: dict[str, Query] = {
+    "orm bulk update by a primary key without the shard key": bulk(
+        update(Order), [{"id": o["id"], "note": "w"} for o in ROWS[Order][:5]]
+    ),
+    "returning of a bulk upsert that may skip rows, on several shards": bulk(
+        pg_insert(Order)
+        .on_conflict_do_nothing(index_elements=[Order.id])
+        .returning(Order.id, sort_by_parameter_order=True),
+        BULK_UPSERT,
+    ),
+    "multi-row VALUES of rows of several shards": lambda s: (
+        s.execute(insert(Order).values(BULK_ORDERS)).rowcount,  # type: ignore[attr-defined]
+        _state(s),
+    ),
     "delete max": write(
         delete(Order).where(Order.amount == select(func.max(Order.amount)).scalar_subquery())
     ),
@@ -715,7 +844,29 @@ COVERAGE: dict[str, list[str]] = {
     "plain_derived_table": ["plain derived table", "query count"],
     "exists": ["exists", "exists and not exists", "query exists"],
     "count_of_rows": ["query count limit", "query count group by"],
-    "global_write": ["update global rowcount", "delete global"],
+    "global_write": [
+        "update global rowcount",
+        "delete global",
+        "orm bulk insert of a global table",
+        "orm bulk insert of a global table returning",
+        "orm bulk update of a global table by primary key",
+        "orm bulk upsert of a global table",
+        "multi-row VALUES of a global table giving every value",
+    ],
+    "bulk_rows": [
+        "orm bulk insert of rows of every shard",
+        "orm bulk insert returning in parameter order",
+        "orm bulk insert returning entities",
+        "orm bulk insert with VALUES for every row",
+        "orm bulk insert of a joined-inheritance subclass returning",
+        "orm bulk upsert returning in parameter order",
+        "orm bulk update by a primary key holding the shard key",
+    ],
+    "bulk_update_without_key": ["orm bulk update by a primary key without the shard key"],
+    "values_of_several_shards": ["multi-row VALUES of rows of several shards"],
+    "bulk_returning_skipping_rows": [
+        "returning of a bulk upsert that may skip rows, on several shards"
+    ],
     "pruned": ["update pruned", "key no shard owns", "key in with null", "pinned table"],
     "pinned_subquery": ["pinned subquery"],
     "uncorrelated_subquery": [
@@ -879,6 +1030,95 @@ def test_global_insert_leaving_a_column_to_a_computed_default_is_refused(world: 
     assert all(sorted(rows) == want for rows in copies.values()), copies
 
 
+def test_orm_bulk_insert_of_a_global_table_writes_every_copy(world: World) -> None:
+    """session.execute(insert(Stamp), rows) writes the same rows into every shard's copy and
+    returns one copy's RETURNING rows; leaving the per-run default to the database is
+    refused before anything runs, in the ORM form as in the Core form."""
+    with world.sharded() as sharded:
+        with pytest.raises(ss.CrossShardQueryError, match="token"):
+            sharded.execute(insert(Stamp), [{"code": "a", "token": "t"}, {"code": "z"}])
+        returned = sharded.execute(
+            insert(Stamp).returning(Stamp.code, Stamp.token, sort_by_parameter_order=True),
+            BULK_STAMPS,
+        ).all()
+        copies = {
+            shard_id: sharded.execute(
+                select(Stamp.code, Stamp.token, func.inet_server_port()).execution_options(
+                    shard_id=shard_id
+                )
+            ).all()
+            for shard_id in world.shard_engines
+        }
+        sharded.rollback()
+    want = [(row["code"], row["token"]) for row in BULK_STAMPS]
+    assert [tuple(row) for row in returned] == want
+    for shard_id, rows in copies.items():
+        assert sorted((code, token) for code, token, _ in rows) == sorted(want), shard_id
+        assert {port for _, _, port in rows} == {world.shard_engines[shard_id].url.port}
+
+
+def test_orm_bulk_insert_places_each_row_on_its_own_shard(world: World) -> None:
+    """Each row of an ORM bulk INSERT with rows of several shards is on the server of its own
+    shard key's shard, and on no other (asked of the servers), inside the session's
+    transaction: after its rollback no server has them."""
+    with world.sharded() as sharded:
+        sharded.execute(insert(Order), BULK_ORDERS)
+        found = [
+            (order_id, port)
+            for shard_id in world.shard_engines
+            for order_id, port in sharded.execute(
+                select(Order.id, func.inet_server_port())
+                .where(Order.id >= 900)
+                .execution_options(shard_id=shard_id)
+            )
+        ]
+        sharded.rollback()
+    want = [
+        (row["id"], world.shard_engines[world.shards.shard_for(row["customer_id"])].url.port)
+        for row in BULK_ORDERS
+    ]
+    assert sorted(found) == sorted(want)
+    for engine in world.shard_engines.values():
+        with engine.connect() as conn:
+            assert conn.scalar(select(func.count()).where(Order.id >= 900)) == 0
+
+
+def test_orm_bulk_rows_without_a_shard_key_or_changing_it_are_refused(world: World) -> None:
+    """An ORM bulk INSERT with a row that has no shard key, and an ORM bulk UPDATE by
+    primary key that sets the shard key, raise ShardKeyError with nothing written."""
+    with world.sharded() as sharded:
+        before = _state(sharded)
+        with pytest.raises(ss.ShardKeyError, match="customer_id"):
+            sharded.execute(insert(Order), [*BULK_ORDERS[:3], {"id": 990, "note": "n"}])
+        with pytest.raises(ss.ShardKeyError, match="customer_id"):
+            sharded.execute(update(Order), [{"id": 1, "customer_id": 3}])
+        assert _state(sharded) == before
+        sharded.rollback()
+
+
+def test_orm_bulk_insert_of_several_shards_is_refused_without_cross_shard_writes(
+    world: World, shard_urls: dict[str, str]
+) -> None:
+    """With cross_shard_writes="refuse", an ORM bulk INSERT whose rows belong to several shards
+    raises CrossShardWriteError before any shard runs it; rows of one shard are inserted."""
+    shards = ShardSet(shard_urls, strategy=STRATEGIES[world.name]())
+    try:
+        with sharded_sessionmaker(shards)() as session:
+            before = _state(session)
+            with pytest.raises(ss.CrossShardWriteError, match="nothing was run"):
+                session.execute(insert(Order), BULK_ORDERS)
+            assert _state(session) == before
+            owner = shards.shard_for(BULK_ORDERS[0]["customer_id"])
+            mine = [r for r in BULK_ORDERS if shards.shard_for(r["customer_id"]) == owner]
+            session.execute(insert(Order), mine)
+            assert sorted(session.scalars(select(Order.id).where(Order.id >= 900))) == sorted(
+                r["id"] for r in mine
+            )
+            session.rollback()
+    finally:
+        shards.dispose()
+
+
 def test_one_shard_table_read_with_a_subquery_pruned_to_its_shard(world: World) -> None:
     """A table placed on s2, filtered by a subquery whose WHERE fixes a key owned by s2, runs
     there and answers as one database; a key owned elsewhere is refused."""
@@ -960,6 +1200,29 @@ def _filters(draw: st.DrawFn) -> list[Any]:
 
 
 @st.composite
+def _bulk_statements(draw: st.DrawFn) -> Query:
+    """An ORM bulk INSERT, upsert (existing orders with their own keys, and new ones) or
+    UPDATE by primary key, with rows of random shards (or of a key no shard owns)."""
+    keys = draw(st.lists(_keys, min_size=1, max_size=6))
+    new = [{"id": 2000 + i, "customer_id": k, "note": f"h{i}"} for i, k in enumerate(keys)]
+    kind = draw(st.sampled_from(["insert", "upsert", "update"]))
+    if kind == "update":
+        ids = draw(st.lists(st.sampled_from(list(KEYS)), min_size=1, max_size=5, unique=True))
+        return bulk(update(Customer), [{"id": k, "name": f"u{k}"} for k in ids], _customers)
+    if kind == "insert":
+        stmt: Any = insert(Order)
+        params = new
+    else:
+        old = draw(st.lists(st.sampled_from(ROWS[Order][:40]), max_size=4, unique_by=id))
+        params = [{"id": o["id"], "customer_id": o["customer_id"], "note": "up"} for o in old]
+        params = draw(st.permutations([*params, *new]))
+        stmt = upsert_orders
+    if draw(st.booleans()):
+        stmt = stmt.returning(Order.id, Order.note, sort_by_parameter_order=True)
+    return bulk(stmt, params)
+
+
+@st.composite
 def _queries(draw: st.DrawFn) -> Query:
     where = draw(_filters())
     shape = draw(
@@ -978,6 +1241,7 @@ def _queries(draw: st.DrawFn) -> Query:
                 "text",
                 "update",
                 "delete",
+                "bulk",
             ]
         )
     )
@@ -1067,6 +1331,8 @@ def _queries(draw: st.DrawFn) -> Query:
         if draw(st.booleans()):
             inner = inner.order_by(Order.id).limit(draw(st.integers(0, 30)))
         return rows(select(func.count()).select_from(inner.subquery()))
+    if shape == "bulk":
+        return draw(_bulk_statements())
     if shape == "update":
         return write(update(Order).where(*where).values(note=literal("u")))
     return write(delete(Order).where(*where))

@@ -23,6 +23,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import TextualSelect
 
 from .._sa import (
+    dml_multi_values,
     dml_values,
     identity_token_option,
     non_compile_orm_options,
@@ -32,7 +33,8 @@ from .._sa import (
 from ..errors import CrossShardQueryError, CrossShardWriteError, ShardKeyError
 from ..router import ROUTING_OPTIONS
 from ..routing import CALL_OPTIONS
-from ._keys import key_attr
+from ._bulk import execute_bulk, is_bulk
+from ._keys import key_attr, key_column
 from ._precedence import NOT_GIVEN, choose_shards
 from ._proof import Proof, key_shard, prove
 from .fanout import execute_exists, execute_fanout
@@ -62,6 +64,14 @@ def execute_statement(orm_context: ORMExecuteState) -> Result[Any] | None:
             key_owner = owner
     shard_key = options.get("shard_key")
     explicit = explicit_shard(orm_context)
+    if is_bulk(orm_context):  # rows given as parameters: each placed on its shard
+        return execute_bulk(
+            orm_context,
+            explicit=explicit,
+            key_owner=key_owner,
+            shard_key=shard_key,
+            bind_arguments_for=functools.partial(bind_arguments, orm_context),
+        )
     if explicit is not None:
         choice = choose_shards(
             shard_set.shard_ids, explicit=explicit, key_owner=key_owner, shard_key=shard_key
@@ -198,8 +208,9 @@ def refuse_shard_key_change(session: ShardedSession, orm_context: ORMExecuteStat
     rule = session.shard_set.rule_for(table) if table is not None else None
     if rule is None or rule[0] != "key":
         return
-    column = table.c[rule[1]]
     mapper = orm_context.bind_mapper
+    # A joined-inheritance subclass's table has no key column: the key is its base's.
+    column = key_column(mapper) if mapper is not None else table.c[rule[1]]
     names = {column.name, column.key}
     if mapper is not None:
         names.add(key_attr(mapper))
@@ -238,27 +249,34 @@ def _inserted_rows_shard(session: ShardedSession, orm_context: ORMExecuteState) 
         [params] if isinstance(params, Mapping) and params else list(params or [])  # type: ignore[arg-type]
     )
     if not rows:  # insert(...).values(...): the values are in the statement
-        values = {
-            str(getattr(key, "key", key)): getattr(value, "effective_value", value)
-            for key, value in (dml_values(stmt) or {}).items()
-        }
-        rows = [values]
+        written = dml_multi_values(stmt) or [dml_values(stmt) or {}]  # one row, or VALUES rows
+        rows = [
+            {
+                str(getattr(key, "key", key)): getattr(value, "effective_value", value)
+                for key, value in values.items()
+            }
+            for values in written
+        ]
     shards = set()
+    mapper = orm_context.bind_mapper
+    name = mapper.class_.__name__ if mapper is not None else table.name
+    attr = key_attr(mapper) if mapper is not None else str(column)
+    # A joined-inheritance subclass's table has no key column: the key is its base's.
+    placing = key_column(mapper) if mapper is not None else table.c[column]
     for row in rows:
-        mapper = orm_context.bind_mapper
-        name = mapper.class_.__name__ if mapper is not None else table.name
-        attr = key_attr(mapper) if mapper is not None else str(column)
         shards.add(
             session.shard_set.shard_for(
                 row.get(attr, row.get(str(column))),
                 model=name,
                 column=attr,
-                key_column=table.c[column],
+                key_column=placing,
             )
         )
     if len(shards) != 1:
-        raise CrossShardQueryError(
-            f"a bulk INSERT into {table.name} with rows for shards {sorted(shards)}: add the "
-            "objects with session.add_all(), or insert each shard's rows separately"
+        refuse(
+            "values_of_several_shards",
+            f"an INSERT into {table.name} whose VALUES hold rows of shards {sorted(shards)}",
+            remedy="pass the rows as parameters, session.execute(insert(Model), [{...}, ...]), "
+            "or add the objects with session.add_all()",
         )
     return shards.pop()

@@ -58,7 +58,7 @@ from sqlalchemy.sql.selectable import (
 from sqlalchemy.sql.util import find_tables
 from sqlalchemy.sql.visitors import iterate
 
-from .._sa import dml_values
+from .._sa import dml_multi_values, dml_values
 from ..errors import ConfigurationError
 from ._prune import KeyPlacer, pins
 from ._scopes import Scope, deannotated, same_type_affinity, scopes_of, select_parts
@@ -633,7 +633,7 @@ def prove(
     ):
         refuse("not_a_select", f"INSERT ... SELECT into {statement.table}")
     _refuse_writing_ctes(statement)
-    top = scopes_of(statement)
+    top = scopes_of(statement, sorted({*(params or {}), *given}) if writing else None)
     if rows_on is not None:
         _confine_insert(prover, top, rows_on)
         return Proof(rows_on)
@@ -770,6 +770,9 @@ def _refuse_differing_defaults(statement: Any, params: Collection[str]) -> None:
         return
     values = dml_values(statement) or {}
     given = {str(getattr(key, "key", key)) for key in values} | set(params)
+    rows = dml_multi_values(statement)  # VALUES (...), (...): what every row gives
+    if rows:
+        given |= set.intersection(*({str(getattr(k, "key", k)) for k in row} for row in rows))
     for column in table.columns:
         if column.key in given or column.name in given:
             continue

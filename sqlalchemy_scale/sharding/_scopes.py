@@ -32,6 +32,7 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.selectable import CompoundSelect, FromClause, Select
 
 from .._sa import (
+    compilable_alone,
     deannotate,
     dml_froms,
     extra_froms,
@@ -135,9 +136,14 @@ class _RecordingCompiler(PGCompiler):
 _DIALECT: Any = postgresql.dialect()  # type: ignore[no-untyped-call]
 
 
-def scopes_of(statement: Any) -> Scope:
-    """The top scope of ``statement`` with every nested SELECT as a child scope."""
-    compiler = _RecordingCompiler(_DIALECT, statement)
+def scopes_of(statement: Any, column_keys: list[str] | None = None) -> Scope:
+    """The top scope of ``statement`` with every nested SELECT as a child scope.
+
+    ``column_keys``: for an INSERT/UPDATE whose values come as parameters, their names (so
+    the compiler knows which columns get a value, as when the statement runs)."""
+    compiler = _RecordingCompiler(
+        _DIALECT, compilable_alone(statement), column_keys=column_keys or None
+    )
     roots = [s for s in compiler.scopes if s.parent is None]
     if isinstance(statement, UpdateBase):
         # The tables an UPDATE/DELETE names in its WHERE or SET become FROM/USING items when

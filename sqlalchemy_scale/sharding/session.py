@@ -42,7 +42,8 @@ so applications write none. What it adds to horizontal_shard:
 
 Where each part lives: this module is the session (choosers, ``get_bind``,
 ``connection()``, the per-shard routers, retries); :mod:`._precedence` decides the
-shards of a statement, :mod:`._execute` runs it there, :mod:`._commit` ends the
+shards of a statement, :mod:`._execute` runs it there (an ORM bulk INSERT/UPDATE, rows
+given as parameters, row by row on their shards: :mod:`._bulk`), :mod:`._commit` ends the
 transaction.
 
 Fan-out reads inside a session transaction run on the session's own
@@ -60,8 +61,9 @@ shards (global averages, top-N lists) in one statement.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import event, inspect
@@ -72,7 +74,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session, SessionTransaction,
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql.elements import ClauseElement
 
-from .._sa import is_flushing
+from .._sa import is_flushing, without_connection_callable
 from ..consistency import CausalContext, format_token, parse_token
 from ..errors import (
     ConfigurationError,
@@ -224,6 +226,9 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._last_shard: ShardId | None = None
         # Inside execute(): statements it runs on the shards are part of the caller's.
         self._executing = False
+        # While the ORM's bulk persistence writes one shard's rows: that shard (its bind
+        # lookups name a mapper only).
+        self._bulk_shard: ShardId | None = None
         super().__init__(
             shard_chooser=self._choose_shard,
             identity_chooser=self._choose_identity_shards,
@@ -461,6 +466,8 @@ class ShardedSession(horizontal_shard.ShardedSession):
             return bind
         if self.has_user_choosers:  # horizontal_shard's own rule
             return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause)
+        if shard_id is None and self._bulk_shard is not None:
+            shard_id = self._bulk_shard
         if shard_id is None:
             shard_id = self._choose_shard_and_assign(mapper, instance, clause=clause)
         assert shard_id is not None
@@ -535,6 +542,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 self.router(shard_id).record_connection(engine)  # the rest reads the primary
                 break
         return conn
+
+    @contextlib.contextmanager
+    def bulk_writes_on(self, shard_id: ShardId) -> Iterator[None]:
+        """While an ORM bulk INSERT/UPDATE runs one shard's rows (see :mod:`._bulk`):
+        SQLAlchemy's bulk persistence, which refuses horizontal_shard's per-instance
+        connections, asks for its connection by mapper alone, and gets ``shard_id``'s
+        primary (the connection the statement's own bind lookup already opened there)."""
+        self._bulk_shard = shard_id
+        try:
+            with without_connection_callable(self):
+                yield
+        finally:
+            self._bulk_shard = None
 
     def router(self, shard_id: ShardId) -> Router:
         """The :class:`~sqlalchemy_scale.Router` of this session's statements inside shard

@@ -121,6 +121,12 @@ _TABLE: Final = [
         "a FROM subquery that only filters and projects sharded rows",
         "its rows are partitioned like the table's",
     ),
+    Shape(
+        "bulk_rows",
+        "merged",
+        "ORM bulk `INSERT` of a sharded table (`session.execute(insert(Model), [rows])`, also `postgresql.insert(Model).on_conflict_do_update(...)`), and bulk `UPDATE` by a primary key that includes the shard key, with rows of several shards",
+        "each row runs on its own shard key's shard; `RETURNING` rows come back in the order of the parameter sets (SQLAlchemy's `sort_by_parameter_order=True`)",
+    ),
     # -- answered: a cheap exact answer instead of a merge of rows
     Shape(
         "exists",
@@ -171,6 +177,24 @@ _TABLE: Final = [
         "refused",
         "a write of a global table that calls a function whose value may differ per run (`now()`, `random()`, `nextval()`, a function the planner does not know), leaves a column to a default computed per run (a Python callable or SQL expression, a sequence or identity), or picks its rows by `LIMIT`/`OFFSET`/`FETCH`/`DISTINCT ON`",
         "it runs once per shard, and the copies would end up different",
+    ),
+    Shape(
+        "bulk_update_without_key",
+        "refused",
+        "ORM bulk `UPDATE` by primary key (`session.execute(update(Model), [rows])`) of a sharded table whose primary key does not include the shard key, without WHERE criteria or `shard_key=`",
+        "which shard holds each row is unknown, and SQLAlchemy's check that every row was found would fail on the other shards",
+    ),
+    Shape(
+        "bulk_returning_skipping_rows",
+        "refused",
+        "`RETURNING` of an ORM bulk `INSERT ... ON CONFLICT DO NOTHING` (or `DO UPDATE ... WHERE`) with rows of several shards",
+        "rows a conflict skips return nothing, so the shards' rows cannot be put back in parameter order",
+    ),
+    Shape(
+        "values_of_several_shards",
+        "refused",
+        "a multi-row `INSERT ... VALUES` (`insert(Model).values([{...}, {...}])`) of a sharded table with rows of several shards",
+        "one statement runs on one shard; rows passed as parameters (`session.execute(insert(Model), [rows])`) are placed row by row",
     ),
     Shape(
         "global_rows_by_limit",
