@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,8 +27,6 @@ from sqlalchemy_scale.local import LocalCluster, PgNode
 from sqlalchemy_scale.testing import wait_until
 
 ASYNC_DRIVERS = ("asyncpg", "psycopg_async")
-# A statement in the server log: simple protocol ("statement: ...") or extended ("execute x: ...").
-LOGGED_SQL = re.compile(r"LOG:  (?:statement|execute [^:]*): (.*)")
 _ids = itertools.count(1)
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
@@ -516,15 +513,6 @@ def test_an_async_routed_get_sends_what_a_plain_async_session_sends(
     else:
         logged = {"options": "-c log_statement=all"}
 
-    def statements(work: Callable[[], Any]) -> list[str]:
-        start = replica.log_file.stat().st_size
-        asyncio.run(work())
-        with replica.log_file.open() as fh:
-            fh.seek(start)
-            found = [LOGGED_SQL.search(line) for line in fh]
-        # Prepared statement names differ between engines; the SQL must not.
-        return [m.group(1).strip() for m in found if m]
-
     async def routed() -> None:
         async with ss.ReplicaSet(
             primary=cluster.primary.url(async_driver),
@@ -543,7 +531,10 @@ def test_an_async_routed_get_sends_what_a_plain_async_session_sends(
                 assert (await session.get(Item, item_id)) is not None
         await engine.dispose()
 
-    routed_statements, plain_statements = statements(routed), statements(plain)
+    routed_statements, plain_statements = (
+        replica.statements_logged(lambda: asyncio.run(routed())),
+        replica.statements_logged(lambda: asyncio.run(plain())),
+    )
     print(f"\nrouted: {routed_statements}\nplain: {plain_statements}")
     assert routed_statements == plain_statements
     assert routed_statements

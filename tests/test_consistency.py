@@ -245,14 +245,6 @@ def test_token_capture_costs_no_round_trip_on_psycopg3(
         replicas=1, shards=0, pgbouncer=False, settings={"log_statement": "all"}
     )
     cluster.primary.execute("CREATE TABLE counted (id int)")
-    log_file = cluster.primary.log_file
-
-    def statements_logged(work: Callable[[], None]) -> list[str]:
-        start = log_file.stat().st_size
-        work()
-        with log_file.open() as fh:
-            fh.seek(start)
-            return [line.split("statement: ", 1)[1].strip() for line in fh if "statement: " in line]
 
     plain_engine = create_engine(cluster.primary.url(driver))
     with ss.ReplicaSet(
@@ -273,8 +265,8 @@ def test_token_capture_costs_no_round_trip_on_psycopg3(
 
         plain()
         routed()  # warm both pools: connection set-up queries are not per transaction
-        baseline = statements_logged(plain)
-        captured = statements_logged(routed)
+        baseline = cluster.primary.statements_logged(plain)
+        captured = cluster.primary.statements_logged(routed)
     plain_engine.dispose()
     print(f"\nplain: {baseline}\nrouted: {captured}")
     if driver == "psycopg":

@@ -175,14 +175,6 @@ def test_process_mode_with_async_sessions(cluster: LocalCluster, replay_paused: 
     assert asyncio.run(main()) == (cluster.primary.port, 1)
 
 
-def statements_logged(node: PgNode, work: Callable[[], None]) -> list[str]:
-    start = node.log_file.stat().st_size
-    work()
-    with node.log_file.open() as fh:
-        fh.seek(start)
-        return [line.split("statement: ", 1)[1].strip() for line in fh if "statement: " in line]
-
-
 def write_then_read(replica_set: ss.ReplicaSet) -> Callable[[], None]:
     def work() -> None:
         with ss.routing_sessionmaker(replica_set)() as session:
@@ -204,7 +196,7 @@ def test_position_queries_per_mode(
     sends none in any mode (counted in the primary's statement log)."""
     with make_set(cluster, driver, mode, connect_args=LOGGED) as replica_set:
         write_then_read(replica_set)()  # warm the pools: set-up queries are not per transaction
-        logged = statements_logged(cluster.primary, write_then_read(replica_set))
+        logged = cluster.primary.statements_logged(write_then_read(replica_set))
         token = None
         if mode == "off":
             with ss.routing_sessionmaker(replica_set)() as session:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import (
@@ -65,8 +64,6 @@ notes = Table("routing_notes", MetaData(), Column("id", Integer, primary_key=Tru
 
 
 WHERE = select(func.inet_server_port(), func.pg_is_in_recovery())
-# A statement in the server log: simple protocol ("statement: ...") or extended ("execute x: ...").
-LOGGED_SQL = re.compile(r"LOG:  (?:statement|execute [^:]*): (.*)")
 
 
 @pytest.fixture(scope="module")
@@ -481,14 +478,6 @@ def test_a_routed_get_sends_a_standby_what_a_plain_session_sends(
     replica = cluster.replicas[0]
     logged = {"options": "-c log_statement=all"}
 
-    def statements(lookup: Callable[[], None]) -> list[str]:
-        start = replica.log_file.stat().st_size
-        lookup()
-        with replica.log_file.open() as fh:
-            fh.seek(start)
-            found = [LOGGED_SQL.search(line) for line in fh]
-        return [m.group(1).strip() for m in found if m]
-
     def routed() -> None:
         with ss.ReplicaSet(
             primary=cluster.primary.url(driver),
@@ -509,7 +498,10 @@ def test_a_routed_get_sends_a_standby_what_a_plain_session_sends(
 
     # The two gets: each BEGIN, SELECT, ROLLBACK (before them, each engine's first connect
     # and the ReplicaSet's check of the replica's role at first use).
-    routed_statements, plain_statements = statements(routed)[-6:], statements(plain)[-6:]
+    routed_statements, plain_statements = (
+        replica.statements_logged(routed)[-6:],
+        replica.statements_logged(plain)[-6:],
+    )
     print(f"\nrouted: {routed_statements}\nplain: {plain_statements}")
     assert routed_statements == plain_statements
     assert routed_statements[::3] == ["BEGIN", "BEGIN"]

@@ -16,7 +16,7 @@ import logging
 import re
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ __all__ = ["PgNode"]
 log = logging.getLogger("sqlalchemy_scale.local")
 
 _LOG_NAME = "postgres.log"
+# A statement in the server log: simple protocol ("statement: ...") or extended ("execute x: ...").
+_LOGGED_SQL = re.compile(r"LOG:  (?:statement|execute [^:]*): (.*)")
 NODE_CONF = "node.conf"
 
 
@@ -88,6 +90,20 @@ class PgNode:
     def log_file(self) -> Path:
         """The server's log (``pg_ctl -l``), inside the data directory."""
         return self.data_dir / _LOG_NAME
+
+    def statements_logged(self, work: Callable[[], object]) -> list[str]:
+        """Run ``work`` and return the SQL statements the server logged meanwhile, in order
+        (simple protocol ``statement: ...`` and extended ``execute <name>: ...`` lines).
+
+        The connections ``work`` opens must log their statements: ``log_statement=all`` for
+        the server (``settings=``) or per connection (libpq ``options="-c
+        log_statement=all"``, asyncpg ``server_settings``)."""
+        start = self.log_file.stat().st_size
+        work()
+        with self.log_file.open() as fh:
+            fh.seek(start)
+            found = [_LOGGED_SQL.search(line) for line in fh]
+        return [match.group(1).strip() for match in found if match]
 
     @property
     def pid(self) -> int | None:
