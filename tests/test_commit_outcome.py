@@ -80,6 +80,16 @@ def schema(scale_cluster: LocalCluster) -> Iterator[None]:
     )
 
 
+def _hold_commits(primary: PgNode) -> None:
+    """Make every COMMIT on ``primary`` wait, after its commit record, for a synchronous
+    standby that does not exist ("nobody")."""
+    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    primary.execute("SELECT pg_reload_conf()")
+    assert wait_until(
+        lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
+    )
+
+
 def _terminate_when(node: PgNode, wait_event: str) -> threading.Thread:
     """A thread that terminates the backend found waiting on ``wait_event`` (within 10 s)."""
 
@@ -175,12 +185,7 @@ def test_add_and_commit_lost_after_the_commit_record_is_outcome_unknown(
     )
     primary = cluster.primary
     _install(primary)
-    # No standby is called "nobody": every COMMIT waits after writing its commit record.
-    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-    primary.execute("SELECT pg_reload_conf()")
-    assert wait_until(
-        lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
-    )
+    _hold_commits(primary)
     if cluster.pgbouncer is not None:
         target = {"primary": cluster.pgbouncer.url(driver), "pool": "pgbouncer-transaction"}
     else:
@@ -314,12 +319,7 @@ def test_a_read_after_an_unknown_commit_outcome_sees_the_commit(
     _install(primary)
     replica.wait_for_replay()
     replica.pause_replay()
-    # No standby is called "nobody": every COMMIT waits after writing its commit record.
-    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-    primary.execute("SELECT pg_reload_conf()")
-    assert wait_until(
-        lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
-    )
+    _hold_commits(primary)
     with ss.ReplicaSet(
         primary=primary.url(driver), replicas=[replica.url(driver)], max_lag_seconds=None
     ) as replica_set:
@@ -348,11 +348,7 @@ def test_a_shard_read_after_an_unknown_commit_outcome_sees_the_commit(
     _install(primary)
     replica.wait_for_replay()
     replica.pause_replay()
-    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-    primary.execute("SELECT pg_reload_conf()")
-    assert wait_until(
-        lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
-    )
+    _hold_commits(primary)
     shard = ss.ReplicaSet(
         primary=primary.url(driver), replicas=[replica.url(driver)], max_lag_seconds=None
     )
@@ -424,16 +420,6 @@ def _revoke_position_query(primary: PgNode) -> None:
     """Take EXECUTE on pg_current_wal_insert_lsn() (the position query) from every role but
     superusers."""
     primary.execute("REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC")
-
-
-def _hold_commits(primary: PgNode) -> None:
-    """Make every COMMIT on ``primary`` wait, after its commit record, for a synchronous
-    standby that does not exist ("nobody")."""
-    primary.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
-    primary.execute("SELECT pg_reload_conf()")
-    assert wait_until(
-        lambda: primary.execute("SHOW synchronous_standby_names") == [("nobody",)], timeout=10
-    )
 
 
 def _two_shards(
